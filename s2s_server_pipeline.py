@@ -1,0 +1,1397 @@
+#!/usr/bin/env python3
+"""Real-time speech-to-speech voice agent server, in one file.
+
+    python s2s_server_pipeline.py --llm echo          # hear your own words back: checks mic, VAD, ASR, TTS
+    LLM_API_KEY=sk-... python s2s_server_pipeline.py --llm openai \\
+        --lm_model_url https://api.deepseek.com --lm_model_name deepseek-chat
+
+Data flow. One asyncio loop owns both WebSockets and never runs a model; every model runs in a worker thread:
+
+    browser ──ws :9001──▶ Receiver+VAD ──▶ ASR ──▶ LLM ──▶ TTS ──▶ Sender ──ws :9002──▶ browser
+                          (utterance)    (text) (chunks) (audio)
+
+Every message carries its session and its turn number (CleanS2S's `user_input_count`). When the user starts
+a new turn, every message of an older turn is stale: each stage drops stale work where it takes it and stops
+a running model call at its next token or audio chunk, and the sender, the last filter, never sends an old
+frame. To swap a model, subclass ASRHandler, LLMHandler or TTSHandler (search for "SWAP MODEL HERE") and add
+the class to ASR_HANDLERS, LLM_HANDLERS or TTS_HANDLERS; its name becomes a choice of --asr, --llm or --tts.
+The wire protocol is in docs/protocol.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import struct
+import subprocess
+import threading
+import time
+import uuid
+import wave
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Optional
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+logger = logging.getLogger("s2s")
+
+SAMPLE_RATE = 16000  # Hz; every stage works on 16 kHz mono, in and out
+PROTOCOL_VERSION = 1  # of the extended protocol, docs/protocol.md
+
+
+def now() -> float:
+    """The one clock of the server, in seconds (monotonic)."""
+    return time.monotonic()
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: every flag, its default and its help text live here and nowhere else.
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant. Your answers are spoken aloud, so keep them short and "
+    "conversational, use no lists, markdown, emoji or URLs, and answer in the language the user speaks."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="s2s_server_pipeline.py",
+        description="Real-time speech-to-speech voice agent server (VAD -> ASR -> LLM -> TTS over two WebSockets).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    net = p.add_argument_group("network")
+    net.add_argument("--recv_host", default="localhost", help="host of the receiver socket (client -> server); 0.0.0.0 to accept other machines")
+    net.add_argument("--recv_port", type=int, default=9001, help="port of the receiver socket")
+    net.add_argument("--send_host", default="localhost", help="host of the sender socket (server -> client)")
+    net.add_argument("--send_port", type=int, default=9002, help="port of the sender socket")
+    net.add_argument("--max_sessions", type=int, default=16, help="clients served at once; the next one is refused with close code 1013")
+    net.add_argument("--playback_lead_ms", type=int, default=1000,
+                     help="send answer audio at most this far ahead of the client's playback, so a barge-in drops the rest; 0 sends audio as soon as it is made")
+
+    vad = p.add_argument_group("voice activity detection")
+    vad.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
+    vad.add_argument("--vad_thresh", type=float, default=0.5, help="speech probability above which a window is speech (silero)")
+    vad.add_argument("--webrtc_mode", type=int, choices=[0, 1, 2, 3], default=3, help="webrtcvad aggressiveness, 3 rejects most noise")
+    vad.add_argument("--min_speech_ms", type=int, default=200,
+                     help="speech needed before a turn starts; shorter sounds are ignored. With interruption on, this much speech interrupts the assistant")
+    vad.add_argument("--min_silence_ms", type=int, default=600, help="end-of-turn wait: silence after speech before the server answers")
+    vad.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
+    vad.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
+    vad.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
+                     help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
+    vad.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
+    vad.add_argument("--chunk_size", type=int, default=2048,
+                     help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
+
+    asr = p.add_argument_group("ASR")
+    asr.add_argument("--asr", choices=sorted(ASR_HANDLERS), default="funasr", help="ASR backend")
+    asr.add_argument("--stt_model_name", default="iic/SenseVoiceSmall",
+                     help="FunASR model id or local directory: SenseVoiceSmall (iic/SenseVoiceSmall) or Paraformer (paraformer-zh)")
+    asr.add_argument("--asr_language", default="auto", help="SenseVoice language: auto, zh, en, yue, ja or ko")
+    asr.add_argument("--device", default="auto", help="torch device for local models: auto (cuda when present), cuda, cuda:1, cpu")
+    asr.add_argument("--stt_dtype", default="float32", help="accepted for CleanS2S launch commands; ignored by FunASR")
+
+    llm = p.add_argument_group("LLM")
+    llm.add_argument("--llm", choices=sorted(LLM_HANDLERS), default="echo",
+                     help="LLM backend: echo repeats what it heard (no key needed); openai is any OpenAI-compatible chat API, key from LLM_API_KEY")
+    llm.add_argument("--enable_llm_api", action="store_true", help="CleanS2S's way to say --llm openai")
+    llm.add_argument("--lm_model_url", default="https://api.openai.com/v1", help="base URL of the OpenAI-compatible API")
+    llm.add_argument("--lm_model_name", default="gpt-4o-mini", help="chat model name at that API")
+    llm.add_argument("--lm_temperature", type=float, default=0.7, help="sampling temperature")
+    llm.add_argument("--max_new_tokens", type=int, default=160, help="most tokens in one answer")
+    llm.add_argument("--lm_timeout_s", type=float, default=30.0, help="seconds to wait for the API to connect or send the next token")
+    llm.add_argument("--init_chat_role", default="system", help="role of the prompt that opens every conversation")
+    llm.add_argument("--init_chat_prompt", default=DEFAULT_SYSTEM_PROMPT, help="prompt that opens every conversation")
+    llm.add_argument("--chat_size", type=int, default=8, help="user/assistant exchanges of history sent to the LLM")
+    llm.add_argument("--lm_dtype", default="bfloat16", help="accepted for CleanS2S launch commands; ignored by API and echo LLMs")
+    llm.add_argument("--first_chunk_min_chars", type=int, default=6,
+                     help="the first speakable chunk may end at a comma once it has this many characters (a Chinese character counts as two), so the first audio starts early")
+
+    tts = p.add_argument_group("TTS")
+    tts.add_argument("--tts", choices=sorted(TTS_HANDLERS), default="espeak", help="TTS backend")
+    tts.add_argument("--tts_voice_en", default="en-us", help="espeak-ng voice for text without Chinese characters")
+    tts.add_argument("--tts_voice_zh", default="cmn", help="espeak-ng voice for text with Chinese characters")
+    tts.add_argument("--tts_speed", type=int, default=175, help="espeak-ng speaking rate in words per minute")
+    tts.add_argument("--tts_workers", type=int, default=2, help="TTS worker threads; each serves its sessions in order")
+    tts.add_argument("--tts_model_name", default=None, help="accepted for CleanS2S launch commands; the espeak backend needs no model")
+    tts.add_argument("--tts_dtype", default="float32", help="accepted for CleanS2S launch commands; ignored by espeak")
+    tts.add_argument("--ref_dir", default=None, help="accepted for CleanS2S launch commands; the espeak backend clones no voice")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
+                      help="store every turn (input wav, transcript, answer text, answer wav) in DIR; bare flag: s2s_data")
+    data.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Messages between stages. Each carries its session and turn, so any stage can tell stale work.
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Utterance:  # Receiver -> ASR
+    session: Session
+    turn: int
+    audio: np.ndarray  # float32 PCM, 16 kHz mono
+
+
+@dataclass
+class UserText:  # ASR (or typed text) -> LLM
+    session: Session
+    turn: int
+    text: str
+
+
+@dataclass
+class AnswerText:  # LLM -> TTS: one speakable chunk
+    session: Session
+    turn: int
+    seq: int
+    text: str
+    last: bool
+
+
+@dataclass
+class AnswerAudio:  # TTS -> Sender
+    session: Session
+    turn: int
+    seq: int
+    text: str  # the chunk's text on its first piece of audio, "" on the rest
+    pcm: bytes  # int16 little-endian PCM, 16 kHz mono; may be empty
+    last: bool  # the end of the answer
+
+
+# Events for clients of the extended protocol (docs/protocol.md). Legacy clients never see them.
+
+@dataclass
+class ServerEvent:
+    event: ClassVar[str] = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"event": self.event, **dataclasses.asdict(self)}, ensure_ascii=False)
+
+
+@dataclass
+class ReadyEvent(ServerEvent):
+    event: ClassVar[str] = "ready"
+    uid: str
+    protocol: int = PROTOCOL_VERSION
+    sample_rate: int = SAMPLE_RATE
+
+
+@dataclass
+class SpeechStartEvent(ServerEvent):
+    event: ClassVar[str] = "speech_start"
+    turn: int
+
+
+@dataclass
+class InterruptEvent(ServerEvent):
+    event: ClassVar[str] = "interrupt"
+    turn: int  # the turn whose audio must stop playing now
+
+
+@dataclass
+class TranscriptEvent(ServerEvent):
+    event: ClassVar[str] = "transcript"
+    turn: int
+    text: str
+    final: bool = True
+
+
+@dataclass
+class MetricsEvent(ServerEvent):
+    event: ClassVar[str] = "metrics"
+    turn: int
+    metrics: dict
+
+
+@dataclass
+class ErrorEvent(ServerEvent):
+    event: ClassVar[str] = "error"
+    code: str
+    message: str
+    turn: Optional[int] = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Turns: what happened in each turn, its timings, and the conversation history built from them.
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    number: int
+    spoken: bool
+    question: str = ""
+    speech_heard: Optional[float] = None  # first speech window of the utterance reached the VAD
+    speech_end: Optional[float] = None  # end of speech detected, after the end-of-turn wait (text: received)
+    eot_wait_ms: float = 0.0  # silence waited before speech_end
+    transcript: Optional[float] = None
+    llm_first_token: Optional[float] = None
+    tts_first_audio: Optional[float] = None
+    first_audio_sent: Optional[float] = None
+    barge_in_ms: Optional[float] = None  # new speech first heard -> interrupt sent, when this turn was cut off
+    answer_chunks: list = field(default_factory=list)  # (start_ms in the answer audio, text) of every chunk sent
+    answer_audio: list = field(default_factory=list)  # int16 PCM bytes sent
+    audio_sent_ms: float = 0.0
+    played_ms: Optional[float] = None  # reported by an extended client
+    sent_any: bool = False  # a message of this turn reached the clients
+    finished: bool = False  # all of the answer was sent (or the turn was cut off); metrics reported
+    interrupted: bool = False
+
+    def heard_text(self) -> str:
+        """The answer as far as the user heard it: chunks played (when the client reports it) or sent."""
+        limit = self.played_ms if self.played_ms is not None else float("inf")
+        return "".join(text for start_ms, text in self.answer_chunks if start_ms <= limit)
+
+    def metrics(self) -> dict:
+        """Stage timings in ms, each from the previous milestone, and the voice-to-voice total."""
+        def ms(a: Optional[float], b: Optional[float]) -> Optional[float]:
+            return None if a is None or b is None else round((b - a) * 1000, 1)
+        return {
+            "eot_wait_ms": round(self.eot_wait_ms, 1),
+            "asr_ms": ms(self.speech_end, self.transcript),
+            "llm_first_token_ms": ms(self.transcript or self.speech_end, self.llm_first_token),
+            "tts_first_audio_ms": ms(self.llm_first_token, self.tts_first_audio),
+            "send_ms": ms(self.tts_first_audio, self.first_audio_sent),
+            "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
+            "barge_in_ms": self.barge_in_ms,
+            "interrupted": self.interrupted,
+        }
+
+
+INTERRUPTED_MARK = " [interrupted by the user]"
+
+
+class ChatHistory:
+    """The conversation an LLM sees. Written by the LLM thread (questions) and the loop (answers as sent)."""
+
+    def __init__(self, max_exchanges: int):
+        self.max_exchanges = max_exchanges
+        self.exchanges: deque = deque(maxlen=max(1, max_exchanges))  # Turn objects, oldest first
+        self.lock = threading.Lock()
+
+    def add(self, turn: Turn) -> None:
+        with self.lock:
+            self.exchanges.append(turn)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.exchanges.clear()
+
+    def messages(self, role: str, prompt: str, question: str) -> list:
+        """OpenAI-style messages: the opening prompt, past exchanges, then the new question."""
+        msgs = [{"role": role, "content": prompt}] if prompt else []
+        with self.lock:
+            past = list(self.exchanges)[-self.max_exchanges:] if self.max_exchanges > 0 else []
+        for t in past:
+            msgs.append({"role": "user", "content": t.question})
+            answer = t.heard_text()
+            if t.interrupted:
+                answer += INTERRUPTED_MARK
+            if answer:
+                msgs.append({"role": "assistant", "content": answer})
+        msgs.append({"role": "user", "content": question})
+        return msgs
+
+
+# ------------------------------------------------------------------------------------------------
+# Handler base and stage plumbing. TRY NOT TO MODIFY: models plug in below, in the handlers.
+# ------------------------------------------------------------------------------------------------
+
+class BaseHandler:
+    """One model behind one stage: load it in setup(), turn one message into output messages in process()."""
+
+    name = "base"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BaseHandler:
+        """Build the handler from the command line; a forked handler reads its own flags here."""
+        return cls()
+
+    def setup(self) -> None:
+        """Load the model. Runs once, before the server listens."""
+
+    def warmup(self) -> None:
+        """Run the model once so the first user does not pay for lazy initialisation."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def process(self, msg: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+_STOP = object()
+
+
+class Stage:
+    """Worker threads feeding one handler. A session always lands on the same worker, so its messages keep
+    their order; other sessions run on other workers. Stale messages are dropped where they are taken and
+    checked again after every output, where the handler's generator is closed (its `finally` frees the model
+    call). An exception in one message fails that turn only."""
+
+    def __init__(self, name: str, handler: BaseHandler, workers: int, emit: Callable[[Any], None]):
+        self.name, self.handler, self.emit = name, handler, emit
+        self.queues = [queue.Queue() for _ in range(max(1, workers))]
+        self.threads = [threading.Thread(target=self._run, args=(q,), name=f"{name}-{i}", daemon=True)
+                        for i, q in enumerate(self.queues)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def put(self, msg: Any) -> None:
+        self.queues[msg.session.slot % len(self.queues)].put(msg)
+
+    def stop(self) -> None:
+        for q in self.queues:
+            q.put(_STOP)
+        for t in self.threads:
+            t.join(timeout=5)
+
+    def _run(self, q: queue.Queue) -> None:
+        while True:
+            msg = q.get()
+            if msg is _STOP:
+                return
+            session = msg.session
+            if not session.is_current(msg.turn):
+                continue
+            outputs = self.handler.process(msg)
+            try:
+                for out in outputs:
+                    if not session.is_current(msg.turn):
+                        break
+                    self.emit(out)
+            except Exception as exc:  # one failed model call fails its turn, never the stage
+                if session.is_current(msg.turn):
+                    logger.exception("%s failed on session %s turn %d", self.name, session.uid, msg.turn)
+                    session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
+            finally:
+                outputs.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Receiver side: voice activity detection turns a stream of audio into utterances.
+# ------------------------------------------------------------------------------------------------
+
+class SileroVAD:
+    """silero-vad through onnxruntime. One model is shared by every session; each stream keeps its own state."""
+
+    window = 512  # samples per call at 16 kHz (32 ms), fixed by the model
+    context = 64  # samples of the previous window the model expects in front of each window
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.session = None
+
+    def setup(self) -> None:
+        import importlib.resources
+        import onnxruntime
+        opts = onnxruntime.SessionOptions()
+        opts.inter_op_num_threads = 1  # a window takes ~0.1 ms; more threads only add overhead
+        opts.intra_op_num_threads = 1
+        path = importlib.resources.files("silero_vad.data").joinpath("silero_vad.onnx")
+        self.session = onnxruntime.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+    def new_state(self) -> dict:
+        return {"state": np.zeros((2, 1, 128), np.float32), "context": np.zeros((1, self.context), np.float32)}
+
+    def speech_prob(self, state: dict, window: np.ndarray) -> float:
+        x = np.concatenate([state["context"], window[None, :]], axis=1)
+        out, state["state"] = self.session.run(None, {"input": x, "state": state["state"], "sr": np.array(SAMPLE_RATE, np.int64)})
+        state["context"] = x[:, -self.context:]
+        return float(out[0, 0])
+
+
+class WebRTCVAD:
+    """webrtcvad (package webrtcvad-wheels): a speech / no-speech decision per 30 ms frame."""
+
+    window = 480  # samples (30 ms)
+    threshold = 0.5  # its decisions are 0 or 1
+
+    def __init__(self, mode: int):
+        self.mode = mode
+
+    def setup(self) -> None:
+        import webrtcvad
+        self.webrtcvad = webrtcvad
+
+    def new_state(self) -> Any:
+        return self.webrtcvad.Vad(self.mode)
+
+    def speech_prob(self, state: Any, window: np.ndarray) -> float:
+        pcm = (np.clip(window, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        return 1.0 if state.is_speech(pcm, SAMPLE_RATE) else 0.0
+
+
+VAD_MODELS = {"silero": SileroVAD, "webrtc": WebRTCVAD}
+
+
+@dataclass
+class SpeechStarted:
+    heard_at: float  # when the first speech window of this utterance arrived
+
+
+@dataclass
+class SpeechEnded:
+    audio: np.ndarray  # float32 PCM, 16 kHz mono, speech plus padding
+    silence_ms: float  # end-of-turn wait that preceded this event
+
+
+class VADSegmenter:
+    """Per-session state machine over VAD probabilities: start a turn after `min_speech_ms` of speech, end it
+    after `min_silence_ms` of silence. Keeps `speech_pad_ms` of audio on both sides of the speech."""
+
+    def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int):
+        self.model = model
+        self.state = model.new_state()
+        self.window_ms = model.window * 1000 / SAMPLE_RATE
+        self.threshold = model.threshold
+        self.neg_threshold = max(model.threshold - 0.15, 0.01)  # hysteresis, as silero recommends
+        self.min_speech_ms, self.min_silence_ms = min_speech_ms, min_silence_ms
+        self.pad_ms, self.max_speech_ms = speech_pad_ms, max_speech_ms
+        self.pending = np.zeros(0, np.float32)  # samples waiting for a full window
+        self.pre_roll: deque = deque(maxlen=max(1, round(speech_pad_ms / self.window_ms)))
+        self._reset_utterance()
+
+    def _reset_utterance(self) -> None:
+        self.windows: list = []  # audio of the utterance under way, including pre-roll
+        self.started = False  # min_speech_ms reached: the turn has begun
+        self.speech_ms = 0.0
+        self.silence_ms = 0.0
+        self.heard_at: Optional[float] = None
+
+    def reset(self) -> None:
+        """Forget everything heard so far (used while speech is ignored)."""
+        self.state = self.model.new_state()
+        self.pending = np.zeros(0, np.float32)
+        self.pre_roll.clear()
+        self._reset_utterance()
+
+    def feed(self, audio: np.ndarray) -> list:
+        """Consume float32 16 kHz samples; return SpeechStarted / SpeechEnded events in order."""
+        events = []
+        buf = np.concatenate([self.pending, audio]) if len(self.pending) else audio
+        n = len(buf) // self.model.window * self.model.window
+        self.pending = buf[n:].copy()
+        for i in range(0, n, self.model.window):
+            window = buf[i:i + self.model.window]
+            event = self._step(window, self.model.speech_prob(self.state, window))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _step(self, window: np.ndarray, prob: float) -> Any:
+        if self.heard_at is None:  # idle: wait for speech
+            if prob < self.threshold:
+                self.pre_roll.append(window)
+                return None
+            self.heard_at = now()
+            self.windows = list(self.pre_roll)
+            self.pre_roll.clear()
+        self.windows.append(window)
+        if prob >= self.threshold:
+            self.speech_ms += self.window_ms
+            self.silence_ms = 0.0
+        elif prob < self.neg_threshold:
+            self.silence_ms += self.window_ms
+        if not self.started:
+            if self.speech_ms >= self.min_speech_ms:
+                self.started = True
+                return SpeechStarted(self.heard_at)
+            if self.silence_ms >= self.min_silence_ms:  # a short sound, not a turn
+                self.pre_roll.extend(self.windows[-self.pre_roll.maxlen:])
+                self._reset_utterance()
+            return None
+        too_long = len(self.windows) * self.window_ms >= self.max_speech_ms
+        if self.silence_ms >= self.min_silence_ms or too_long:
+            drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))  # trailing silence beyond the pad
+            audio = np.concatenate(self.windows[:len(self.windows) - drop])
+            event = SpeechEnded(audio, self.silence_ms)
+            self._reset_utterance()
+            return event
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# ASR: speech -> text.
+# ------------------------------------------------------------------------------------------------
+
+class ASRHandler(BaseHandler):
+    """Base of every ASR. SWAP MODEL HERE: subclass, implement setup() and transcribe()."""
+
+    def transcribe(self, audio: np.ndarray) -> str:  # float32 PCM, 16 kHz mono
+        raise NotImplementedError
+
+    def process(self, utt: Utterance) -> Iterator[UserText]:
+        turn = utt.session.turn_record(utt.turn)
+        text = self.transcribe(utt.audio).strip()
+        turn.transcript, turn.question = now(), text
+        utt.session.send_event(TranscriptEvent(utt.turn, text))
+        yield UserText(utt.session, utt.turn, text)
+
+
+class FunASRHandler(ASRHandler):
+    """FunASR AutoModel: SenseVoiceSmall (multilingual, emotion tags stripped) or Paraformer (Chinese)."""
+
+    name = "funasr"
+
+    def __init__(self, model: str, device: str, language: str):
+        self.model_name, self.device, self.language = model, device, language
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FunASRHandler:
+        return cls(args.stt_model_name, resolve_device(args.device), args.asr_language)
+
+    def describe(self) -> str:
+        return f"funasr {self.model_name} on {self.device}"
+
+    def setup(self) -> None:
+        from funasr import AutoModel
+        from funasr.utils.postprocess_utils import rich_transcription_postprocess
+        self.postprocess = rich_transcription_postprocess
+        self.model = AutoModel(model=self.model_name, device=self.device, disable_update=True, disable_pbar=True, log_level="ERROR")
+        self.is_sensevoice = "sensevoice" in type(self.model.model).__name__.lower()
+
+    def warmup(self) -> None:
+        self.transcribe(np.zeros(SAMPLE_RATE, np.float32))
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        kwargs = {"language": self.language, "use_itn": True} if self.is_sensevoice else {}
+        result = self.model.generate(input=audio, cache={}, disable_pbar=True, **kwargs)
+        text = "".join(r.get("text", "") for r in result)
+        return self.postprocess(text) if self.is_sensevoice else text
+
+
+ASR_HANDLERS: dict = {"funasr": FunASRHandler}
+
+
+# ------------------------------------------------------------------------------------------------
+# LLM: text -> a stream of speakable chunks.
+# ------------------------------------------------------------------------------------------------
+
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+# Where speech may pause. CJK marks end a chunk at once; ASCII marks only when followed by a space,
+# so "3.14" and "e.g." inside a sentence do not split it.
+HARD_BREAK = re.compile(r"[。！？；…\n]+|[.!?;]+(?=\s)")
+SOFT_BREAK = re.compile(r"[，、：,:]+(?=\s)|[，、：]+")
+SPEAKABLE = re.compile(r"[\w\u3400-\u9fff]")
+MAX_CHUNK_CHARS = 120  # a longer chunk is cut at its last comma, so TTS never waits for a paragraph
+
+
+def speech_length(text: str) -> int:
+    """Characters, a Chinese character counting as two: it is a syllable, a Latin letter a fraction of one."""
+    text = text.strip()
+    return len(text) + len(CJK.findall(text))
+
+
+class SpeakableChunker:
+    """Cuts a token stream into chunks a TTS can say: at sentence ends, and for the first chunk already at a
+    comma once it has `first_min_chars`, so the first audio starts early. Chinese and English punctuation."""
+
+    def __init__(self, first_min_chars: int = 6):
+        self.first_min_chars = first_min_chars
+        self.buffer = ""
+        self.emitted = 0
+
+    def push(self, delta: str) -> list:
+        self.buffer += delta
+        chunks = []
+        while True:
+            cut = self._find_cut()
+            if cut is None:
+                return chunks
+            chunk, self.buffer = self.buffer[:cut], self.buffer[cut:]
+            if SPEAKABLE.search(chunk):
+                chunks.append(chunk)
+                self.emitted += 1
+            elif chunks:  # punctuation only: keep it with the chunk before
+                chunks[-1] += chunk
+            else:
+                self.buffer = chunk + self.buffer
+                return chunks
+
+    def flush(self) -> str:
+        rest, self.buffer = self.buffer, ""
+        return rest
+
+    def _find_cut(self) -> Optional[int]:
+        for m in HARD_BREAK.finditer(self.buffer):
+            if SPEAKABLE.search(self.buffer[:m.start()]):
+                return m.end()
+        soft_ok = self.emitted == 0 or len(self.buffer) > MAX_CHUNK_CHARS
+        if soft_ok:
+            cuts = [m.end() for m in SOFT_BREAK.finditer(self.buffer)
+                    if speech_length(self.buffer[:m.start()]) >= self.first_min_chars]
+            if cuts:
+                return cuts[0] if self.emitted == 0 else cuts[-1]
+        return None
+
+
+class LLMHandler(BaseHandler):
+    """Base of every LLM. SWAP MODEL HERE: subclass, implement stream() (and setup() if it loads weights)."""
+
+    def __init__(self, system_role: str = "system", system_prompt: str = "", first_chunk_min_chars: int = 6):
+        self.system_role, self.system_prompt = system_role, system_prompt
+        self.first_chunk_min_chars = first_chunk_min_chars
+
+    @staticmethod
+    def common_args(args: argparse.Namespace) -> dict:
+        return dict(system_role=args.init_chat_role, system_prompt=args.init_chat_prompt,
+                    first_chunk_min_chars=args.first_chunk_min_chars)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LLMHandler:
+        return cls(**cls.common_args(args))
+
+    def stream(self, messages: list) -> Iterator[str]:
+        """Yield the answer's text as it is generated. Closing the generator must stop generation."""
+        raise NotImplementedError
+
+    def process(self, msg: UserText) -> Iterator[AnswerText]:
+        session, turn = msg.session, msg.session.turn_record(msg.turn)
+        if not msg.text:  # nothing was said: end the turn quietly
+            yield AnswerText(session, msg.turn, 0, "", last=True)
+            return
+        messages = session.history.messages(self.system_role, self.system_prompt, msg.text)
+        session.history.add(turn)
+        chunker, seq = SpeakableChunker(self.first_chunk_min_chars), 0
+        tokens = self.stream(messages)
+        try:
+            for delta in tokens:
+                if turn.llm_first_token is None:
+                    turn.llm_first_token = now()
+                for chunk in chunker.push(delta):
+                    yield AnswerText(session, msg.turn, seq, chunk, last=False)
+                    seq += 1
+        except Exception as exc:  # the user hears what was generated, then an error
+            if not session.is_current(msg.turn):
+                return
+            logger.warning("LLM failed on session %s turn %d: %s", session.uid, msg.turn, exc)
+            session.send_event(ErrorEvent("llm_failed", f"LLM failed: {exc}", msg.turn))
+        finally:
+            tokens.close()
+        yield AnswerText(session, msg.turn, seq, chunker.flush(), last=True)
+
+
+class OpenAILLMHandler(LLMHandler):
+    """Any OpenAI-compatible chat API (OpenAI, DeepSeek, vLLM, Ollama, ...), streamed. Key from LLM_API_KEY."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, temperature: float, max_tokens: int, timeout_s: float, **kwargs):
+        super().__init__(**kwargs)
+        self.base_url, self.model = base_url, model
+        self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OpenAILLMHandler:
+        return cls(args.lm_model_url, args.lm_model_name, args.lm_temperature, args.max_new_tokens,
+                   args.lm_timeout_s, **cls.common_args(args))
+
+    def describe(self) -> str:
+        return f"openai-compatible {self.model} at {self.base_url}"
+
+    def setup(self) -> None:
+        from openai import OpenAI
+        # A voice turn cannot wait for retries: fail fast and tell the user.
+        self.client = OpenAI(base_url=self.base_url, api_key=os.environ.get("LLM_API_KEY") or "EMPTY",
+                             timeout=self.timeout_s, max_retries=0)
+
+    def stream(self, messages: list) -> Iterator[str]:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=messages, stream=True,
+            temperature=self.temperature, max_tokens=self.max_tokens)
+        try:
+            for chunk in response:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        finally:
+            response.close()  # closes the HTTP stream: the server stops generating, nothing is drained
+
+
+class EchoLLMHandler(LLMHandler):
+    """Answers with what it heard: checks microphone, VAD, ASR and TTS without any API key."""
+
+    name = "echo"
+
+    def stream(self, messages: list) -> Iterator[str]:
+        heard = messages[-1]["content"]
+        yield "你说的是：" if CJK.search(heard) else "You said: "
+        for word in re.findall(r"\S+\s*", heard):
+            yield word
+
+
+LLM_HANDLERS: dict = {"echo": EchoLLMHandler, "openai": OpenAILLMHandler}
+
+
+# ------------------------------------------------------------------------------------------------
+# TTS: text chunks -> 16 kHz int16 audio.
+# ------------------------------------------------------------------------------------------------
+
+MARKUP = re.compile(r"[*#_`~>|]+|\[(?:[^\]]*)\]\((?:[^)]*)\)|https?://\S+")
+
+
+def resample(audio: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RATE) -> np.ndarray:
+    """High-quality resampling (soxr) of a whole float32 mono signal."""
+    if rate_in == rate_out:
+        return audio
+    import soxr
+    return soxr.resample(audio, rate_in, rate_out)
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    """float32 [-1, 1] -> int16 little-endian bytes."""
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+class TTSHandler(BaseHandler):
+    """Base of every TTS. SWAP MODEL HERE: subclass, implement synthesize()."""
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        """Yield float32 16 kHz mono audio for `text`, in pieces as they are ready. Closing the generator stops."""
+        raise NotImplementedError
+
+    def process(self, chunk: AnswerText) -> Iterator[AnswerAudio]:
+        session, turn = chunk.session, chunk.session.turn_record(chunk.turn)
+        spoken = MARKUP.sub(" ", chunk.text).strip()
+        text = chunk.text
+        if SPEAKABLE.search(spoken):
+            for audio in self.synthesize(spoken):
+                if turn.tts_first_audio is None:
+                    turn.tts_first_audio = now()
+                yield AnswerAudio(session, chunk.turn, chunk.seq, text, to_pcm16(audio), last=False)
+                text = ""
+        if text or chunk.last:  # text that made no sound still reaches the client; the answer's end is marked
+            yield AnswerAudio(session, chunk.turn, chunk.seq, text, b"", last=chunk.last)
+
+
+class EspeakTTSHandler(TTSHandler):
+    """espeak-ng: robotic but real, needs no GPU and no download; English and Mandarin voices."""
+
+    name = "espeak"
+
+    def __init__(self, voice_en: str, voice_zh: str, speed: int):
+        self.voice_en, self.voice_zh, self.speed = voice_en, voice_zh, speed
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EspeakTTSHandler:
+        return cls(args.tts_voice_en, args.tts_voice_zh, args.tts_speed)
+
+    def describe(self) -> str:
+        return f"espeak-ng voices {self.voice_en}/{self.voice_zh}"
+
+    def setup(self) -> None:
+        try:
+            subprocess.run(["espeak-ng", "--version"], capture_output=True, check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SystemExit("espeak-ng is not installed: apt-get install espeak-ng (or brew install espeak-ng)") from exc
+
+    def warmup(self) -> None:
+        for _ in self.synthesize("ok"):
+            pass
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        voice = self.voice_zh if CJK.search(text) else self.voice_en
+        # Text goes in on stdin, so a chunk that starts with "-" is never read as an option.
+        wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(self.speed), "--stdout"],
+                             input=text.encode(), capture_output=True, check=True, timeout=30).stdout
+        rate, audio = read_wav_bytes(wav)
+        yield resample(audio, rate)
+
+
+def read_wav_bytes(data: bytes) -> tuple:
+    """(sample_rate, float32 mono) from a 16-bit PCM WAV whose size fields may be unset (a piped WAV)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a WAV stream")
+    pos, rate, channels = 12, None, 1
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if cid == b"fmt ":
+            channels, rate = struct.unpack("<HI", data[pos + 10:pos + 16])
+        elif cid == b"data":
+            pcm = np.frombuffer(data[pos + 8:pos + 8 + (len(data) - pos - 8) // 2 * 2], "<i2")
+            audio = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm
+            return rate, (audio / 32768.0).astype(np.float32)
+        pos += 8 + size
+    raise ValueError("WAV stream without data")
+
+
+TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sender side: how answers and events are written for each kind of client.
+# ------------------------------------------------------------------------------------------------
+
+LEGACY_END_PCM = bytes(2 * SAMPLE_RATE // 50)  # 20 ms of silence: carries end_flag to a legacy client
+
+
+class SenderConnection:
+    """One client on the sender socket. Extended clients name their session (?uid=); legacy ones do not,
+    hear every legacy session and keep only their own uid (as CleanS2S's client does)."""
+
+    def __init__(self, ws: ServerConnection, uid: Optional[str]):
+        self.ws, self.uid = ws, uid
+        self.extended = uid is not None
+
+    async def send_event(self, event: ServerEvent) -> None:
+        if self.extended:
+            await self.ws.send(event.to_json())
+
+    async def send_audio(self, item: AnswerAudio, question: Optional[str], first: bool) -> None:
+        if self.extended:
+            await self.ws.send(json.dumps({"event": "answer", "turn": item.turn, "seq": item.seq,
+                                           "text": item.text, "end": item.last}, ensure_ascii=False))
+            if item.pcm:
+                await self.ws.send(struct.pack("<II", item.turn, item.seq) + item.pcm)
+            return
+        # CleanS2S format. Its client shows question_text and answer_text when non-empty, and turns a
+        # message without audio into a text bubble, so every message carries some audio.
+        await self.ws.send(json.dumps({
+            "uid": item.session.uid, "user_input_count": item.turn,
+            "question_text": question if first else None, "answer_text": item.text,
+            "answer_audio": base64.b64encode(item.pcm or LEGACY_END_PCM).decode(), "end_flag": item.last,
+        }, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sessions: one per client uid, with its own VAD state, history, turn counter and outbox.
+# ------------------------------------------------------------------------------------------------
+
+class Session:
+    """Everything one client owns. Turn state changes on the event loop; worker threads read `turn`, fill
+    timings in Turn records and hand results back through send_event()/deliver() (thread-safe)."""
+
+    def __init__(self, uid: str, slot: int, server: VoiceAgentServer):
+        self.uid, self.slot, self.server = uid, slot, server
+        self.loop = server.loop
+        self.args = server.args
+        self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
+        self.speech_turn = 0  # the turn the utterance under way started
+        self.turns: dict = {}
+        self.history = ChatHistory(self.args.chat_size)
+        self.vad = VADSegmenter(server.vad_model, self.args.min_speech_ms, self.args.min_silence_ms,
+                                self.args.speech_pad_ms, self.args.max_speech_ms)
+        self.resampler = None
+        if self.args.sample_rate != SAMPLE_RATE:
+            import soxr
+            self.resampler = soxr.ResampleStream(self.args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.wake = asyncio.Event()  # set on interrupt: ends a pacing wait at once
+        self.client_playing = False
+        self.play_start = 0.0  # loop clock when the current answer's audio would have started playing
+        self.closed = False
+        self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{uid}")
+
+    # ---- turn state (event loop) ----
+
+    def is_current(self, turn: int) -> bool:
+        return not self.closed and turn == self.turn
+
+    def turn_record(self, number: int) -> Turn:
+        return self.turns[number]
+
+    def current(self) -> Optional[Turn]:
+        return self.turns.get(self.turn)
+
+    def assistant_busy(self) -> bool:
+        """An answer is being made (the user's turn has ended) or is still playing."""
+        t = self.current()
+        if t is None or t.speech_end is None:
+            return False
+        playing = now() < self.play_start + t.audio_sent_ms / 1000 or self.client_playing
+        return not t.finished or playing
+
+    def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
+        """A new turn makes the running one stale. Returns the new turn's record."""
+        old = self.current()
+        if old is not None and self.assistant_busy():
+            self._interrupt(old, heard_at or now())
+        self.turn += 1
+        record = Turn(self.turn, spoken, speech_heard=heard_at)
+        self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1}
+        self.turns[self.turn] = record
+        return record
+
+    def _interrupt(self, old: Turn, heard_at: float) -> None:
+        old.interrupted = True
+        self._drain_outbox()
+        self.wake.set()
+        self.outbox.put_nowait(InterruptEvent(old.number))
+        old.barge_in_ms = round((now() - heard_at) * 1000, 1)
+        if old.finished:  # all sent but still playing: report again, now with the barge-in
+            self.report_turn(old)
+        else:
+            self.finish_turn(old)
+
+    def _drain_outbox(self) -> None:
+        kept = []
+        while not self.outbox.empty():
+            item = self.outbox.get_nowait()
+            if isinstance(item, (ErrorEvent, MetricsEvent)):
+                kept.append(item)
+        for item in kept:
+            self.outbox.put_nowait(item)
+
+    def finish_turn(self, t: Turn) -> None:
+        if not t.finished:
+            t.finished = True
+            self.report_turn(t)
+
+    def report_turn(self, t: Turn) -> None:
+        """One log line, a metrics event, and the saved record of a turn."""
+        m = t.metrics()
+        logger.info("turn uid=%s turn=%d %s", self.uid, t.number,
+                    " ".join(f"{k}={v}" for k, v in m.items() if v is not None))
+        self.outbox.put_nowait(MetricsEvent(t.number, m))
+        if self.server.recorder is not None:
+            self.server.recorder.save_turn(self.uid, t)
+
+    def new_topic(self) -> None:
+        self.start_turn(spoken=False).finished = True
+        self.history.clear()
+
+    def on_playback(self, turn: int, played_ms: Optional[float], playing: Optional[bool]) -> None:
+        if playing is not None:
+            self.client_playing = playing
+        if played_ms is not None and turn in self.turns:
+            self.turns[turn].played_ms = played_ms
+
+    # ---- hand-offs from worker threads (thread-safe) ----
+
+    def send_event(self, event: ServerEvent) -> None:
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+
+    def deliver(self, item: AnswerAudio) -> None:
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+
+    def fail_turn(self, turn: int, code: str, message: str) -> None:
+        """End a turn whose stage raised: the client hears an error, later turns go on."""
+        self.send_event(ErrorEvent(code, message, turn))
+        self.deliver(AnswerAudio(self, turn, 1 << 30, "", b"", last=True))
+
+    # ---- the sender: drains the outbox to this session's clients, pacing audio to playback ----
+
+    async def _send_loop(self) -> None:
+        while True:
+            item = await self.outbox.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, AnswerAudio):
+                    await self._send_audio(item)
+                else:
+                    for conn in self.server.senders_for(self.uid):
+                        await conn.send_event(item)
+            except websockets.ConnectionClosed:
+                pass  # that client is gone; the connection handler unregisters it
+            except Exception:
+                logger.exception("sender failed on session %s", self.uid)
+
+    async def _send_audio(self, item: AnswerAudio) -> None:
+        if not self.is_current(item.turn):
+            return
+        t = self.turns[item.turn]
+        await self._pace(t)
+        if not self.is_current(item.turn):  # interrupted while waiting
+            return
+        first = not t.sent_any
+        if first and item.last and not item.text and not item.pcm:  # an empty answer: nothing to send
+            self.finish_turn(t)
+            return
+        t.sent_any = True
+        moment = now()
+        if item.pcm and t.first_audio_sent is None:
+            t.first_audio_sent = moment
+            self.play_start = moment
+        if item.pcm and moment > self.play_start + t.audio_sent_ms / 1000:  # the client ran dry: its clock restarts
+            self.play_start = moment - t.audio_sent_ms / 1000
+        if item.text:
+            t.answer_chunks.append((t.audio_sent_ms, item.text))
+        for conn in self.server.senders_for(self.uid):
+            await conn.send_audio(item, t.question if t.spoken else None, first)
+        if item.pcm:
+            t.answer_audio.append(item.pcm)
+            t.audio_sent_ms += len(item.pcm) / 2 / SAMPLE_RATE * 1000
+        if item.last:
+            self.finish_turn(t)
+
+    async def _pace(self, t: Turn) -> None:
+        """Wait until this audio is within --playback_lead_ms of the client's playback position."""
+        lead_s = self.args.playback_lead_ms / 1000
+        if lead_s <= 0 or t.first_audio_sent is None:
+            return
+        ahead = self.play_start + t.audio_sent_ms / 1000 - now()
+        if ahead > lead_s:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=ahead - lead_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self) -> None:
+        """The client left: every queued and running piece of work for it becomes stale."""
+        self.closed = True
+        t = self.current()
+        if t is not None and not t.finished:
+            t.interrupted = True
+            self.finish_turn(t)
+        self.outbox.put_nowait(None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving turns (--save_data): a writer thread, so file I/O never blocks the event loop.
+# ------------------------------------------------------------------------------------------------
+
+class TurnRecorder:
+    def __init__(self, directory: str):
+        self.dir = directory
+        os.makedirs(directory, exist_ok=True)
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self.thread.start()
+
+    def save_input(self, uid: str, turn: int, audio: np.ndarray) -> None:
+        self.queue.put((f"{uid}_{turn}_input.wav", wav_bytes(to_pcm16(audio))))
+
+    def save_turn(self, uid: str, t: Turn) -> None:
+        record = {"uid": uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
+                  "answer": t.heard_text(), "interrupted": t.interrupted, "metrics": t.metrics()}
+        self.queue.put((f"{uid}_{t.number}.json", json.dumps(record, ensure_ascii=False, indent=1).encode()))
+        if t.answer_audio:
+            self.queue.put((f"{uid}_{t.number}_answer.wav", wav_bytes(b"".join(t.answer_audio))))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            name, data = item
+            path = os.path.join(self.dir, name)
+            try:  # write then rename: a reader never sees half a file
+                with open(path + ".tmp", "wb") as f:
+                    f.write(data)
+                os.replace(path + ".tmp", path)
+            except OSError:
+                logger.exception("could not save %s", path)
+
+
+def wav_bytes(pcm: bytes) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# The server: both sockets, the sessions, and the stages between them.
+# ------------------------------------------------------------------------------------------------
+
+class BadMessage(ValueError):
+    """A client message we cannot use; `code` goes to the client in an error event."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+PLACEHOLDER = json.dumps({"placeholder": ""})
+VAD_DETECTED = json.dumps({"return_info": "VAD detected"})
+
+
+def decode_float32_audio(b64: Any) -> np.ndarray:
+    if not isinstance(b64, str):
+        raise BadMessage("bad_audio", "audio must be a base64 string")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadMessage("bad_audio", f"audio is not valid base64: {exc}") from None
+    if len(raw) % 4:
+        raise BadMessage("bad_audio", "audio must be float32 PCM (a multiple of 4 bytes)")
+    return check_audio(np.frombuffer(raw, "<f4"))
+
+
+def check_audio(audio: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(audio)):
+        raise BadMessage("bad_audio", "audio contains NaN or infinity")
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+def query_uid(ws: ServerConnection) -> Optional[str]:
+    values = parse_qs(urlparse(ws.request.path).query).get("uid")
+    return values[0] if values else None
+
+
+class VoiceAgentServer:
+    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any):
+        self.args = args
+        self.vad_model = vad_model
+        self.loop: asyncio.AbstractEventLoop = None
+        self.sessions: dict = {}
+        self.free_slots = list(range(args.max_sessions))
+        self.extended_senders: dict = {}  # uid -> set of SenderConnection
+        self.legacy_senders: set = set()
+        self.recorder = TurnRecorder(args.save_data) if args.save_data else None
+        self.tts_stage = Stage("tts", tts, args.tts_workers, lambda a: a.session.deliver(a))
+        # The LLM waits on the network, so every session gets its own worker: one slow stream holds no one else.
+        self.llm_stage = Stage("llm", llm, args.max_sessions, self.tts_stage.put)
+        self.asr_stage = Stage("asr", asr, 1, self.llm_stage.put)
+        self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
+        self.stopped: asyncio.Event = None
+
+    def senders_for(self, uid: str) -> list:
+        return list(self.extended_senders.get(uid) or self.legacy_senders)
+
+    async def run(self, ready: Optional[Callable[[], None]] = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        for stage in (self.asr_stage, self.llm_stage, self.tts_stage):
+            stage.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.loop.add_signal_handler(sig, self.stopped.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        a = self.args
+        async with serve(self.handle_receiver, a.recv_host, a.recv_port, ping_interval=20, ping_timeout=20), \
+                serve(self.handle_sender, a.send_host, a.send_port, ping_interval=20, ping_timeout=20):
+            logger.info("ready: receiver ws://%s:%d  sender ws://%s:%d", a.recv_host, a.recv_port, a.send_host, a.send_port)
+            if ready:
+                ready()
+            await self.stopped.wait()
+        for session in list(self.sessions.values()):
+            self.end_session(session)
+        for stage in (self.asr_stage, self.llm_stage, self.tts_stage):
+            await asyncio.to_thread(stage.stop)
+        self.vad_pool.shutdown(wait=False)
+        if self.recorder:
+            await asyncio.to_thread(self.recorder.close)
+
+    # ---- sessions ----
+
+    def open_session(self, uid: str) -> Session:
+        if uid in self.sessions:
+            raise BadMessage("uid_in_use", f"uid {uid} already has a connected receiver")
+        if not self.free_slots:
+            raise BadMessage("server_full", f"server full: {self.args.max_sessions} sessions; try again later")
+        session = Session(uid, self.free_slots.pop(0), self)
+        self.sessions[uid] = session
+        logger.info("session %s opened (%d active)", uid, len(self.sessions))
+        return session
+
+    def end_session(self, session: Session) -> None:
+        if self.sessions.get(session.uid) is session:
+            del self.sessions[session.uid]
+            self.free_slots.append(session.slot)
+        session.close()
+        logger.info("session %s closed (%d active)", session.uid, len(self.sessions))
+
+    # ---- receiver socket: client -> server ----
+
+    async def handle_receiver(self, ws: ServerConnection) -> None:
+        session: Optional[Session] = None
+        try:
+            uid = query_uid(ws)
+            if uid is not None:
+                session = self.open_session(uid)
+            async for message in ws:
+                try:
+                    if isinstance(message, bytes):
+                        if session is None:
+                            raise BadMessage("no_session", "send ?uid= in the URL before binary audio")
+                        if len(message) % 2:
+                            raise BadMessage("bad_audio", "binary audio must be int16 PCM (an even number of bytes)")
+                        await self.on_audio(session, np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)
+                        continue
+                    data = json.loads(message)
+                    if not isinstance(data, dict):
+                        raise BadMessage("bad_message", "a message must be a JSON object")
+                    if session is None:
+                        msg_uid = data.get("uid")
+                        if not isinstance(msg_uid, str) or not msg_uid:
+                            raise BadMessage("no_uid", "the first message must carry a string uid")
+                        session = self.open_session(msg_uid)
+                    elif "uid" in data and data["uid"] != session.uid:
+                        raise BadMessage("uid_mismatch", "this connection belongs to another uid")
+                    for reply in await self.on_json(session, data):
+                        await ws.send(reply)
+                except BadMessage as exc:
+                    if exc.code in ("server_full", "uid_in_use"):
+                        await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
+                        return
+                    self.report(session, exc.code, str(exc))
+                    if isinstance(message, str):
+                        await ws.send(PLACEHOLDER)
+                except json.JSONDecodeError as exc:
+                    self.report(session, "bad_json", f"message is not JSON: {exc}")
+                    await ws.send(PLACEHOLDER)
+        except BadMessage as exc:
+            await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            if session is not None:
+                self.end_session(session)
+
+    def report(self, session: Optional[Session], code: str, message: str) -> None:
+        logger.warning("bad message from %s: %s", session.uid if session else "unknown client", message)
+        if session is not None:
+            session.outbox.put_nowait(ErrorEvent(code, message))
+
+    async def on_json(self, session: Session, data: dict) -> list:
+        """Act on one JSON message; return the replies: one "VAD detected" per user turn started, else a placeholder."""
+        kind = data.get("type")
+        if "is_playing" in data and data["is_playing"] in ("true", "false"):
+            session.client_playing = data["is_playing"] == "true"
+        if kind == "audio_input":
+            started = await self.on_audio(session, decode_float32_audio(data.get("audio")))
+            return [VAD_DETECTED] * started or [PLACEHOLDER]
+        if kind == "user_input":
+            text = data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise BadMessage("bad_text", "user_input needs a non-empty text")
+            self.on_text(session, text.strip())
+            return [PLACEHOLDER]
+        if kind == "playback":
+            turn, played, playing = data.get("turn"), data.get("played_ms"), data.get("playing")
+            if not isinstance(turn, int) or (played is not None and not isinstance(played, (int, float))):
+                raise BadMessage("bad_playback", "playback needs an integer turn and a numeric played_ms")
+            session.on_playback(turn, played, playing if isinstance(playing, bool) else None)
+        return [PLACEHOLDER]  # other types are ignored, as CleanS2S does
+
+    async def on_audio(self, session: Session, audio: np.ndarray) -> int:
+        """Feed audio to the session's VAD (in a worker thread). Returns how many user turns started in it."""
+        audio = check_audio(audio)
+        if session.resampler is not None:
+            audio = session.resampler.resample_chunk(audio)
+        if not self.args.enable_interruption and session.assistant_busy():
+            session.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
+            return 0
+        events = await self.loop.run_in_executor(self.vad_pool, session.vad.feed, audio)
+        started = 0
+        for ev in events:
+            if isinstance(ev, SpeechStarted):
+                t = session.start_turn(spoken=True, heard_at=ev.heard_at)
+                session.speech_turn = t.number
+                session.outbox.put_nowait(SpeechStartEvent(t.number))
+                started += 1
+            elif isinstance(ev, SpeechEnded) and session.is_current(session.speech_turn):
+                t = session.current()  # (typed text in the middle of speech would have taken over the turn)
+                t.speech_end, t.eot_wait_ms = now(), ev.silence_ms
+                if self.recorder:
+                    self.recorder.save_input(session.uid, t.number, ev.audio)
+                self.asr_stage.put(Utterance(session, t.number, ev.audio))
+        return started
+
+    def on_text(self, session: Session, text: str) -> None:
+        if text == "new topic":  # CleanS2S's client counts it like any text, so the turn number moves too
+            session.new_topic()
+            return
+        t = session.start_turn(spoken=False)
+        t.question, t.speech_end = text, now()
+        self.llm_stage.put(UserText(session, t.number, text))
+
+    # ---- sender socket: server -> client ----
+
+    async def handle_sender(self, ws: ServerConnection) -> None:
+        conn = SenderConnection(ws, query_uid(ws))
+        if conn.extended:
+            self.extended_senders.setdefault(conn.uid, set()).add(conn)
+        else:
+            self.legacy_senders.add(conn)
+        try:
+            if conn.extended:
+                await conn.send_event(ReadyEvent(conn.uid))
+            async for _ in ws:  # clients do not write here; reading notices the close
+                pass
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            if conn.extended:
+                self.extended_senders[conn.uid].discard(conn)
+                if not self.extended_senders[conn.uid]:
+                    del self.extended_senders[conn.uid]
+            else:
+                self.legacy_senders.discard(conn)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main: build the handlers from the flags, load and warm them up, serve.
+# ------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def build_handlers(args: argparse.Namespace) -> tuple:
+    """Pick each stage's handler by name; each reads its own flags."""
+    return (ASR_HANDLERS[args.asr].from_args(args), LLM_HANDLERS[args.llm].from_args(args),
+            TTS_HANDLERS[args.tts].from_args(args))
+
+
+def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.enable_llm_api:
+        args.llm = "openai"
+    if args.sample_rate <= 0 or args.max_sessions <= 0:
+        parser.error("--sample_rate and --max_sessions must be positive")
+    return args
+
+
+def load(name: str, component: Any) -> None:
+    t0 = now()
+    component.setup()
+    t1 = now()
+    if hasattr(component, "warmup"):
+        component.warmup()
+    describe = component.describe() if hasattr(component, "describe") else type(component).__name__
+    logger.info("%s: %s, load %.2f s, warm-up %.2f s", name, describe, t1 - t0, now() - t1)
+
+
+def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    args = parse_args(argv, parser)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.tts == "espeak" and (args.tts_model_name or args.ref_dir):
+        logger.warning("--tts_model_name/--ref_dir are ignored by the espeak TTS")
+    asr, llm, tts = build_handlers(args)
+    vad_model = VAD_MODELS[args.vad](args.vad_thresh if args.vad == "silero" else args.webrtc_mode)
+    for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
+        load(name, component)
+    server = VoiceAgentServer(args, asr, llm, tts, vad_model)
+    asyncio.run(server.run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The real server in a subprocess, real WebSocket clients streaming speech in real time, a fixed-latency ASR,
+the real OpenAI-compatible LLM handler talking to a local fake API, and real espeak-ng TTS."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from client import ExtendedClient, LegacyClient, load_wav
+from conftest import LONG_ANSWER, fixture, start_server
+
+import s2s_server_pipeline as s2s
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def audio_seconds(items) -> float:
+    return sum(len(r.pcm) for r in items) / 2 / s2s.SAMPLE_RATE
+
+
+def test_spoken_turn_arrives_in_order_with_metrics(server, chat_api):
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as c:
+            await c.wait_for(lambda r: r.kind == "ready")
+            await c.stream_wav(fixture("en_question.wav"))
+            end = await c.wait_for(lambda r: r.kind == "answer" and r.data["end"])
+            metrics = await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 1)
+            return c, end, metrics
+
+    c, end, metrics = run(scenario())
+    kinds = [r.kind for r in c.received]
+    assert kinds.index("speech_start") < kinds.index("transcript") < kinds.index("answer") < kinds.index("audio")
+    transcript = c.events("transcript")[0].data
+    assert transcript["turn"] == 1
+    heard = float(transcript["text"].split()[1])
+    assert 2.8 <= heard <= 4.0, transcript  # the 3.1 s fixture, speech plus padding, reached the ASR whole
+    answers = c.events("answer", turn=1)
+    assert [a.data["seq"] for a in answers] == sorted(a.data["seq"] for a in answers)
+    text = "".join(a.data["text"] for a in answers)
+    assert text.startswith(f"About {transcript['text']}:") and text.endswith("the end.")
+    audio = c.events("audio", turn=1)
+    pcm = np.frombuffer(b"".join(a.pcm for a in audio), "<i2")
+    assert audio_seconds(audio) > 2 and np.abs(pcm).max() > 1000  # an audible answer
+    # The LLM received the transcript as the user's words, after the system prompt.
+    request = chat_api.chat_requests()[-1]
+    assert request["messages"][0]["role"] == "system"
+    assert request["messages"][-1] == {"role": "user", "content": transcript["text"]}
+    m = metrics.data["metrics"]
+    for key in ("asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms"):
+        assert m[key] is not None and m[key] >= 0, m
+    assert m["asr_ms"] >= 50  # the fixed ASR latency is inside the measured figure
+    assert "turn uid=" in server.log()
+
+
+def test_barge_in_stops_audio_and_truncates_history(server, chat_api, long_answers):
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as c:
+            await c.stream_wav(fixture("en_question.wav"), trailing_silence_s=0.8)
+            await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == 1)
+            await asyncio.sleep(1.0)  # the answer is playing
+            await c.stream_wav(fixture("en_interrupt.wav"))
+            interrupt = await c.wait_for(lambda r: r.kind == "interrupt")
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 2 and r.data["end"])
+            return c, interrupt
+
+    c, interrupt = run(scenario())
+    assert interrupt.data["turn"] == 1
+    onset = c.speech_onsets[1]
+    # Generous bound: min_speech_ms (200) plus transport; the benchmark measures the real figure.
+    assert interrupt.t - onset < 1.0, interrupt.t - onset
+    late = [r for r in c.received if r.kind == "audio" and r.data["turn"] == 1 and r.t > interrupt.t]
+    assert late == []
+    played = [r for r in c.received if r.kind == "audio" and r.data["turn"] == 1]
+    assert audio_seconds(played) < 8  # far less than the ~15 s answer reached the client
+    assert c.events("audio", turn=2)
+    # The next LLM request carries only the part of turn 1 that was sent, marked as cut off.
+    request = chat_api.chat_requests()[-1]["messages"]
+    first_answer = request[-2]
+    assert first_answer["role"] == "assistant" and first_answer["content"].endswith(s2s.INTERRUPTED_MARK)
+    heard = first_answer["content"][:-len(s2s.INTERRUPTED_MARK)]
+    assert heard and len(heard) < len(LONG_ANSWER)
+    spoken_turn1 = "".join(r.data["text"] for r in c.events("answer", turn=1))
+    assert heard == spoken_turn1
+    metrics = [r.data["metrics"] for r in c.events("metrics", turn=1)]
+    assert metrics[-1]["interrupted"] and metrics[-1]["barge_in_ms"] is not None
+
+
+def test_two_sessions_stay_isolated(server, chat_api):
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as a, \
+                ExtendedClient(server.recv_url, server.send_url) as b:
+            await asyncio.gather(a.stream_wav(fixture("en_question.wav")), b.stream_wav(fixture("zh_question.wav")))
+            await asyncio.gather(a.wait_for(lambda r: r.kind == "answer" and r.data["end"]),
+                                 b.wait_for(lambda r: r.kind == "answer" and r.data["end"]))
+            return a, b
+
+    a, b = run(scenario())
+    ta, tb = a.events("transcript")[0].data["text"], b.events("transcript")[0].data["text"]
+    assert ta != tb  # 3.1 s and 5.6 s of speech
+    for c, own, other in ((a, ta, tb), (b, tb, ta)):
+        text = "".join(r.data["text"] for r in c.events("answer"))
+        assert own in text and other not in text
+        assert len(c.events("transcript")) == 1 and all(r.data["turn"] == 1 for r in c.events("answer"))
+    for req in chat_api.chat_requests()[-2:]:
+        contents = [m["content"] for m in req["messages"]]
+        assert not (any(ta in x for x in contents) and any(tb in x for x in contents))
+
+
+def test_text_input_and_new_topic(server, chat_api):
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as c:
+            await c.wait_for(lambda r: r.kind == "ready")
+            await c.send_text("what is two plus two")
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 1 and r.data["end"])
+            await c.send_text("and times three")
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 2 and r.data["end"])
+            with_history = chat_api.chat_requests()[-1]["messages"]
+            await c.send_text("new topic")
+            await c.send_text("hello again")
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 4 and r.data["end"])
+            return c, with_history, chat_api.chat_requests()[-1]["messages"]
+
+    c, with_history, after_reset = run(scenario())
+    assert [m["content"] for m in with_history if m["role"] == "user"] == ["what is two plus two", "and times three"]
+    assert any(m["role"] == "assistant" and "two plus two" in m["content"] for m in with_history)
+    assert [m["role"] for m in after_reset] == ["system", "user"] and after_reset[-1]["content"] == "hello again"
+    assert c.events("audio", turn=4)
+    assert not c.events("answer", turn=3)  # "new topic" is counted, not answered
+
+
+def test_legacy_client_unchanged(server):
+    """CleanS2S's client: no uid on the sender socket, base64 JSON both ways, its own counters."""
+    async def scenario():
+        async with LegacyClient(server.recv_url, server.send_url) as c:
+            await c.stream_wav(fixture("en_question.wav"))
+            end = await c.wait_for(lambda r: r.kind == "legacy" and r.data["end_flag"])
+            await c.send_text("tell me more")
+            end2 = await c.wait_for(lambda r: r.kind == "legacy" and r.data["end_flag"] and r.data["user_input_count"] == 2)
+            return c, end, end2
+
+    c, end, end2 = run(scenario())
+    assert c.replies.count({"return_info": "VAD detected"}) == 1
+    assert all(set(r) in ({"return_info"}, {"placeholder"}) for r in c.replies)
+    assert len(c.replies) >= 50  # one reply per message sent
+    kept = [r.data for r in c.received if r.kind == "legacy"]
+    assert set(kept[0]) == {"uid", "user_input_count", "question_text", "answer_text", "answer_audio", "end_flag"}
+    assert kept[0]["question_text"].startswith("heard ") and all(k["question_text"] is None for k in kept[1:])
+    turn1 = [k for k in kept if k["user_input_count"] == 1]
+    assert "".join(k["answer_text"] for k in turn1).endswith("the end.")
+    assert [k["end_flag"] for k in turn1] == [False] * (len(turn1) - 1) + [True]
+    pcm = np.frombuffer(b"".join(base64.b64decode(k["answer_audio"]) for k in turn1), "<i2")
+    assert len(pcm) / s2s.SAMPLE_RATE > 2 and np.abs(pcm).max() > 1000
+    assert any(k["user_input_count"] == 2 and k["question_text"] is None for k in kept)  # typed: no question echo
+    assert not [r for r in c.received if r.kind not in ("legacy", "dropped")]
+
+
+def test_client_vanishing_mid_turn_leaves_server_healthy(server):
+    async def scenario():
+        c = ExtendedClient(server.recv_url, server.send_url)
+        async with c:
+            await c.stream_wav(fixture("en_question.wav"), trailing_silence_s=0.7)
+        # Gone while ASR/LLM work on its turn. Then a broken client, then a healthy one.
+        async with connect(server.recv_url) as ws:
+            await ws.send("{not json")
+            assert json.loads(await ws.recv()) == {"placeholder": ""}
+            await ws.send(json.dumps({"type": "audio_input", "uid": "x", "audio": "%%%"}))
+            assert json.loads(await ws.recv()) == {"placeholder": ""}
+        async with ExtendedClient(server.recv_url, server.send_url) as ok:
+            await ok.send_text("are you still there")
+            await ok.wait_for(lambda r: r.kind == "answer" and r.data["end"])
+            return ok
+
+    ok = run(scenario())
+    assert server.alive() and ok.events("audio")
+    assert "session" in server.log() and "Traceback" not in server.log()
+
+
+def test_bad_messages_get_error_events(server):
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as c:
+            await c.wait_for(lambda r: r.kind == "ready")
+            await c.recv.send(b"\x01\x02\x03")  # odd byte count: not int16
+            await c.recv.send(json.dumps({"type": "audio_input", "uid": c.uid,
+                                          "audio": base64.b64encode(np.array([np.nan] * 4, "<f4").tobytes()).decode()}))
+            await c.recv.send(json.dumps({"type": "user_input", "uid": "someone-else", "text": "hi"}))
+            await c.recv.send("[1, 2]")
+            codes = []
+            for _ in range(4):
+                item = await c.wait_for(lambda r: r.kind == "error" and r not in codes)
+                codes.append(item)
+            await c.send_text("still working")
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["end"])
+            return [e.data["code"] for e in codes]
+
+    assert run(scenario()) == ["bad_audio", "bad_audio", "uid_mismatch", "bad_message"]
+
+
+def test_llm_failure_is_reported_and_session_goes_on(chat_api):
+    srv = start_server(chat_api)
+    try:
+        async def scenario():
+            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                chat_api.fail_with = 500
+                await c.send_text("hello")
+                err = await c.wait_for(lambda r: r.kind == "error")
+                await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 1)
+                chat_api.fail_with = None
+                await c.send_text("hello again")
+                await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 2 and r.data["end"])
+                return err, c
+
+        err, c = run(scenario())
+        assert err.data["code"] == "llm_failed" and "500" in err.data["message"] and err.data["turn"] == 1
+        assert c.events("audio", turn=2)
+    finally:
+        chat_api.fail_with = None
+        srv.stop()
+
+
+def test_interruption_disabled_ignores_speech_while_speaking(chat_api, long_answers):
+    srv = start_server(chat_api, "--no-enable_interruption")
+    try:
+        async def scenario():
+            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                await c.stream_wav(fixture("en_question.wav"), trailing_silence_s=0.8)
+                await c.wait_for(lambda r: r.kind == "audio")
+                await c.stream_wav(fixture("en_interrupt.wav"))
+                await c.wait_for(lambda r: r.kind == "answer" and r.data["end"], timeout=40)
+                return c
+
+        c = run(scenario())
+        assert not c.events("interrupt") and len(c.events("speech_start")) == 1
+        assert audio_seconds(c.events("audio", turn=1)) > 10  # the whole answer played
+    finally:
+        srv.stop()
+
+
+def test_max_sessions_refuses_with_clear_reason_and_saves_turns(chat_api, tmp_path):
+    srv = start_server(chat_api, "--max_sessions", "1", "--save_data", str(tmp_path))
+    try:
+        async def scenario():
+            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                await c.wait_for(lambda r: r.kind == "ready")
+                extra = await connect(f"{srv.recv_url}/?uid=second")
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await extra.recv()
+                await c.stream_wav(fixture("zh_question.wav"))
+                await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 1, timeout=40)
+                return c, closed.value
+
+        c, closed = run(scenario())
+        assert closed.rcvd.code == 1013 and "server full" in closed.rcvd.reason
+        srv.stop()
+        uid = c.uid
+        record = json.load(open(os.path.join(tmp_path, f"{uid}_1.json")))
+        assert record["question"].startswith("heard ") and record["answer"].endswith("the end.")
+        assert len(load_wav(os.path.join(tmp_path, f"{uid}_1_input.wav"))) > 16000 * 5
+        assert len(load_wav(os.path.join(tmp_path, f"{uid}_1_answer.wav"))) > 16000 * 2
+        assert not glob.glob(os.path.join(tmp_path, "*.tmp"))
+    finally:
+        srv.stop()

@@ -1,0 +1,65 @@
+"""The OpenAI-compatible LLM handler, through the real openai client, against a local SSE server."""
+import time
+
+import pytest
+
+from fakes import FakeChatAPI
+
+import s2s_server_pipeline as s2s
+
+
+def handler(api, timeout_s=5.0):
+    h = s2s.OpenAILLMHandler(api.url, "test-model", 0.3, 64, timeout_s, system_prompt="Be brief.")
+    h.setup()
+    return h
+
+
+def test_streams_tokens_and_sends_the_conversation(monkeypatch):
+    monkeypatch.setenv("LLM_API_KEY", "sk-test")
+    with FakeChatAPI(answer=lambda m: "Paris is the capital of France.") as api:
+        h = handler(api)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "capital of France?"}]
+        tokens = list(h.stream(messages))
+        assert "".join(tokens) == "Paris is the capital of France."
+        assert len(tokens) == 6  # streamed, not one block
+        req = api.requests[-1]
+        assert req["auth"] == "Bearer sk-test"
+        assert req["body"]["messages"] == messages and req["body"]["stream"] is True
+        assert req["body"]["model"] == "test-model" and req["body"]["max_tokens"] == 64
+
+
+def test_server_error_raises_a_clear_exception():
+    with FakeChatAPI() as api:
+        api.fail_with = 503
+        with pytest.raises(Exception) as err:
+            list(handler(api).stream([{"role": "user", "content": "hi"}]))
+        assert "503" in str(err.value) or "overloaded" in str(err.value)
+
+
+def test_unreachable_server_fails_fast():
+    h = s2s.OpenAILLMHandler("http://127.0.0.1:9/v1", "m", 0.3, 64, 2.0)
+    h.setup()
+    t0 = time.monotonic()
+    with pytest.raises(Exception):
+        list(h.stream([{"role": "user", "content": "hi"}]))
+    assert time.monotonic() - t0 < 3
+
+
+def test_cancel_mid_stream_closes_the_connection():
+    words = " ".join(f"word{i}." for i in range(300))
+    with FakeChatAPI(answer=lambda m: words, token_delay_s=0.01) as api:
+        stream = handler(api).stream([{"role": "user", "content": "talk"}])
+        got = [next(stream) for _ in range(5)]
+        stream.close()
+        deadline = time.monotonic() + 2
+        while not api.streams[-1]["client_closed"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert got[0] == "word0. "
+        assert api.streams[-1]["client_closed"]
+        assert api.streams[-1]["tokens_sent"] < 50  # the server stopped early: not drained to 300
+
+
+def test_echo_llm_answers_in_the_language_heard():
+    h = s2s.EchoLLMHandler()
+    assert "".join(h.stream([{"role": "user", "content": "hello there"}])) == "You said: hello there"
+    assert "".join(h.stream([{"role": "user", "content": "你好"}])) == "你说的是：你好"
