@@ -554,7 +554,7 @@ class FunASRHandler(ASRHandler):
     name = "funasr"
 
     def __init__(self, model: str, device: str, language: str):
-        self.model_name, self.device, self.language = model, device, language
+        self.model_name, self.device, self.language = os.path.expanduser(model), device, language
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FunASRHandler:
@@ -564,8 +564,13 @@ class FunASRHandler(ASRHandler):
         return f"funasr {self.model_name} on {self.device}"
 
     def setup(self) -> None:
+        local = self.model_name.startswith(("/", "./", "../")) or os.path.exists(self.model_name)
+        if local and not os.path.isfile(os.path.join(self.model_name, "config.yaml")):
+            raise SystemExit(f"--stt_model_name {self.model_name}: no FunASR model there (a model directory holds config.yaml)")
+        level = logging.getLogger().level
         from funasr import AutoModel
         from funasr.utils.postprocess_utils import rich_transcription_postprocess
+        logging.getLogger().setLevel(level)  # importing funasr resets the root logger's level
         self.postprocess = rich_transcription_postprocess
         self.model = AutoModel(model=self.model_name, device=self.device, disable_update=True, disable_pbar=True, log_level="ERROR")
         self.is_sensevoice = "sensevoice" in type(self.model.model).__name__.lower()
@@ -842,6 +847,7 @@ TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler}
 # ------------------------------------------------------------------------------------------------
 
 LEGACY_END_PCM = bytes(2 * SAMPLE_RATE // 50)  # 20 ms of silence: carries end_flag to a legacy client
+FAILED_SEQ = 2**31 - 1  # seq of the end marker of an answer whose stage failed
 
 
 class SenderConnection:
@@ -986,7 +992,7 @@ class Session:
     def fail_turn(self, turn: int, code: str, message: str) -> None:
         """End a turn whose stage raised: the client hears an error, later turns go on."""
         self.send_event(ErrorEvent(code, message, turn))
-        self.deliver(AnswerAudio(self, turn, 1 << 30, "", b"", last=True))
+        self.deliver(AnswerAudio(self, turn, FAILED_SEQ, "", b"", last=True))
 
     # ---- the sender: drains the outbox to this session's clients, pacing audio to playback ----
 

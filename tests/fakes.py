@@ -11,7 +11,7 @@ class FakeChatAPI:
     """An OpenAI-compatible /v1/chat/completions server that streams Server-Sent Events.
 
     `answer(messages) -> str` decides the reply; it is sent word by word, `token_delay_s` apart, after
-    `first_token_delay_s`. `fail_with` makes the next requests answer with that HTTP status instead.
+    `first_token_delay_s` (a number, or a function of the messages). `fail_with` makes the next requests answer with that HTTP status instead.
     Every request body is recorded, and so is how many tokens were written before the client hung up."""
 
     def __init__(self, answer=None, first_token_delay_s: float = 0.05, token_delay_s: float = 0.01):
@@ -58,7 +58,8 @@ class FakeChatAPI:
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                time.sleep(fake.first_token_delay_s)
+                delay = fake.first_token_delay_s
+                time.sleep(delay(body["messages"]) if callable(delay) else delay)
                 try:
                     for i, tok in enumerate(tokens):
                         if i:

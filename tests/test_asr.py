@@ -21,7 +21,7 @@ def test_funasr_handler_loads_and_transcribes(tmp_path, build):
     assert h.is_sensevoice == (build is build_sensevoice_small)
 
 
-def test_wrong_model_path_fails_at_start_up(tmp_path):
+def test_wrong_model_path_fails_at_start_up_with_one_sentence(tmp_path):
     h = s2s.FunASRHandler(str(tmp_path / "missing"), "cpu", "auto")
-    with pytest.raises(Exception):
+    with pytest.raises(SystemExit, match="no FunASR model there"):
         h.setup()

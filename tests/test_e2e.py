@@ -268,3 +268,43 @@ def test_max_sessions_refuses_with_clear_reason_and_saves_turns(chat_api, tmp_pa
         assert not glob.glob(os.path.join(tmp_path, "*.tmp"))
     finally:
         srv.stop()
+
+
+def test_history_keeps_only_what_the_client_reports_played(server, chat_api, long_answers):
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as c:
+            await c.send_text("tell me a story")
+            await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == 1 and r.data["seq"] == 1)
+            # Two chunks were sent, but the client has played only 100 ms when the user cuts in by text.
+            await c.recv.send(json.dumps({"type": "playback", "turn": 1, "played_ms": 100, "playing": True}))
+            await c.send_text("stop, something else")
+            await c.wait_for(lambda r: r.kind == "interrupt")
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 2)
+            return c
+
+    c = run(scenario())
+    first_chunk = c.events("answer", turn=1)[0].data["text"]
+    sent = "".join(r.data["text"] for r in c.events("answer", turn=1))
+    assistant = chat_api.chat_requests()[-1]["messages"][-2]
+    assert len(sent) > len(first_chunk)  # more was sent than played
+    assert assistant == {"role": "assistant", "content": first_chunk + s2s.INTERRUPTED_MARK}
+
+
+def test_a_slow_llm_stream_does_not_hold_back_another_session(server, chat_api):
+    chat_api.first_token_delay_s = lambda messages: 6.0 if "slow" in messages[-1]["content"] else 0.1
+    try:
+        async def scenario():
+            async with ExtendedClient(server.recv_url, server.send_url) as slow, \
+                    ExtendedClient(server.recv_url, server.send_url) as fast:
+                await slow.send_text("a slow question")
+                await asyncio.sleep(0.3)  # the slow stream is open and waiting
+                t0 = asyncio.get_running_loop().time()
+                await fast.send_text("a quick question")
+                await fast.wait_for(lambda r: r.kind == "audio")
+                fast_s = asyncio.get_running_loop().time() - t0
+                await slow.wait_for(lambda r: r.kind == "audio", timeout=30)
+                return fast_s
+
+        assert run(scenario()) < 3.0  # answered while the other session still waits for its first token
+    finally:
+        chat_api.first_token_delay_s = 0.1

@@ -51,7 +51,6 @@ import yaml
 __all__ = [
     "build_sensevoice_small",
     "build_paraformer",
-    "build_paraformer_streaming",
     "SENSEVOICE_SPECIAL_TOKENS",
 ]
 
@@ -114,6 +113,22 @@ def _mkdir(dest_dir: str) -> str:
 def _write_yaml(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, allow_unicode=True, sort_keys=False)
+
+
+def _write_model_files(dest_dir: str, config: dict, model: torch.nn.Module, tokenizer_conf: dict) -> None:
+    """config.yaml, am.mvn, model.pt and configuration.json: what every model directory holds."""
+    _write_yaml(os.path.join(dest_dir, "config.yaml"), config)
+    _write_am_mvn(os.path.join(dest_dir, "am.mvn"))
+    _save_state_dict(model, os.path.join(dest_dir, "model.pt"))
+    _write_configuration_json(
+        dest_dir,
+        {
+            "init_param": "model.pt",
+            "config": "config.yaml",
+            "tokenizer_conf": tokenizer_conf,
+            "frontend_conf": {"cmvn_file": "am.mvn"},
+        },
+    )
 
 
 def _write_configuration_json(dest_dir: str, file_path_metas: dict) -> None:
@@ -345,18 +360,7 @@ def build_sensevoice_small(
         model = _instantiate(config, n_vocab)
         _shape_sensevoice_weights(model, sp, auto_language)
 
-    _write_yaml(os.path.join(dest_dir, "config.yaml"), config)
-    _write_am_mvn(os.path.join(dest_dir, "am.mvn"))
-    _save_state_dict(model, os.path.join(dest_dir, "model.pt"))
-    _write_configuration_json(
-        dest_dir,
-        {
-            "init_param": "model.pt",
-            "config": "config.yaml",
-            "tokenizer_conf": {"bpemodel": SENSEVOICE_BPE_NAME},
-            "frontend_conf": {"cmvn_file": "am.mvn"},
-        },
-    )
+    _write_model_files(dest_dir, config, model, {"bpemodel": SENSEVOICE_BPE_NAME})
     return dest_dir
 
 
@@ -560,53 +564,26 @@ def _build_paraformer_dir(
 
     with open(os.path.join(dest_dir, "tokens.json"), "w", encoding="utf-8") as f:
         json.dump(tokens, f, ensure_ascii=False, indent=0)
-    _write_yaml(os.path.join(dest_dir, "config.yaml"), config)
-    _write_am_mvn(os.path.join(dest_dir, "am.mvn"))
-    _save_state_dict(model, os.path.join(dest_dir, "model.pt"))
-    _write_configuration_json(
-        dest_dir,
-        {
-            "init_param": "model.pt",
-            "config": "config.yaml",
-            "tokenizer_conf": {"token_list": "tokens.json"},
-            "frontend_conf": {"cmvn_file": "am.mvn"},
-        },
-    )
+    _write_model_files(dest_dir, config, model, {"token_list": "tokens.json"})
     return dest_dir
 
 
 def build_paraformer(
     dest_dir: str,
     *,
+    streaming: bool = False,
     seed: int = 0,
     d_model: int = 64,
     enc_blocks: int = 2,
     dec_blocks: int = 1,
     tokens_per_second: float = 4.0,
 ) -> str:
-    """Build a tiny offline ``Paraformer`` model directory and return its path.
+    """Build a tiny ``Paraformer`` (or, with ``streaming=True``, ``ParaformerStreaming``) model directory
+    and return its path.
 
-    Files written (same names as the ModelScope paraformer-zh repo):
+    Files written (same names as the ModelScope paraformer-zh repos):
     ``config.yaml``, ``configuration.json``, ``model.pt``, ``am.mvn`` and
-    ``tokens.json`` (CharTokenizer vocabulary).
-    """
-    return _build_paraformer_dir(
-        dest_dir, False, seed, d_model, enc_blocks, dec_blocks, tokens_per_second
-    )
-
-
-def build_paraformer_streaming(
-    dest_dir: str,
-    *,
-    seed: int = 0,
-    d_model: int = 64,
-    enc_blocks: int = 2,
-    dec_blocks: int = 1,
-    tokens_per_second: float = 4.0,
-) -> str:
-    """Build a tiny ``ParaformerStreaming`` model directory and return its path.
-
-    Use it like paraformer-zh-streaming::
+    ``tokens.json`` (CharTokenizer vocabulary).  Use the streaming one like paraformer-zh-streaming::
 
         cache = {}
         for i, chunk in enumerate(chunks):          # 600 ms = 9600 samples each
@@ -615,5 +592,5 @@ def build_paraformer_streaming(
                                  decoder_chunk_look_back=1)
     """
     return _build_paraformer_dir(
-        dest_dir, True, seed, d_model, enc_blocks, dec_blocks, tokens_per_second
+        dest_dir, streaming, seed, d_model, enc_blocks, dec_blocks, tokens_per_second
     )

@@ -1,0 +1,70 @@
+"""Stage plumbing: stale work is dropped, a failing model call fails only its own turn."""
+import queue
+import threading
+
+import s2s_server_pipeline as s2s
+
+
+class FakeSession:
+    """Just what a Stage touches: uid, slot, is_current(), fail_turn()."""
+
+    def __init__(self):
+        self.uid, self.slot, self.turn = "u", 0, 1
+        self.failures = []
+
+    def is_current(self, turn):
+        return turn == self.turn
+
+    def fail_turn(self, turn, code, message):
+        self.failures.append((turn, code, message))
+
+
+class Doubler(s2s.BaseHandler):
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def process(self, msg):
+        if msg.text == "boom":
+            raise RuntimeError("model exploded")
+        if msg.text == "slow":
+            for i in range(100):
+                self.started.set()
+                self.release.wait()
+                yield f"piece{i}"
+            return
+        yield msg.text * 2
+
+
+def run_stage(handler):
+    out = queue.Queue()
+    stage = s2s.Stage("test", handler, 1, out.put)
+    stage.start()
+    return stage, out
+
+
+def test_failure_fails_its_turn_and_the_stage_goes_on():
+    session = FakeSession()
+    stage, out = run_stage(Doubler())
+    stage.put(s2s.UserText(session, 1, "boom"))
+    stage.put(s2s.UserText(session, 1, "ab"))
+    assert out.get(timeout=5) == "abab"
+    stage.stop()
+    assert session.failures == [(1, "test_failed", "test failed: model exploded")]
+
+
+def test_stale_work_is_dropped_where_taken_and_stopped_mid_stream():
+    session = FakeSession()
+    handler = Doubler()
+    stage, out = run_stage(handler)
+    stage.put(s2s.UserText(session, 1, "slow"))
+    handler.started.wait(5)
+    stage.put(s2s.UserText(session, 1, "never"))  # queued behind the slow one
+    session.turn = 2  # the user started a new turn: everything of turn 1 is stale
+    handler.release.set()
+    stage.put(s2s.UserText(session, 2, "xy"))
+    results = [out.get(timeout=5)]
+    while results[-1] != "xyxy":
+        results.append(out.get(timeout=5))
+    stage.stop()
+    assert results in (["xyxy"], ["piece0", "xyxy"])  # at most the piece already made; never "nevernever"
