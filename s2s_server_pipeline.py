@@ -24,16 +24,21 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import logging
+import inspect
 import os
 import queue
+import random
 import re
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +61,14 @@ PROTOCOL_VERSION = 1  # of the extended protocol, docs/protocol.md
 def now() -> float:
     """The one clock of the server, in seconds (monotonic)."""
     return time.monotonic()
+
+
+def require(module: str, install: str) -> Any:
+    """Import an optional package, or stop start-up with one sentence saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(f"{module} is not installed ({exc}): {install}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,36 +114,56 @@ def build_parser() -> argparse.ArgumentParser:
     asr = p.add_argument_group("ASR")
     asr.add_argument("--asr", choices=sorted(ASR_HANDLERS), default="funasr", help="ASR backend")
     asr.add_argument("--stt_model_name", default="iic/SenseVoiceSmall",
-                     help="FunASR model id or local directory: SenseVoiceSmall (iic/SenseVoiceSmall) or Paraformer (paraformer-zh)")
-    asr.add_argument("--asr_language", default="auto", help="SenseVoice language: auto, zh, en, yue, ja or ko")
+                     help="FunASR model id or local directory: SenseVoiceSmall (iic/SenseVoiceSmall), Paraformer (paraformer-zh), or with --asr funasr_streaming paraformer-zh-streaming")
+    asr.add_argument("--asr_language", default="auto", help="language: auto, zh, en, yue, ja or ko (SenseVoice); an ISO code or auto (--asr openai)")
+    asr.add_argument("--asr_punc_model", default="", help="FunASR punctuation model for Paraformer, e.g. ct-punc (SenseVoice punctuates by itself)")
     asr.add_argument("--device", default="auto", help="torch device for local models: auto (cuda when present), cuda, cuda:1, cpu")
-    asr.add_argument("--stt_dtype", default="float32", help="accepted for CleanS2S launch commands; ignored by FunASR")
+    asr.add_argument("--stt_dtype", choices=["float32", "float16"], default="float32", help="FunASR precision; float16 applies to Paraformer on CUDA")
+    asr.add_argument("--asr_api_url", default="https://api.openai.com/v1", help="--asr openai: base URL of the transcription API")
+    asr.add_argument("--asr_api_model", default="whisper-1", help="--asr openai: model name (key from ASR_API_KEY, else LLM_API_KEY)")
 
     llm = p.add_argument_group("LLM")
-    llm.add_argument("--llm", choices=sorted(LLM_HANDLERS), default="echo",
-                     help="LLM backend: echo repeats what it heard (no key needed); openai is any OpenAI-compatible chat API, key from LLM_API_KEY")
+    llm.add_argument("--llm", choices=sorted(LLM_HANDLERS), default=None,
+                     help="LLM backend: echo repeats what it heard (no key needed); openai is any OpenAI-compatible chat API, key from LLM_API_KEY; "
+                          "transformers runs a local chat model. Default, as CleanS2S: openai with --enable_llm_api or --lm_model_url, "
+                          "transformers with --lm_model_name alone, else echo")
     llm.add_argument("--enable_llm_api", action="store_true", help="CleanS2S's way to say --llm openai")
-    llm.add_argument("--lm_model_url", default="https://api.openai.com/v1", help="base URL of the OpenAI-compatible API")
-    llm.add_argument("--lm_model_name", default="gpt-4o-mini", help="chat model name at that API")
+    llm.add_argument("--lm_model_url", default=None, help="--llm openai: base URL of the API (default https://api.openai.com/v1)")
+    llm.add_argument("--lm_model_name", default=None,
+                     help="--llm openai: model name at the API (default gpt-4o-mini); --llm transformers: hub id or local directory (default Qwen/Qwen2.5-0.5B-Instruct)")
+    llm.add_argument("--lm_compile", action="store_true", help="--llm transformers: torch.compile the model (slower start, faster tokens on GPU)")
     llm.add_argument("--lm_temperature", type=float, default=0.7, help="sampling temperature")
     llm.add_argument("--max_new_tokens", type=int, default=160, help="most tokens in one answer")
     llm.add_argument("--lm_timeout_s", type=float, default=30.0, help="seconds to wait for the API to connect or send the next token")
     llm.add_argument("--init_chat_role", default="system", help="role of the prompt that opens every conversation")
     llm.add_argument("--init_chat_prompt", default=DEFAULT_SYSTEM_PROMPT, help="prompt that opens every conversation")
     llm.add_argument("--chat_size", type=int, default=8, help="user/assistant exchanges of history sent to the LLM")
-    llm.add_argument("--lm_dtype", default="bfloat16", help="accepted for CleanS2S launch commands; ignored by API and echo LLMs")
+    llm.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16", help="--llm transformers: precision")
     llm.add_argument("--first_chunk_min_chars", type=int, default=6,
                      help="the first speakable chunk may end at a comma once it has this many characters (a Chinese character counts as two), so the first audio starts early")
 
     tts = p.add_argument_group("TTS")
-    tts.add_argument("--tts", choices=sorted(TTS_HANDLERS), default="espeak", help="TTS backend")
+    tts.add_argument("--tts", choices=sorted(TTS_HANDLERS), default=None,
+                     help="TTS backend: espeak (no GPU, no download), cosyvoice (voice cloning), openai (any OpenAI-compatible speech API). "
+                          "Default, as CleanS2S: cosyvoice with --tts_model_name, else espeak")
     tts.add_argument("--tts_voice_en", default="en-us", help="espeak-ng voice for text without Chinese characters")
     tts.add_argument("--tts_voice_zh", default="cmn", help="espeak-ng voice for text with Chinese characters")
     tts.add_argument("--tts_speed", type=int, default=175, help="espeak-ng speaking rate in words per minute")
     tts.add_argument("--tts_workers", type=int, default=2, help="TTS worker threads; each serves its sessions in order")
-    tts.add_argument("--tts_model_name", default=None, help="accepted for CleanS2S launch commands; the espeak backend needs no model")
-    tts.add_argument("--tts_dtype", default="float32", help="accepted for CleanS2S launch commands; ignored by espeak")
-    tts.add_argument("--ref_dir", default=None, help="accepted for CleanS2S launch commands; the espeak backend clones no voice")
+    tts.add_argument("--tts_api_url", default="https://api.openai.com/v1", help="--tts openai: base URL of the speech API")
+    tts.add_argument("--tts_api_model", default="tts-1", help="--tts openai: model name (key from TTS_API_KEY, else LLM_API_KEY)")
+    tts.add_argument("--tts_api_voice", default="alloy", help="--tts openai: voice name")
+    tts.add_argument("--tts_api_format", choices=["wav", "pcm"], default="wav", help="--tts openai: audio format asked for (pcm: 24 kHz int16, as OpenAI sends it)")
+    tts.add_argument("--speech_api_timeout_s", type=float, default=30.0, help="seconds to wait for the ASR or TTS API to connect or send more")
+    tts.add_argument("--tts_model_name", default=None,
+                     help="--tts cosyvoice: model directory (CosyVoice-300M, CosyVoice2-0.5B or Fun-CosyVoice3-0.5B); default pretrained_models/CosyVoice2-0.5B")
+    tts.add_argument("--tts_dtype", choices=["float32", "float16"], default="float32", help="--tts cosyvoice: precision (float16 needs CUDA)")
+    tts.add_argument("--ref_dir", default=None, help="--tts cosyvoice: folder of reference voices with ref.json (CleanS2S's format); default ref_audio")
+    tts.add_argument("--tts_voice", default="random", help="--tts cosyvoice: voice of each session: random, first, or a voice's file name without .wav")
+    tts.add_argument("--tts_text_stream", action="store_true",
+                     help="--tts cosyvoice (2 and 3): feed the LLM's text to the TTS as it is written instead of sentence by sentence")
+    tts.add_argument("--tts_load_jit", action="store_true", help="--tts cosyvoice (300M and 2): load the JIT-compiled parts (CUDA)")
+    tts.add_argument("--cosyvoice_dir", default=None, help="--tts cosyvoice: a clone of the CosyVoice repository, added to the import path")
 
     data = p.add_argument_group("data")
     data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
@@ -147,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 class Utterance:  # Receiver -> ASR
     session: Session
     turn: int
-    audio: np.ndarray  # float32 PCM, 16 kHz mono
+    audio: np.ndarray  # float32 PCM, 16 kHz mono: the whole utterance, or for a streaming ASR the next piece
+    final: bool = True  # the user's turn has ended
 
 
 @dataclass
@@ -164,6 +198,33 @@ class AnswerText:  # LLM -> TTS: one speakable chunk
     seq: int
     text: str
     last: bool
+    feed: Optional[TextFeed] = None  # --tts_text_stream: the rest of the answer, as the LLM writes it
+
+
+class TextFeed:
+    """LLM text handed to a TTS that reads text while it speaks (CosyVoice2/3): the LLM thread put()s pieces,
+    the TTS iterates pieces() and learns, with take_read(), which text it has read since last asked."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.read, self.lock = [], threading.Lock()
+
+    def put(self, text: str) -> None:
+        self.queue.put(text)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def pieces(self) -> Iterator[str]:
+        while (text := self.queue.get()) is not None:
+            with self.lock:
+                self.read.append(text)
+            yield text
+
+    def take_read(self) -> str:
+        with self.lock:
+            text, self.read = "".join(self.read), []
+        return text
 
 
 @dataclass
@@ -250,6 +311,7 @@ class Turn:
     answer_audio: list = field(default_factory=list)  # int16 PCM bytes sent
     audio_sent_ms: float = 0.0
     played_ms: Optional[float] = None  # reported by an extended client
+    asr_state: dict = field(default_factory=dict)  # a streaming ASR's cache for this utterance
     sent_any: bool = False  # a message of this turn reached the clients
     finished: bool = False  # all of the answer was sent (or the turn was cut off); metrics reported
     interrupted: bool = False
@@ -403,7 +465,8 @@ class SileroVAD:
 
     def setup(self) -> None:
         import importlib.resources
-        import onnxruntime
+        onnxruntime = require("onnxruntime", "pip install onnxruntime silero-vad")
+        require("silero_vad", "pip install silero-vad")
         opts = onnxruntime.SessionOptions()
         opts.inter_op_num_threads = 1  # a window takes ~0.1 ms; more threads only add overhead
         opts.intra_op_num_threads = 1
@@ -430,8 +493,7 @@ class WebRTCVAD:
         self.mode = mode
 
     def setup(self) -> None:
-        import webrtcvad
-        self.webrtcvad = webrtcvad
+        self.webrtcvad = require("webrtcvad", "pip install webrtcvad-wheels")
 
     def new_state(self) -> Any:
         return self.webrtcvad.Vad(self.mode)
@@ -453,6 +515,7 @@ class SpeechStarted:
 class SpeechEnded:
     audio: np.ndarray  # float32 PCM, 16 kHz mono, speech plus padding
     silence_ms: float  # end-of-turn wait that preceded this event
+    untaken: np.ndarray  # the part of the utterance take_new() has not handed out yet
 
 
 class VADSegmenter:
@@ -473,6 +536,7 @@ class VADSegmenter:
 
     def _reset_utterance(self) -> None:
         self.windows: list = []  # audio of the utterance under way, including pre-roll
+        self.taken = 0  # windows already handed to a streaming ASR
         self.started = False  # min_speech_ms reached: the turn has begun
         self.speech_ms = 0.0
         self.silence_ms = 0.0
@@ -524,10 +588,65 @@ class VADSegmenter:
         if self.silence_ms >= self.min_silence_ms or too_long:
             drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))  # trailing silence beyond the pad
             audio = np.concatenate(self.windows[:len(self.windows) - drop])
-            event = SpeechEnded(audio, self.silence_ms)
+            event = SpeechEnded(audio, self.silence_ms, concat(self.windows[self.taken:]))
             self._reset_utterance()
             return event
         return None
+
+    def take_new(self, min_samples: int) -> Optional[np.ndarray]:
+        """Audio of the started utterance not handed out before, once there is at least `min_samples`."""
+        if not self.started or (len(self.windows) - self.taken) * self.model.window < min_samples:
+            return None
+        audio = concat(self.windows[self.taken:])
+        self.taken = len(self.windows)
+        return audio
+
+
+def concat(windows: list) -> np.ndarray:
+    return np.concatenate(windows) if windows else np.zeros(0, np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Remote models: any stage can run behind an OpenAI-compatible HTTP API.
+# ------------------------------------------------------------------------------------------------
+
+def api_key(env: str) -> str:
+    """The key from `env`, else LLM_API_KEY (one provider often serves every stage), else a placeholder
+    that keyless local servers accept."""
+    return os.environ.get(env) or os.environ.get("LLM_API_KEY") or "EMPTY"
+
+
+def openai_client(base_url: str, key_env: str, timeout_s: float) -> Any:
+    OpenAI = require("openai", "pip install openai").OpenAI
+    # A voice turn cannot wait for retries: fail fast and tell the user.
+    return OpenAI(base_url=base_url, api_key=api_key(key_env), timeout=timeout_s, max_retries=0)
+
+
+class APIError(RuntimeError):
+    """A remote model failed; the message is one sentence a user can act on."""
+
+
+@contextlib.contextmanager
+def api_errors(what: str, base_url: str, timeout_s: float) -> Iterator[None]:
+    import openai
+    try:
+        yield
+    except openai.AuthenticationError as exc:
+        raise APIError(f"{what} API at {base_url} refused the API key ({exc.status_code})") from None
+    except openai.APIStatusError as exc:
+        raise APIError(f"{what} API at {base_url} answered {exc.status_code}: {short_error(exc)}") from None
+    except openai.APITimeoutError:
+        raise APIError(f"{what} API at {base_url} did not answer within {timeout_s:g} s") from None
+    except openai.APIConnectionError:
+        raise APIError(f"{what} API at {base_url} cannot be reached") from None
+
+
+def short_error(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        body = body.get("message", body) if isinstance(body, dict) else body
+    return str(body or exc)[:200]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,14 +654,31 @@ class VADSegmenter:
 # ------------------------------------------------------------------------------------------------
 
 class ASRHandler(BaseHandler):
-    """Base of every ASR. SWAP MODEL HERE: subclass, implement setup() and transcribe()."""
+    """Base of every ASR. SWAP MODEL HERE: subclass, implement setup() and transcribe() (or, for a streaming
+    model, set `streaming` and implement transcribe_piece())."""
+
+    streaming = False  # True: gets the utterance in pieces while the user speaks, sends partial transcripts
+    piece_samples = 9600  # a streaming ASR's piece: 600 ms at 16 kHz
 
     def transcribe(self, audio: np.ndarray) -> str:  # float32 PCM, 16 kHz mono
         raise NotImplementedError
 
+    def transcribe_piece(self, state: dict, audio: np.ndarray, final: bool) -> str:
+        """Streaming: feed the next piece of the utterance; return the transcript so far. `state` belongs
+        to this utterance (a new dict for each)."""
+        raise NotImplementedError
+
     def process(self, utt: Utterance) -> Iterator[UserText]:
         turn = utt.session.turn_record(utt.turn)
-        text = self.transcribe(utt.audio).strip()
+        if self.streaming:
+            text = self.transcribe_piece(turn.asr_state, utt.audio, utt.final).strip()
+            if not utt.final:
+                if text and text != turn.asr_state.get("partial"):
+                    turn.asr_state["partial"] = text
+                    utt.session.send_event(TranscriptEvent(utt.turn, text, final=False))
+                return
+        else:
+            text = self.transcribe(utt.audio).strip()
         turn.transcript, turn.question = now(), text
         utt.session.send_event(TranscriptEvent(utt.turn, text))
         yield UserText(utt.session, utt.turn, text)
@@ -553,27 +689,39 @@ class FunASRHandler(ASRHandler):
 
     name = "funasr"
 
-    def __init__(self, model: str, device: str, language: str):
+    def __init__(self, model: str, device: str, language: str, punc_model: str = "", dtype: str = "float32"):
         self.model_name, self.device, self.language = os.path.expanduser(model), device, language
+        self.punc_model, self.dtype = punc_model, dtype
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FunASRHandler:
-        return cls(args.stt_model_name, resolve_device(args.device), args.asr_language)
+        return cls(args.stt_model_name, resolve_device(args.device), args.asr_language, args.asr_punc_model, args.stt_dtype)
 
     def describe(self) -> str:
-        return f"funasr {self.model_name} on {self.device}"
+        return f"funasr {self.model_name} ({type(self.model.model).__name__}) on {self.device}, {self.dtype}"
 
     def setup(self) -> None:
         local = self.model_name.startswith(("/", "./", "../")) or os.path.exists(self.model_name)
         if local and not os.path.isfile(os.path.join(self.model_name, "config.yaml")):
             raise SystemExit(f"--stt_model_name {self.model_name}: no FunASR model there (a model directory holds config.yaml)")
         level = logging.getLogger().level
-        from funasr import AutoModel
+        AutoModel = require("funasr", "pip install funasr kaldi-native-fbank").AutoModel
         from funasr.utils.postprocess_utils import rich_transcription_postprocess
         logging.getLogger().setLevel(level)  # importing funasr resets the root logger's level
         self.postprocess = rich_transcription_postprocess
-        self.model = AutoModel(model=self.model_name, device=self.device, disable_update=True, disable_pbar=True, log_level="ERROR")
-        self.is_sensevoice = "sensevoice" in type(self.model.model).__name__.lower()
+        punc = {"punc_model": self.punc_model} if self.punc_model else {}
+        self.model = AutoModel(model=self.model_name, device=self.device, disable_update=True, disable_pbar=True,
+                               log_level="ERROR", **punc)
+        kind = type(self.model.model).__name__
+        self.is_sensevoice = "sensevoice" in kind.lower()
+        if self.dtype == "float16":
+            # FunASR casts the input to half precision for Paraformer only, and half precision needs a GPU.
+            if "paraformer" in kind.lower() and self.device.startswith("cuda"):
+                self.model.model.half()
+                self.model.kwargs["fp16"] = True
+            else:
+                logger.warning("--stt_dtype float16 needs a Paraformer model on CUDA; %s on %s runs in float32", kind, self.device)
+                self.dtype = "float32"
 
     def warmup(self) -> None:
         self.transcribe(np.zeros(SAMPLE_RATE, np.float32))
@@ -585,7 +733,59 @@ class FunASRHandler(ASRHandler):
         return self.postprocess(text) if self.is_sensevoice else text
 
 
-ASR_HANDLERS: dict = {"funasr": FunASRHandler}
+class OpenAIASRHandler(ASRHandler):
+    """Any OpenAI-compatible /v1/audio/transcriptions endpoint (Whisper servers, vLLM, OpenAI, ...).
+    Key from ASR_API_KEY (else LLM_API_KEY)."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, language: str, timeout_s: float):
+        self.base_url, self.model, self.language, self.timeout_s = base_url, model, language, timeout_s
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OpenAIASRHandler:
+        return cls(args.asr_api_url, args.asr_api_model, args.asr_language, args.speech_api_timeout_s)
+
+    def describe(self) -> str:
+        return f"openai-compatible transcription {self.model} at {self.base_url}"
+
+    def setup(self) -> None:
+        self.client = openai_client(self.base_url, "ASR_API_KEY", self.timeout_s)
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        language = {} if self.language == "auto" else {"language": self.language}
+        with api_errors("ASR", self.base_url, self.timeout_s):
+            result = self.client.audio.transcriptions.create(
+                model=self.model, file=("speech.wav", wav_bytes(to_pcm16(audio)), "audio/wav"), **language)
+        return result.text
+
+
+class FunASRStreamingHandler(FunASRHandler):
+    """FunASR streaming Paraformer (paraformer-zh-streaming): live partial transcripts while the user speaks."""
+
+    name = "funasr_streaming"
+    streaming = True
+    STREAM_ARGS = dict(chunk_size=[0, 10, 5], encoder_chunk_look_back=4, decoder_chunk_look_back=1)  # 600 ms pieces
+
+    def warmup(self) -> None:
+        self.transcribe_piece({}, np.zeros(2 * self.piece_samples, np.float32), final=True)
+
+    def transcribe_piece(self, state: dict, audio: np.ndarray, final: bool) -> str:
+        buf = np.concatenate([state.get("buffer", np.zeros(0, np.float32)), audio])
+        cache = state.setdefault("cache", {})
+        text = state.get("text", "")
+        while len(buf) >= self.piece_samples or (final and "done" not in state):
+            piece, buf = buf[:self.piece_samples], buf[self.piece_samples:]
+            is_final = final and not len(buf)
+            result = self.model.generate(input=piece, cache=cache, is_final=is_final, disable_pbar=True, **self.STREAM_ARGS)
+            text += "".join(r.get("text", "") for r in result)
+            if is_final:
+                state["done"] = True
+        state["buffer"], state["text"] = buf, text
+        return text
+
+
+ASR_HANDLERS: dict = {"funasr": FunASRHandler, "funasr_streaming": FunASRStreamingHandler, "openai": OpenAIASRHandler}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -656,6 +856,7 @@ class LLMHandler(BaseHandler):
     def __init__(self, system_role: str = "system", system_prompt: str = "", first_chunk_min_chars: int = 6):
         self.system_role, self.system_prompt = system_role, system_prompt
         self.first_chunk_min_chars = first_chunk_min_chars
+        self.text_stream = False  # set when the TTS reads text as it is written (--tts_text_stream)
 
     @staticmethod
     def common_args(args: argparse.Namespace) -> dict:
@@ -678,11 +879,19 @@ class LLMHandler(BaseHandler):
         messages = session.history.messages(self.system_role, self.system_prompt, msg.text)
         session.history.add(turn)
         chunker, seq = SpeakableChunker(self.first_chunk_min_chars), 0
+        feed = TextFeed() if self.text_stream else None
         tokens = self.stream(messages)
         try:
             for delta in tokens:
                 if turn.llm_first_token is None:
                     turn.llm_first_token = now()
+                    if feed is not None:  # the TTS starts at the first token and reads on as text arrives
+                        yield AnswerText(session, msg.turn, 0, "", last=True, feed=feed)
+                if feed is not None:
+                    if not session.is_current(msg.turn):
+                        break
+                    feed.put(delta)
+                    continue
                 for chunk in chunker.push(delta):
                     yield AnswerText(session, msg.turn, seq, chunk, last=False)
                     seq += 1
@@ -693,7 +902,10 @@ class LLMHandler(BaseHandler):
             session.send_event(ErrorEvent("llm_failed", f"LLM failed: {exc}", msg.turn))
         finally:
             tokens.close()
-        yield AnswerText(session, msg.turn, seq, chunker.flush(), last=True)
+            if feed is not None:
+                feed.close()
+        if feed is None or turn.llm_first_token is None:
+            yield AnswerText(session, msg.turn, seq, chunker.flush(), last=True)
 
 
 class OpenAILLMHandler(LLMHandler):
@@ -715,21 +927,19 @@ class OpenAILLMHandler(LLMHandler):
         return f"openai-compatible {self.model} at {self.base_url}"
 
     def setup(self) -> None:
-        from openai import OpenAI
-        # A voice turn cannot wait for retries: fail fast and tell the user.
-        self.client = OpenAI(base_url=self.base_url, api_key=os.environ.get("LLM_API_KEY") or "EMPTY",
-                             timeout=self.timeout_s, max_retries=0)
+        self.client = openai_client(self.base_url, "LLM_API_KEY", self.timeout_s)
 
     def stream(self, messages: list) -> Iterator[str]:
-        response = self.client.chat.completions.create(
-            model=self.model, messages=messages, stream=True,
-            temperature=self.temperature, max_tokens=self.max_tokens)
-        try:
-            for chunk in response:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        finally:
-            response.close()  # closes the HTTP stream: the server stops generating, nothing is drained
+        with api_errors("LLM", self.base_url, self.timeout_s):
+            response = self.client.chat.completions.create(
+                model=self.model, messages=messages, stream=True,
+                temperature=self.temperature, max_tokens=self.max_tokens)
+            try:
+                for chunk in response:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
+            finally:
+                response.close()  # closes the HTTP stream: the server stops generating, nothing is drained
 
 
 class EchoLLMHandler(LLMHandler):
@@ -744,7 +954,75 @@ class EchoLLMHandler(LLMHandler):
             yield word
 
 
-LLM_HANDLERS: dict = {"echo": EchoLLMHandler, "openai": OpenAILLMHandler}
+class TransformersLLMHandler(LLMHandler):
+    """A local chat model with transformers (a hub id or a local directory), streamed token by token. A
+    barge-in stops generation at the next token: a stopping criterion checks a flag at every step."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, device: str, dtype: str, temperature: float, max_tokens: int, compile: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.model_name, self.device, self.dtype = model, device, dtype
+        self.temperature, self.max_tokens, self.compile = temperature, max_tokens, compile
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TransformersLLMHandler:
+        return cls(args.lm_model_name, resolve_device(args.device), args.lm_dtype, args.lm_temperature,
+                   args.max_new_tokens, args.lm_compile, **cls.common_args(args))
+
+    def describe(self) -> str:
+        return f"transformers {self.model_name} on {self.device}, {self.dtype}{', compiled' if self.compile else ''}"
+
+    def setup(self) -> None:
+        transformers = require("transformers", "pip install transformers")
+        torch = require("torch", "pip install torch")
+        self.transformers, self.torch = transformers, torch
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_name)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            self.model_name, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+        if self.compile:
+            self.model.forward = torch.compile(self.model.forward)
+
+    def warmup(self) -> None:
+        for _ in self.stream([{"role": "user", "content": "Hello"}]):
+            pass
+
+    def stream(self, messages: list) -> Iterator[str]:
+        tf, torch = self.transformers, self.torch
+        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True).to(self.device)
+        streamer = tf.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop, failure = threading.Event(), []
+
+        class StopWhenAsked(tf.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # -> BoolTensor (batch,): stop each sequence?
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+
+        def generate() -> None:
+            try:
+                self.model.generate(**inputs, streamer=streamer, max_new_tokens=self.max_tokens,
+                                    stopping_criteria=tf.StoppingCriteriaList([StopWhenAsked()]),
+                                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling)
+            except Exception as exc:
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name="llm-generate", daemon=True)
+        thread.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+            if failure:
+                raise failure[0]
+        finally:
+            stop.set()  # a closed stream (barge-in) stops generation at the next token
+            thread.join()
+
+
+LLM_HANDLERS: dict = {"echo": EchoLLMHandler, "openai": OpenAILLMHandler, "transformers": TransformersLLMHandler}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -768,24 +1046,47 @@ def to_pcm16(audio: np.ndarray) -> bytes:
 
 
 class TTSHandler(BaseHandler):
-    """Base of every TTS. SWAP MODEL HERE: subclass, implement synthesize()."""
+    """Base of every TTS. SWAP MODEL HERE: subclass, implement synthesize() (and choose_voice() for a TTS with
+    several voices; a session keeps the voice it was given)."""
 
-    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+    reads_text_stream = False  # True: synthesize() also takes a generator of text pieces (--tts_text_stream)
+
+    def choose_voice(self) -> Any:
+        return None
+
+    def synthesize(self, text: Any, voice: Any = None) -> Iterator[np.ndarray]:
         """Yield float32 16 kHz mono audio for `text`, in pieces as they are ready. Closing the generator stops."""
         raise NotImplementedError
 
     def process(self, chunk: AnswerText) -> Iterator[AnswerAudio]:
         session, turn = chunk.session, chunk.session.turn_record(chunk.turn)
+        if session.voice is None:
+            session.voice = self.choose_voice()
+        if chunk.feed is not None:  # the LLM's text as it is written, read by the TTS as it speaks
+            for audio in self.synthesize(clean_stream(chunk.feed.pieces()), session.voice):
+                if turn.tts_first_audio is None:
+                    turn.tts_first_audio = now()
+                yield AnswerAudio(session, chunk.turn, chunk.seq, chunk.feed.take_read(), to_pcm16(audio), last=False)
+            yield AnswerAudio(session, chunk.turn, chunk.seq, chunk.feed.take_read(), b"", last=True)
+            return
         spoken = MARKUP.sub(" ", chunk.text).strip()
         text = chunk.text
         if SPEAKABLE.search(spoken):
-            for audio in self.synthesize(spoken):
+            for audio in self.synthesize(spoken, session.voice):
                 if turn.tts_first_audio is None:
                     turn.tts_first_audio = now()
                 yield AnswerAudio(session, chunk.turn, chunk.seq, text, to_pcm16(audio), last=False)
                 text = ""
         if text or chunk.last:  # text that made no sound still reaches the client; the answer's end is marked
             yield AnswerAudio(session, chunk.turn, chunk.seq, text, b"", last=chunk.last)
+
+
+def clean_stream(pieces: Iterator[str]) -> Iterator[str]:
+    """Markup removed from streamed text (a generator, as CosyVoice requires)."""
+    for text in pieces:
+        spoken = MARKUP.sub(" ", text)
+        if spoken:
+            yield spoken
 
 
 class EspeakTTSHandler(TTSHandler):
@@ -813,7 +1114,7 @@ class EspeakTTSHandler(TTSHandler):
         for _ in self.synthesize("ok"):
             pass
 
-    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+    def synthesize(self, text: str, voice: Any = None) -> Iterator[np.ndarray]:
         voice = self.voice_zh if CJK.search(text) else self.voice_en
         # Text goes in on stdin, so a chunk that starts with "-" is never read as an option.
         wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(self.speed), "--stdout"],
@@ -822,24 +1123,212 @@ class EspeakTTSHandler(TTSHandler):
         yield resample(audio, rate)
 
 
-def read_wav_bytes(data: bytes) -> tuple:
-    """(sample_rate, float32 mono) from a 16-bit PCM WAV whose size fields may be unset (a piped WAV)."""
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+def find_wav_data(data: bytes) -> Optional[tuple]:
+    """(sample_rate, channels, offset of the PCM) of a 16-bit PCM WAV header, None until all of it is here.
+    The data size may be unset, as in a WAV written to a pipe."""
+    if len(data) >= 12 and (data[:4] != b"RIFF" or data[8:12] != b"WAVE"):
         raise ValueError("not a WAV stream")
     pos, rate, channels = 12, None, 1
     while pos + 8 <= len(data):
         cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
         if cid == b"fmt ":
-            channels, rate = struct.unpack("<HI", data[pos + 10:pos + 16])
+            if len(data) < pos + 24:
+                return None
+            channels, rate, _, _, bits = struct.unpack("<HIIHH", data[pos + 10:pos + 24])
+            if bits != 16:
+                raise ValueError(f"WAV of {bits}-bit samples; 16-bit PCM expected")
         elif cid == b"data":
-            pcm = np.frombuffer(data[pos + 8:pos + 8 + (len(data) - pos - 8) // 2 * 2], "<i2")
-            audio = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm
-            return rate, (audio / 32768.0).astype(np.float32)
+            return (rate, channels, pos + 8) if rate else None
         pos += 8 + size
-    raise ValueError("WAV stream without data")
+    return None
 
 
-TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler}
+def read_wav_bytes(data: bytes) -> tuple:
+    """(sample_rate, float32 mono) of a whole 16-bit PCM WAV."""
+    decoder = WavStreamDecoder()
+    audio = decoder.feed(data)
+    if decoder.rate is None:
+        raise ValueError("WAV stream without data")
+    return decoder.rate, audio
+
+
+class WavStreamDecoder:
+    """Turns the bytes of a 16-bit PCM WAV, as they arrive, into float32 mono audio."""
+
+    def __init__(self):
+        self.header = b""
+        self.rate: Optional[int] = None
+        self.channels = 1
+        self.rest = b""  # an odd byte / partial frame waiting for its other half
+
+    def feed(self, data: bytes) -> np.ndarray:
+        if self.rate is None:
+            self.header += data
+            found = find_wav_data(self.header)
+            if found is None:
+                return np.zeros(0, np.float32)
+            self.rate, self.channels, start = found
+            data, self.header = self.header[start:], b""
+        data = self.rest + data
+        frame = 2 * self.channels
+        usable = len(data) // frame * frame
+        self.rest = data[usable:]
+        pcm = np.frombuffer(data[:usable], "<i2").reshape(-1, self.channels).mean(axis=1)
+        return (pcm / 32768.0).astype(np.float32)
+
+
+class OpenAITTSHandler(TTSHandler):
+    """Any OpenAI-compatible /v1/audio/speech endpoint, streamed as it is synthesized.
+    Key from TTS_API_KEY (else LLM_API_KEY)."""
+
+    name = "openai"
+    PCM_RATE = 24000  # Hz: OpenAI's documented rate of response_format=pcm
+
+    def __init__(self, base_url: str, model: str, voice: str, response_format: str, timeout_s: float):
+        self.base_url, self.model, self.voice = base_url, model, voice
+        self.response_format, self.timeout_s = response_format, timeout_s
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OpenAITTSHandler:
+        return cls(args.tts_api_url, args.tts_api_model, args.tts_api_voice, args.tts_api_format, args.speech_api_timeout_s)
+
+    def describe(self) -> str:
+        return f"openai-compatible speech {self.model}/{self.voice} at {self.base_url}"
+
+    def setup(self) -> None:
+        self.client = openai_client(self.base_url, "TTS_API_KEY", self.timeout_s)
+
+    def synthesize(self, text: str, voice: Any = None) -> Iterator[np.ndarray]:
+        import soxr
+        with api_errors("TTS", self.base_url, self.timeout_s):
+            with self.client.audio.speech.with_streaming_response.create(
+                    model=self.model, voice=self.voice, input=text, response_format=self.response_format) as response:
+                ctype = response.headers.get("content-type", "")
+                if not ctype.startswith(("audio/", "application/octet-stream")):
+                    raise APIError(f"TTS API at {self.base_url} answered {ctype or 'no content type'}, not audio: "
+                                   f"{response.read()[:200]!r}")
+                decoder = WavStreamDecoder()
+                if self.response_format == "pcm":
+                    decoder.rate, decoder.header = self.PCM_RATE, b""
+                resampler = None
+                for data in response.iter_bytes():
+                    audio = decoder.feed(data)
+                    if not len(audio):
+                        continue
+                    if resampler is None:
+                        resampler = soxr.ResampleStream(decoder.rate, SAMPLE_RATE, 1, dtype="float32")
+                    yield resampler.resample_chunk(audio)
+                if resampler is None:
+                    raise APIError(f"TTS API at {self.base_url} sent no audio")
+                yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+@dataclass
+class Voice:
+    """A reference voice to clone: one entry of ref.json."""
+    name: str
+    wav_path: str
+    prompt_text: str
+
+
+def load_voices(ref_dir: str) -> list:
+    """ref_dir/ref.json: [{"ref_wav_path", "prompt_text"}, ...], the wav paths relative to ref_dir/ref_wav/
+    (CleanS2S's layout) or to ref_dir."""
+    index = os.path.join(ref_dir, "ref.json")
+    if not os.path.isfile(index):
+        raise SystemExit(f"--ref_dir {ref_dir}: no ref.json there (see ref_audio/ for the format)")
+    voices = []
+    for item in json.load(open(index, encoding="utf-8")):
+        candidates = [os.path.join(ref_dir, "ref_wav", item["ref_wav_path"]), os.path.join(ref_dir, item["ref_wav_path"])]
+        path = next((c for c in candidates if os.path.isfile(c)), None)
+        if path is None:
+            raise SystemExit(f"{index}: reference voice {item['ref_wav_path']} not found in {ref_dir}/ref_wav or {ref_dir}")
+        voices.append(Voice(os.path.splitext(os.path.basename(path))[0], path, item["prompt_text"]))
+    if not voices:
+        raise SystemExit(f"{index} lists no voice")
+    return voices
+
+
+class CosyVoiceTTSHandler(TTSHandler):
+    """CosyVoice-300M, CosyVoice2-0.5B and CosyVoice3 through the official `cosyvoice` package: zero-shot voice
+    cloning from --ref_dir, streamed. Each reference is loaded once, at start; each session keeps one voice."""
+
+    name = "cosyvoice"
+    V3_PROMPT = "You are a helpful assistant.<|endofprompt|>"  # CosyVoice3 wants its prompt text to start so
+
+    def __init__(self, model_dir: str, ref_dir: str, voice: str, fp16: bool, load_jit: bool, text_stream: bool):
+        self.model_dir, self.ref_dir, self.voice_choice = model_dir, ref_dir, voice
+        self.fp16, self.load_jit, self.text_stream = fp16, load_jit, text_stream
+        self.lock = threading.Lock()  # one synthesis at a time: the model object keeps per-call state
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CosyVoiceTTSHandler:
+        if args.cosyvoice_dir:  # a clone of the CosyVoice repository, and the Matcha-TTS it vendors
+            sys.path[:0] = [args.cosyvoice_dir, os.path.join(args.cosyvoice_dir, "third_party", "Matcha-TTS")]
+        return cls(args.tts_model_name or "pretrained_models/CosyVoice2-0.5B", args.ref_dir or "ref_audio",
+                   args.tts_voice, args.tts_dtype == "float16", args.tts_load_jit, args.tts_text_stream)
+
+    def describe(self) -> str:
+        return (f"{self.family} {self.model_dir}, {self.rate} Hz, {'float16' if self.fp16 else 'float32'}, "
+                f"voices {', '.join(v.name for v in self.voices)}{', text stream' if self.text_stream else ''}")
+
+    def setup(self) -> None:
+        self.voices = load_voices(self.ref_dir)
+        if self.voice_choice not in ("random", "first") and self.voice_choice not in [v.name for v in self.voices]:
+            raise SystemExit(f"--tts_voice {self.voice_choice}: not in {self.ref_dir}/ref.json "
+                             f"({', '.join(v.name for v in self.voices)})")
+        if not os.path.isdir(self.model_dir):
+            raise SystemExit(f"--tts_model_name {self.model_dir}: no such directory (download a CosyVoice model, see README)")
+        cli = require("cosyvoice.cli.cosyvoice", "install CosyVoice from its repository (see README) and pass --cosyvoice_dir")
+        families = {"cosyvoice.yaml": "CosyVoice", "cosyvoice2.yaml": "CosyVoice2", "cosyvoice3.yaml": "CosyVoice3"}
+        family = next((f for y, f in families.items() if os.path.isfile(os.path.join(self.model_dir, y))), None)
+        if family is None:
+            raise SystemExit(f"--tts_model_name {self.model_dir}: not a CosyVoice model (no cosyvoice*.yaml)")
+        flags = {"fp16": self.fp16, **({"load_jit": self.load_jit} if family != "CosyVoice3" else {})}
+        self.model, self.family = getattr(cli, family)(self.model_dir, **flags), family
+        self.rate = self.model.sample_rate
+        if self.text_stream and family == "CosyVoice":
+            raise SystemExit("--tts_text_stream needs CosyVoice2 or CosyVoice3; CosyVoice-300M reads whole sentences")
+        self.reads_text_stream = self.text_stream
+        # Older releases take the prompt as a 16 kHz tensor, newer ones as a wav path: ask the signature.
+        takes_tensor = "prompt_speech_16k" in inspect.signature(self.model.inference_zero_shot).parameters
+        for v in self.voices:
+            prompt_text = v.prompt_text
+            if family == "CosyVoice3" and "<|endofprompt|>" not in prompt_text:
+                prompt_text = self.V3_PROMPT + prompt_text
+            prompt = self._prompt_tensor(v.wav_path) if takes_tensor else v.wav_path
+            self.model.add_zero_shot_spk(prompt_text, prompt, v.name)
+
+    @staticmethod
+    def _prompt_tensor(path: str) -> Any:
+        import soundfile
+        import torch
+        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        return torch.from_numpy(resample(audio.mean(axis=1), rate))[None, :]
+
+    def warmup(self) -> None:
+        for _ in self.synthesize("Hello, this is a warm-up.", self.voices[0]):
+            pass
+
+    def choose_voice(self) -> Voice:
+        if self.voice_choice == "random":
+            return random.choice(self.voices)
+        if self.voice_choice == "first":
+            return self.voices[0]
+        return next(v for v in self.voices if v.name == self.voice_choice)
+
+    def synthesize(self, text: Any, voice: Any = None) -> Iterator[np.ndarray]:
+        import soxr
+        voice = voice or self.voices[0]
+        resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")  # one per stream
+        with self.lock:
+            for out in self.model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.name, stream=True):
+                audio = out["tts_speech"].float().cpu().numpy().reshape(-1)
+                yield resampler.resample_chunk(audio)
+        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler, "openai": OpenAITTSHandler, "cosyvoice": CosyVoiceTTSHandler}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -903,6 +1392,7 @@ class Session:
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.wake = asyncio.Event()  # set on interrupt: ends a pacing wait at once
         self.client_playing = False
+        self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
         self.play_start = 0.0  # loop clock when the current answer's audio would have started playing
         self.closed = False
         self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{uid}")
@@ -1299,6 +1789,7 @@ class VoiceAgentServer:
             session.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
             return 0
         events = await self.loop.run_in_executor(self.vad_pool, session.vad.feed, audio)
+        streaming = self.asr_stage.handler.streaming
         started = 0
         for ev in events:
             if isinstance(ev, SpeechStarted):
@@ -1311,7 +1802,11 @@ class VoiceAgentServer:
                 t.speech_end, t.eot_wait_ms = now(), ev.silence_ms
                 if self.recorder:
                     self.recorder.save_input(session.uid, t.number, ev.audio)
-                self.asr_stage.put(Utterance(session, t.number, ev.audio))
+                self.asr_stage.put(Utterance(session, t.number, ev.untaken if streaming else ev.audio))
+        if streaming and session.is_current(session.speech_turn):
+            piece = session.vad.take_new(self.asr_stage.handler.piece_samples)
+            if piece is not None:
+                self.asr_stage.put(Utterance(session, session.speech_turn, piece, final=False))
         return started
 
     def on_text(self, session: Session, text: str) -> None:
@@ -1369,19 +1864,33 @@ def build_handlers(args: argparse.Namespace) -> tuple:
 def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    if args.enable_llm_api:
-        args.llm = "openai"
+    if args.llm is None:  # what a CleanS2S launch command means
+        args.llm = "openai" if args.enable_llm_api or args.lm_model_url else "transformers" if args.lm_model_name else "echo"
+    if args.enable_llm_api and args.llm != "openai":
+        parser.error(f"--enable_llm_api contradicts --llm {args.llm}")
+    args.lm_model_url = args.lm_model_url or "https://api.openai.com/v1"
+    args.lm_model_name = args.lm_model_name or {"openai": "gpt-4o-mini", "transformers": "Qwen/Qwen2.5-0.5B-Instruct"}.get(args.llm)
+    if args.tts is None:
+        args.tts = "cosyvoice" if args.tts_model_name else "espeak"
     if args.sample_rate <= 0 or args.max_sessions <= 0:
         parser.error("--sample_rate and --max_sessions must be positive")
     return args
 
 
 def load(name: str, component: Any) -> None:
+    """Load and warm up one model, and say in one line what it is and what it cost. A failure stops
+    start-up with one sentence (the traceback is logged at DEBUG)."""
     t0 = now()
-    component.setup()
-    t1 = now()
-    if hasattr(component, "warmup"):
-        component.warmup()
+    try:
+        component.setup()
+        t1 = now()
+        if hasattr(component, "warmup"):
+            component.warmup()
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        logger.debug("%s failed to start", name, exc_info=True)
+        raise SystemExit(f"{name} could not start: {type(exc).__name__}: {exc}") from None
     describe = component.describe() if hasattr(component, "describe") else type(component).__name__
     logger.info("%s: %s, load %.2f s, warm-up %.2f s", name, describe, t1 - t0, now() - t1)
 
@@ -1389,12 +1898,13 @@ def load(name: str, component: Any) -> None:
 def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None) -> None:
     args = parse_args(argv, parser)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tts == "espeak" and (args.tts_model_name or args.ref_dir):
-        logger.warning("--tts_model_name/--ref_dir are ignored by the espeak TTS")
+    if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
+        logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
     asr, llm, tts = build_handlers(args)
     vad_model = VAD_MODELS[args.vad](args.vad_thresh if args.vad == "silero" else args.webrtc_mode)
     for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
         load(name, component)
+    llm.text_stream = tts.reads_text_stream
     server = VoiceAgentServer(args, asr, llm, tts, vad_model)
     asyncio.run(server.run())
 

@@ -1,25 +1,28 @@
 """Stand-ins that speak the real protocols over real sockets on 127.0.0.1."""
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import io
 import json
 import threading
 import time
+import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 
-class FakeChatAPI:
-    """An OpenAI-compatible /v1/chat/completions server that streams Server-Sent Events.
 
-    `answer(messages) -> str` decides the reply; it is sent word by word, `token_delay_s` apart, after
-    `first_token_delay_s` (a number, or a function of the messages). `fail_with` makes the next requests answer with that HTTP status instead.
-    Every request body is recorded, and so is how many tokens were written before the client hung up."""
+class FakeAPI:
+    """An OpenAI-style HTTP server on 127.0.0.1. Subclasses answer POSTs in `handle(request, path, body)`.
+    `fail_with = STATUS` answers every request with that error instead; `fail_with = "slow"` answers
+    nothing for `slow_s` seconds. Every request is recorded."""
 
-    def __init__(self, answer=None, first_token_delay_s: float = 0.05, token_delay_s: float = 0.01):
-        self.answer = answer or (lambda messages: "Hello! How can I help you today?")
-        self.first_token_delay_s, self.token_delay_s = first_token_delay_s, token_delay_s
-        self.fail_with: int | None = None
+    slow_s = 5.0
+
+    def __init__(self):
+        self.fail_with = None
         self.requests: list = []
-        self.streams: list = []  # one dict per streamed reply: tokens_total, tokens_sent, client_closed
         self.lock = threading.Lock()
         fake = self
 
@@ -30,58 +33,36 @@ class FakeChatAPI:
                 pass
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.rfile.read(int(self.headers["Content-Length"]))
                 with fake.lock:
-                    fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                if not self.path.endswith("/chat/completions"):
-                    return self._json(404, {"error": {"message": "not found"}})
-                if fake.fail_with is not None:
-                    return self._json(fake.fail_with, {"error": {"message": "the model is overloaded", "type": "server_error"}})
-                self._stream(body)
+                    fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                          "content_type": self.headers.get("Content-Type"), "body": body})
+                if fake.fail_with == "slow":
+                    time.sleep(fake.slow_s)
+                elif fake.fail_with is not None:
+                    message = "invalid api key" if fake.fail_with == 401 else "the model is overloaded"
+                    return self.send_json(fake.fail_with, {"error": {"message": message, "type": "error"}})
+                fake.handle(self, self.path, body)
 
-            def _json(self, status, obj):
-                data = json.dumps(obj).encode()
+            def send_json(self, status, obj):
+                self.send_bytes(status, "application/json", json.dumps(obj).encode())
+
+            def send_bytes(self, status, ctype, data):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-
-            def _stream(self, body):
-                words = fake.answer(body["messages"]).split(" ")
-                tokens = [w + " " for w in words[:-1]] + [words[-1]]
-                record = {"tokens_total": len(tokens), "tokens_sent": 0, "client_closed": False}
-                with fake.lock:
-                    fake.streams.append(record)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                delay = fake.first_token_delay_s
-                time.sleep(delay(body["messages"]) if callable(delay) else delay)
-                try:
-                    for i, tok in enumerate(tokens):
-                        if i:
-                            time.sleep(fake.token_delay_s)
-                        chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
-                                 "model": body.get("model", "test"),
-                                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": tok}, "finish_reason": None}]}
-                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                        self.wfile.flush()
-                        record["tokens_sent"] += 1
-                    self.wfile.write(b"data: [DONE]\n\n")
-                    self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError):
-                    record["client_closed"] = True
-                self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> FakeChatAPI:
+    def handle(self, request, path: str, body: bytes) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         self.thread.start()
         return self
 
@@ -89,6 +70,118 @@ class FakeChatAPI:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+
+class FakeChatAPI(FakeAPI):
+    """/v1/chat/completions, streamed as Server-Sent Events.
+
+    `answer(messages) -> str` decides the reply; it is sent word by word, `token_delay_s` apart, after
+    `first_token_delay_s` (a number, or a function of the messages). How many tokens were written before
+    the client hung up is recorded in `streams`."""
+
+    def __init__(self, answer=None, first_token_delay_s: float = 0.05, token_delay_s: float = 0.01):
+        super().__init__()
+        self.answer = answer or (lambda messages: "Hello! How can I help you today?")
+        self.first_token_delay_s, self.token_delay_s = first_token_delay_s, token_delay_s
+        self.streams: list = []  # one dict per streamed reply: tokens_total, tokens_sent, client_closed
+
     def chat_requests(self) -> list:
         with self.lock:
-            return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+            return [json.loads(r["body"]) for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    def handle(self, request, path, body):
+        if not path.endswith("/chat/completions"):
+            return request.send_json(404, {"error": {"message": "not found"}})
+        body = json.loads(body)
+        words = self.answer(body["messages"]).split(" ")
+        tokens = [w + " " for w in words[:-1]] + [words[-1]]
+        record = {"tokens_total": len(tokens), "tokens_sent": 0, "client_closed": False}
+        with self.lock:
+            self.streams.append(record)
+        request.send_response(200)
+        request.send_header("Content-Type", "text/event-stream")
+        request.send_header("Cache-Control", "no-cache")
+        request.send_header("Connection", "close")
+        request.end_headers()
+        delay = self.first_token_delay_s
+        time.sleep(delay(body["messages"]) if callable(delay) else delay)
+        try:
+            for i, tok in enumerate(tokens):
+                if i:
+                    time.sleep(self.token_delay_s)
+                chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
+                         "model": body.get("model", "test"),
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": tok}, "finish_reason": None}]}
+                request.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                request.wfile.flush()
+                record["tokens_sent"] += 1
+            request.wfile.write(b"data: [DONE]\n\n")
+            request.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            record["client_closed"] = True
+        request.close_connection = True
+
+
+def tone_wav(seconds: float, rate: int) -> bytes:
+    """A 220 Hz tone as a 16-bit mono WAV."""
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+class FakeSpeechAPI(FakeAPI):
+    """/v1/audio/transcriptions (multipart upload) and /v1/audio/speech (audio streamed in pieces).
+
+    Transcription answers with how much audio it received ("heard 1.5 seconds"); speech answers with a tone
+    of 0.05 s per character at `rate` Hz, as WAV or raw PCM. `speech_content_type` overrides the content
+    type (a server answering HTML where audio was expected)."""
+
+    def __init__(self, rate: int = 24000):
+        super().__init__()
+        self.rate = rate
+        self.speech_content_type = None
+        self.uploads: list = []  # (fields, audio seconds) per transcription
+
+    def handle(self, request, path, body):
+        if path.endswith("/audio/transcriptions"):
+            fields, audio = parse_multipart(request.headers["Content-Type"], body)
+            with wave.open(io.BytesIO(audio)) as w:
+                seconds = w.getnframes() / w.getframerate()
+            self.uploads.append((fields, seconds))
+            return request.send_json(200, {"text": f"heard {seconds:.1f} seconds"})
+        if path.endswith("/audio/speech"):
+            params = json.loads(body)
+            wav = tone_wav(0.05 * len(params["input"]), self.rate)
+            data = wav[44:] if params.get("response_format") == "pcm" else wav
+            ctype = self.speech_content_type or ("audio/pcm" if params.get("response_format") == "pcm" else "audio/wav")
+            if ctype.startswith("text/html"):
+                data = b"<html><body>Service unavailable</body></html>"
+            request.send_response(200)
+            request.send_header("Content-Type", ctype)
+            request.send_header("Transfer-Encoding", "chunked")
+            request.end_headers()
+            for i in range(0, len(data), 4001):  # odd-sized pieces: a frame may be split anywhere
+                piece = data[i:i + 4001]
+                request.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                request.wfile.flush()
+            request.wfile.write(b"0\r\n\r\n")
+            return None
+        request.send_json(404, {"error": {"message": "not found"}})
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple:
+    """(text fields, bytes of the uploaded file) of a multipart/form-data body."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    fields, file = {}, b""
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_filename():
+            file = part.get_payload(decode=True)
+        else:
+            fields[name] = part.get_content().strip()
+    return fields, file

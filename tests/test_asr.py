@@ -25,3 +25,56 @@ def test_wrong_model_path_fails_at_start_up_with_one_sentence(tmp_path):
     h = s2s.FunASRHandler(str(tmp_path / "missing"), "cpu", "auto")
     with pytest.raises(SystemExit, match="no FunASR model there"):
         h.setup()
+
+
+class Recorder:
+    """Just enough of a session for ASRHandler.process: turn records and the events sent."""
+
+    def __init__(self):
+        self.turns = {1: s2s.Turn(1, True)}
+        self.events = []
+
+    def turn_record(self, n):
+        return self.turns[n]
+
+    def send_event(self, event):
+        self.events.append(event)
+
+
+def test_streaming_paraformer_sends_partials_then_the_final_text(tmp_path):
+    h = s2s.FunASRStreamingHandler(build_paraformer(str(tmp_path / "stream"), streaming=True), "cpu", "auto")
+    h.setup()
+    h.warmup()
+    session, speech = Recorder(), load_wav(fixture("zh_question.wav"))
+    pieces = [speech[i:i + 4000] for i in range(0, len(speech), 4000)]  # pieces of any size
+    for piece in pieces[:-1]:
+        assert list(h.process(s2s.Utterance(session, 1, piece, final=False))) == []
+    final = list(h.process(s2s.Utterance(session, 1, pieces[-1], final=True)))
+    partials = [e.text for e in session.events if isinstance(e, s2s.TranscriptEvent) and not e.final]
+    assert len(partials) >= 3  # one every 600 ms of speech, as the text grows
+    assert all(b.startswith(a) for a, b in zip(partials, partials[1:]))
+    assert final[0].text.startswith(partials[-1]) and len(final[0].text) >= len(partials[-1])
+    assert session.events[-1].final and session.events[-1].text == final[0].text
+
+
+def test_server_streams_partial_transcripts_to_the_client(tmp_path):
+    import asyncio
+    from client import ExtendedClient
+    from conftest import ServerProcess
+    model = build_paraformer(str(tmp_path / "stream"), streaming=True)
+    srv = ServerProcess("--asr", "funasr_streaming", "--stt_model_name", model, "--device", "cpu", "--llm", "echo")
+    try:
+        async def scenario():
+            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                await c.stream_wav(fixture("zh_question.wav"))
+                await c.wait_for(lambda r: r.kind == "answer" and r.data["end"])
+                return c
+        c = asyncio.run(scenario())
+    finally:
+        srv.stop()
+    transcripts = c.events("transcript")
+    partial = [r for r in transcripts if not r.data["final"]]
+    assert partial and transcripts[-1].data["final"]
+    assert partial[0].t < c.speech_onsets[0] + 5.0  # while the 5.6 s utterance was still being spoken
+    answer = "".join(r.data["text"] for r in c.events("answer"))
+    assert transcripts[-1].data["text"] in answer  # the echo LLM repeats the final transcript

@@ -59,3 +59,11 @@ def test_cleans2s_launch_flags_are_accepted():
                            "--sample_rate", "16000", "--min_speech_ms", "400"])
     assert args.llm == "openai" and args.enable_interruption and args.save_data == "s2s_data"
     assert args.min_silence_ms == 1200 and args.vad_thresh == 0.3 and args.chat_size == 1
+
+
+def test_cleans2s_defaults_pick_the_same_backends():
+    assert s2s.parse_args([]).llm == "echo" and s2s.parse_args([]).tts == "espeak"
+    local = s2s.parse_args(["--lm_model_name", "/models/Qwen2.5-7B-Instruct"])  # CleanS2S without --enable_llm_api
+    assert local.llm == "transformers" and local.lm_model_name == "/models/Qwen2.5-7B-Instruct"
+    api = s2s.parse_args(["--lm_model_url", "https://api.deepseek.com"])
+    assert api.llm == "openai" and api.lm_model_name == "gpt-4o-mini"

@@ -27,6 +27,8 @@ def test_text_starting_with_a_dash_is_spoken_not_parsed_as_an_option(tts):
 
 def test_markup_is_not_read_aloud(tts):
     class S:  # just enough of a session for TTSHandler.process
+        voice = None
+
         def turn_record(self, n):
             return s2s.Turn(n, True)
     plain = list(tts.process(s2s.AnswerText(S(), 1, 0, "Hello world.", last=False)))

@@ -1,0 +1,133 @@
+"""The CosyVoice TTS handler against a stand-in module that follows the documented `cosyvoice.cli` API
+(tests/stand_ins/cosyvoice: same classes, signatures, yaml checks and {"tts_speech": tensor} chunks; the
+audio is a tone of 0.06 s per character). Real CosyVoice weights were not run here."""
+import os
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+import s2s_server_pipeline as s2s
+
+STAND_INS = os.path.join(ROOT, "tests", "stand_ins")
+REF_DIR = os.path.join(ROOT, "ref_audio")
+
+
+def model_dir(tmp_path, family_yaml):
+    d = tempfile.mkdtemp(dir=tmp_path)
+    open(os.path.join(d, family_yaml), "w").close()
+    return d
+
+
+def handler(tmp_path, family_yaml="cosyvoice2.yaml", *flags):
+    args = s2s.parse_args(["--tts", "cosyvoice", "--cosyvoice_dir", STAND_INS, "--ref_dir", REF_DIR,
+                           "--tts_model_name", model_dir(tmp_path, family_yaml), *flags])
+    h = s2s.CosyVoiceTTSHandler.from_args(args)
+    h.setup()
+    return h
+
+
+@pytest.fixture
+def cv():
+    from cosyvoice.cli import cosyvoice  # the stand-in, on sys.path through --cosyvoice_dir
+    cosyvoice.reset_calls()
+    return cosyvoice
+
+
+@pytest.mark.parametrize("family_yaml,family,rate", [("cosyvoice.yaml", "CosyVoice", 22050),
+                                                      ("cosyvoice2.yaml", "CosyVoice2", 24000),
+                                                      ("cosyvoice3.yaml", "CosyVoice3", 24000)])
+def test_each_family_streams_16k_audio_in_order(tmp_path, family_yaml, family, rate):
+    h = handler(tmp_path, family_yaml)
+    assert h.family == family and h.rate == rate
+    text = "Hello there, this sentence is long enough to need several streamed chunks of audio."
+    pieces = list(h.synthesize(text, h.voices[0]))
+    audio = np.concatenate(pieces)
+    assert len([p for p in pieces if len(p)]) >= 2  # streamed: more than one piece
+    assert abs(len(audio) / 16000 - 0.06 * len(text)) < 0.05  # resampled to 16 kHz, nothing lost or doubled
+    # The stand-in's tone is continuous across chunks: no clicks from per-chunk resampling.
+    assert np.max(np.abs(np.diff(audio[2000:-2000]))) < 0.1
+
+
+def test_references_load_once_at_start_not_per_sentence(tmp_path, cv):
+    h = handler(tmp_path)
+    loads_at_start = len(cv.calls("load_prompt_wav"))
+    spk = cv.calls("add_zero_shot_spk")
+    assert [c["zero_shot_spk_id"] for c in spk] == ["espeak_en", "espeak_zh"] and loads_at_start > 0
+    for sentence in ("One sentence.", "Another one.", "And a third."):
+        list(h.synthesize(sentence, h.voices[1]))
+    assert len(cv.calls("load_prompt_wav")) == loads_at_start
+    assert all(c["zero_shot_spk_id"] == "espeak_zh" for c in cv.calls("inference_zero_shot"))
+
+
+def test_cosyvoice3_prompt_gets_its_required_prefix(tmp_path, cv):
+    handler(tmp_path, "cosyvoice3.yaml")
+    for call in cv.calls("add_zero_shot_spk"):
+        assert call["prompt_text"].startswith("You are a helpful assistant.<|endofprompt|>")
+
+
+def test_stops_at_the_next_chunk_when_closed(tmp_path, cv):
+    h = handler(tmp_path)
+    long_text = "word " * 200  # about a minute of audio
+    stream = h.synthesize(long_text, h.voices[0])
+    next(stream)
+    made = len(cv.calls("chunk"))
+    stream.close()  # what a barge-in does to a stale turn's TTS
+    assert len(cv.calls("chunk")) == made < 10
+    list(h.synthesize("The next turn still works.", h.voices[0]))  # the lock was released
+
+
+def test_each_session_keeps_its_voice(tmp_path):
+    h = handler(tmp_path, "cosyvoice2.yaml", "--tts_voice", "espeak_zh")
+    assert h.choose_voice().name == "espeak_zh"
+    h = handler(tmp_path, "cosyvoice2.yaml", "--tts_voice", "random")
+    assert {h.choose_voice().name for _ in range(50)} == {"espeak_en", "espeak_zh"}
+
+
+def test_text_stream_starts_speaking_before_the_text_is_complete(tmp_path, cv):
+    h = handler(tmp_path, "cosyvoice2.yaml", "--tts_text_stream")
+    assert h.reads_text_stream
+    feed = s2s.TextFeed()
+    for word in "Hello there my friend, how are you doing today? I am fine, thanks.".split(" "):
+        feed.put(word + " ")
+    feed.close()
+    stream = h.synthesize(s2s.clean_stream(feed.pieces()), h.voices[0])
+    first = next(stream)
+    read_before_first_audio = feed.take_read()
+    rest = list(stream)
+    assert len(first) and read_before_first_audio and len(read_before_first_audio.split()) < 13
+    assert sum(map(len, rest)) > 0 and feed.take_read().endswith("thanks. ")
+
+
+def test_text_stream_is_refused_for_cosyvoice_300m(tmp_path):
+    with pytest.raises(SystemExit, match="needs CosyVoice2 or CosyVoice3"):
+        handler(tmp_path, "cosyvoice.yaml", "--tts_text_stream")
+
+
+def test_clear_start_up_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no ref.json"):
+        handler(tmp_path, "cosyvoice2.yaml", "--ref_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match="not in .*ref.json"):
+        handler(tmp_path, "cosyvoice2.yaml", "--tts_voice", "nobody")
+    bad = tmp_path / "bad_refs"
+    (bad / "ref_wav").mkdir(parents=True)
+    (bad / "ref.json").write_text('[{"ref_wav_path": "missing.wav", "prompt_text": "hi"}]')
+    with pytest.raises(SystemExit, match="missing.wav not found"):
+        handler(tmp_path, "cosyvoice2.yaml", "--ref_dir", str(bad))
+    args = s2s.parse_args(["--tts", "cosyvoice", "--cosyvoice_dir", STAND_INS, "--ref_dir", REF_DIR,
+                           "--tts_model_name", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a CosyVoice model"):
+        s2s.CosyVoiceTTSHandler.from_args(args).setup()
+
+
+def test_missing_package_is_one_sentence(tmp_path):
+    import subprocess
+    d = model_dir(tmp_path, "cosyvoice2.yaml")
+    code = ("import s2s_server_pipeline as s; "
+            f"h = s.CosyVoiceTTSHandler({d!r}, {REF_DIR!r}, 'random', False, False, False); h.setup()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "cosyvoice.cli.cosyvoice is not installed" in out.stderr and "--cosyvoice_dir" in out.stderr
