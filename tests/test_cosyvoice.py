@@ -131,3 +131,31 @@ def test_missing_package_is_one_sentence(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "cosyvoice.cli.cosyvoice is not installed" in out.stderr and "--cosyvoice_dir" in out.stderr
+
+
+@pytest.mark.parametrize("text_stream", [False, True])
+def test_server_speaks_with_cosyvoice(tmp_path, text_stream):
+    """Through the real server: LLM text reaches CosyVoice sentence by sentence, or as it is written."""
+    import asyncio
+    from client import ExtendedClient
+    from conftest import FakeChatAPI, ServerProcess
+    answer = "Sure, here is a fine answer. It has two sentences."
+    with FakeChatAPI(answer=lambda m: answer) as api:
+        srv = ServerProcess("--asr", "fixed", "--llm", "openai", "--lm_model_url", api.url,
+                            "--tts", "cosyvoice", "--cosyvoice_dir", STAND_INS, "--ref_dir", REF_DIR,
+                            "--tts_model_name", model_dir(tmp_path, "cosyvoice2.yaml"), "--tts_voice", "first",
+                            *(["--tts_text_stream"] if text_stream else []))
+        try:
+            async def scenario():
+                async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                    await c.send_text("hello")
+                    await c.wait_for(lambda r: r.kind == "answer" and r.data["end"], timeout=30)
+                    await c.wait_for(lambda r: r.kind == "metrics")
+                    return c
+            c = asyncio.run(scenario())
+        finally:
+            srv.stop()
+    assert "".join(r.data["text"] for r in c.events("answer")) == answer
+    audio = sum(len(r.pcm) for r in c.events("audio")) / 2 / 16000
+    assert abs(audio - 0.06 * len(answer)) < 0.3  # every character spoken once, at 16 kHz
+    assert "CosyVoice2" in srv.log() and ("text stream" in srv.log()) == text_stream
