@@ -41,7 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import wave
 from collections import deque
 from dataclasses import dataclass, field

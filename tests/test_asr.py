@@ -1,5 +1,4 @@
 """The FunASR handler through funasr's real AutoModel code path, on tiny random-weight models built here."""
-import numpy as np
 import pytest
 
 from client import load_wav
