@@ -27,10 +27,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import io
 import json
 import logging
-import inspect
 import os
 import queue
 import random
@@ -732,6 +732,31 @@ class FunASRHandler(ASRHandler):
         return self.postprocess(text) if self.is_sensevoice else text
 
 
+class FunASRStreamingHandler(FunASRHandler):
+    """FunASR streaming Paraformer (paraformer-zh-streaming): live partial transcripts while the user speaks."""
+
+    name = "funasr_streaming"
+    streaming = True
+    STREAM_ARGS = dict(chunk_size=[0, 10, 5], encoder_chunk_look_back=4, decoder_chunk_look_back=1)  # 600 ms pieces
+
+    def warmup(self) -> None:
+        self.transcribe_piece({}, np.zeros(2 * self.piece_samples, np.float32), final=True)
+
+    def transcribe_piece(self, state: dict, audio: np.ndarray, final: bool) -> str:
+        buf = np.concatenate([state.get("buffer", np.zeros(0, np.float32)), audio])
+        cache = state.setdefault("cache", {})
+        text = state.get("text", "")
+        while len(buf) >= self.piece_samples or (final and "done" not in state):
+            piece, buf = buf[:self.piece_samples], buf[self.piece_samples:]
+            is_final = final and not len(buf)
+            result = self.model.generate(input=piece, cache=cache, is_final=is_final, disable_pbar=True, **self.STREAM_ARGS)
+            text += "".join(r.get("text", "") for r in result)
+            if is_final:
+                state["done"] = True
+        state["buffer"], state["text"] = buf, text
+        return text
+
+
 class OpenAIASRHandler(ASRHandler):
     """Any OpenAI-compatible /v1/audio/transcriptions endpoint (Whisper servers, vLLM, OpenAI, ...).
     Key from ASR_API_KEY (else LLM_API_KEY)."""
@@ -757,31 +782,6 @@ class OpenAIASRHandler(ASRHandler):
             result = self.client.audio.transcriptions.create(
                 model=self.model, file=("speech.wav", wav_bytes(to_pcm16(audio)), "audio/wav"), **language)
         return result.text
-
-
-class FunASRStreamingHandler(FunASRHandler):
-    """FunASR streaming Paraformer (paraformer-zh-streaming): live partial transcripts while the user speaks."""
-
-    name = "funasr_streaming"
-    streaming = True
-    STREAM_ARGS = dict(chunk_size=[0, 10, 5], encoder_chunk_look_back=4, decoder_chunk_look_back=1)  # 600 ms pieces
-
-    def warmup(self) -> None:
-        self.transcribe_piece({}, np.zeros(2 * self.piece_samples, np.float32), final=True)
-
-    def transcribe_piece(self, state: dict, audio: np.ndarray, final: bool) -> str:
-        buf = np.concatenate([state.get("buffer", np.zeros(0, np.float32)), audio])
-        cache = state.setdefault("cache", {})
-        text = state.get("text", "")
-        while len(buf) >= self.piece_samples or (final and "done" not in state):
-            piece, buf = buf[:self.piece_samples], buf[self.piece_samples:]
-            is_final = final and not len(buf)
-            result = self.model.generate(input=piece, cache=cache, is_final=is_final, disable_pbar=True, **self.STREAM_ARGS)
-            text += "".join(r.get("text", "") for r in result)
-            if is_final:
-                state["done"] = True
-        state["buffer"], state["text"] = buf, text
-        return text
 
 
 ASR_HANDLERS: dict = {"funasr": FunASRHandler, "funasr_streaming": FunASRStreamingHandler, "openai": OpenAIASRHandler}
@@ -1039,6 +1039,22 @@ def resample(audio: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RATE) -> np
     return soxr.resample(audio, rate_in, rate_out)
 
 
+def resample_stream(pieces: Iterator[np.ndarray], rate_in: Callable[[], int]) -> Iterator[np.ndarray]:
+    """A stream of float32 mono pieces resampled to 16 kHz through one soxr stream, so piece borders make no
+    clicks. `rate_in()` is asked at the first non-empty piece: a WAV stream's rate is known once its header
+    has arrived."""
+    import soxr
+    resampler = None
+    for audio in pieces:
+        if not len(audio):
+            continue
+        if resampler is None:
+            resampler = soxr.ResampleStream(rate_in(), SAMPLE_RATE, 1, dtype="float32")
+        yield resampler.resample_chunk(audio)
+    if resampler is not None:
+        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
 def to_pcm16(audio: np.ndarray) -> bytes:
     """float32 [-1, 1] -> int16 little-endian bytes."""
     return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
@@ -1198,7 +1214,6 @@ class OpenAITTSHandler(TTSHandler):
         self.client = openai_client(self.base_url, "TTS_API_KEY", self.timeout_s)
 
     def synthesize(self, text: str, voice: Any = None) -> Iterator[np.ndarray]:
-        import soxr
         with api_errors("TTS", self.base_url, self.timeout_s):
             with self.client.audio.speech.with_streaming_response.create(
                     model=self.model, voice=self.voice, input=text, response_format=self.response_format) as response:
@@ -1208,18 +1223,13 @@ class OpenAITTSHandler(TTSHandler):
                                    f"{response.read()[:200]!r}")
                 decoder = WavStreamDecoder()
                 if self.response_format == "pcm":
-                    decoder.rate, decoder.header = self.PCM_RATE, b""
-                resampler = None
-                for data in response.iter_bytes():
-                    audio = decoder.feed(data)
-                    if not len(audio):
-                        continue
-                    if resampler is None:
-                        resampler = soxr.ResampleStream(decoder.rate, SAMPLE_RATE, 1, dtype="float32")
-                    yield resampler.resample_chunk(audio)
-                if resampler is None:
+                    decoder.rate = self.PCM_RATE
+                sent = False
+                for audio in resample_stream(map(decoder.feed, response.iter_bytes()), lambda: decoder.rate):
+                    sent = True
+                    yield audio
+                if not sent:
                     raise APIError(f"TTS API at {self.base_url} sent no audio")
-                yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 @dataclass
@@ -1257,7 +1267,7 @@ class CosyVoiceTTSHandler(TTSHandler):
 
     def __init__(self, model_dir: str, ref_dir: str, voice: str, fp16: bool, load_jit: bool, text_stream: bool):
         self.model_dir, self.ref_dir, self.voice_choice = model_dir, ref_dir, voice
-        self.fp16, self.load_jit, self.text_stream = fp16, load_jit, text_stream
+        self.fp16, self.load_jit, self.reads_text_stream = fp16, load_jit, text_stream
         self.lock = threading.Lock()  # one synthesis at a time: the model object keeps per-call state
 
     @classmethod
@@ -1269,7 +1279,7 @@ class CosyVoiceTTSHandler(TTSHandler):
 
     def describe(self) -> str:
         return (f"{self.family} {self.model_dir}, {self.rate} Hz, {'float16' if self.fp16 else 'float32'}, "
-                f"voices {', '.join(v.name for v in self.voices)}{', text stream' if self.text_stream else ''}")
+                f"voices {', '.join(v.name for v in self.voices)}{', text stream' if self.reads_text_stream else ''}")
 
     def setup(self) -> None:
         self.voices = load_voices(self.ref_dir)
@@ -1286,9 +1296,8 @@ class CosyVoiceTTSHandler(TTSHandler):
         flags = {"fp16": self.fp16, **({"load_jit": self.load_jit} if family != "CosyVoice3" else {})}
         self.model, self.family = getattr(cli, family)(self.model_dir, **flags), family
         self.rate = self.model.sample_rate
-        if self.text_stream and family == "CosyVoice":
+        if self.reads_text_stream and family == "CosyVoice":
             raise SystemExit("--tts_text_stream needs CosyVoice2 or CosyVoice3; CosyVoice-300M reads whole sentences")
-        self.reads_text_stream = self.text_stream
         # Older releases take the prompt as a 16 kHz tensor, newer ones as a wav path: ask the signature.
         takes_tensor = "prompt_speech_16k" in inspect.signature(self.model.inference_zero_shot).parameters
         for v in self.voices:
@@ -1317,14 +1326,13 @@ class CosyVoiceTTSHandler(TTSHandler):
         return next(v for v in self.voices if v.name == self.voice_choice)
 
     def synthesize(self, text: Any, voice: Any = None) -> Iterator[np.ndarray]:
-        import soxr
-        voice = voice or self.voices[0]
-        resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")  # one per stream
+        yield from resample_stream(self._model_audio(text, voice or self.voices[0]), lambda: self.rate)
+
+    def _model_audio(self, text: Any, voice: Voice) -> Iterator[np.ndarray]:
+        """CosyVoice's streamed chunks at its own rate, float32 mono."""
         with self.lock:
             for out in self.model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.name, stream=True):
-                audio = out["tts_speech"].float().cpu().numpy().reshape(-1)
-                yield resampler.resample_chunk(audio)
-        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+                yield out["tts_speech"].float().cpu().numpy().reshape(-1)
 
 
 TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler, "openai": OpenAITTSHandler, "cosyvoice": CosyVoiceTTSHandler}
