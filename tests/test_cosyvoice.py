@@ -80,11 +80,26 @@ def test_stops_at_the_next_chunk_when_closed(tmp_path, cv):
     list(h.synthesize("The next turn still works.", h.voices[0]))  # the lock was released
 
 
-def test_each_session_keeps_its_voice(tmp_path):
+def test_each_session_keeps_its_voice(tmp_path, cv):
     h = handler(tmp_path, "cosyvoice2.yaml", "--tts_voice", "espeak_zh")
     assert h.choose_voice().name == "espeak_zh"
     h = handler(tmp_path, "cosyvoice2.yaml", "--tts_voice", "random")
     assert {h.choose_voice().name for _ in range(50)} == {"espeak_en", "espeak_zh"}
+
+    class Session:  # just enough of a session for TTSHandler.process
+        voice = None
+
+        def turn_record(self, n):
+            return s2s.Turn(n, False)
+
+    sessions = [Session() for _ in range(8)]
+    for seq in range(3):  # three answers each: every session speaks with one voice throughout
+        for session in sessions:
+            list(h.process(s2s.AnswerText(session, 1, seq, "Hi.", last=False)))
+    used = [c["zero_shot_spk_id"] for c in cv.calls("inference_zero_shot")]
+    per_session = [used[i::8] for i in range(8)]
+    assert all(len(set(ids)) == 1 for ids in per_session)
+    assert [ids[0] for ids in per_session] == [s.voice.name for s in sessions]
 
 
 def test_text_stream_starts_speaking_before_the_text_is_complete(tmp_path, cv):
