@@ -26,11 +26,13 @@ import binascii
 import concurrent.futures
 import contextlib
 import dataclasses
+import http
 import importlib
 import inspect
 import io
 import json
 import logging
+import mimetypes
 import os
 import queue
 import random
@@ -45,11 +47,13 @@ import wave
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Optional
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 
 logger = logging.getLogger("s2s")
 
@@ -94,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--max_sessions", type=int, default=16, help="clients served at once; the next one is refused with close code 1013")
     net.add_argument("--playback_lead_ms", type=int, default=1000,
                      help="send answer audio at most this far ahead of the client's playback, so a barge-in drops the rest; 0 sends audio as soon as it is made")
+    net.add_argument("--client_dir", default="auto",
+                     help="built browser client to serve over HTTP on the receiver port (open http://RECV_HOST:RECV_PORT/); "
+                          "auto: frontend_nextjs/out beside this file when it is built; '' serves none")
 
     vad = p.add_argument_group("voice activity detection")
     vad.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
@@ -1645,6 +1652,63 @@ def check_audio(audio: np.ndarray) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
+class ClientFiles:
+    """The built browser client (a static export), served over plain HTTP on the receiver port, so one
+    command starts everything. A WebSocket upgrade passes through; any other GET gets a file, or
+    /s2s-config.json, which tells the page where the sender socket is."""
+
+    CONFIG_PATH = "/s2s-config.json"
+
+    def __init__(self, root: str, config: dict):
+        self.root = os.path.realpath(root)
+        self.config = json.dumps(config).encode()
+
+    def find(self, url_path: str) -> Optional[str]:
+        """The file a URL path names: /x -> x, x.html or x/index.html; None outside the root or missing."""
+        rel = unquote(url_path.split("?", 1)[0]).lstrip("/")
+        base = os.path.realpath(os.path.join(self.root, rel))
+        if base != self.root and not base.startswith(self.root + os.sep):
+            return None
+        for path in (base, base + ".html", os.path.join(base, "index.html")):
+            if os.path.isfile(path):
+                return path
+        return None
+
+    async def process_request(self, ws: ServerConnection, request: Any) -> Any:
+        if "websocket" in request.headers.get("Upgrade", "").lower():
+            return None
+        path = request.path.split("?", 1)[0]
+        if path == self.CONFIG_PATH:
+            return self.response(200, "application/json", self.config)
+        file = self.find(path)
+        if file is None:
+            return self.response(404, "text/plain", b"not found\n")
+        body = await asyncio.to_thread(self.read, file)
+        content_type = mimetypes.guess_type(file)[0] or "application/octet-stream"
+        # Next.js puts content-hashed names under _next/static, so those never change.
+        cache = "public, max-age=31536000, immutable" if "/_next/static/" in path else "no-cache"
+        return self.response(200, content_type, body, cache)
+
+    @staticmethod
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    @staticmethod
+    def response(status: int, content_type: str, body: bytes, cache: str = "no-cache") -> Response:
+        headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                           ("Cache-Control", cache), ("X-Content-Type-Options", "nosniff"), ("Connection", "close")])
+        return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def find_client_dir(client_dir: str) -> Optional[str]:
+    """--client_dir as a folder to serve, or None; "auto" is the built client beside this file, if any."""
+    if client_dir == "auto":
+        built = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frontend_nextjs", "out")
+        return built if os.path.isfile(os.path.join(built, "index.html")) else None
+    return client_dir or None
+
+
 def query_uid(ws: ServerConnection) -> Optional[str]:
     values = parse_qs(urlparse(ws.request.path).query).get("uid")
     return values[0] if values else None
@@ -1681,8 +1745,13 @@ class VoiceAgentServer:
             except (NotImplementedError, RuntimeError):
                 pass
         a = self.args
-        async with serve(self.handle_receiver, a.recv_host, a.recv_port, ping_interval=20, ping_timeout=20), \
+        files = ClientFiles(a.client_dir, {"protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
+                                           "receiver_port": a.recv_port, "sender_port": a.send_port}) if a.client_dir else None
+        async with serve(self.handle_receiver, a.recv_host, a.recv_port, ping_interval=20, ping_timeout=20,
+                         process_request=files.process_request if files else None), \
                 serve(self.handle_sender, a.send_host, a.send_port, ping_interval=20, ping_timeout=20):
+            if files:
+                logger.info("browser client: http://%s:%d/ (from %s)", a.recv_host, a.recv_port, a.client_dir)
             logger.info("ready: receiver ws://%s:%d  sender ws://%s:%d", a.recv_host, a.recv_port, a.send_host, a.send_port)
             if ready:
                 ready()
@@ -1881,6 +1950,9 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
         args.tts = "cosyvoice" if args.tts_model_name else "espeak"
     if args.sample_rate <= 0 or args.max_sessions <= 0:
         parser.error("--sample_rate and --max_sessions must be positive")
+    args.client_dir = find_client_dir(args.client_dir)
+    if args.client_dir and not os.path.isfile(os.path.join(args.client_dir, "index.html")):
+        parser.error(f"--client_dir {args.client_dir} has no index.html: build the client first (cd frontend_nextjs && npm run build)")
     return args
 
 
