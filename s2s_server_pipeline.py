@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     vad.add_argument("--min_silence_ms", type=int, default=600, help="end-of-turn wait: silence after speech before the server answers")
     vad.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
     vad.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
+    vad.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
+                     help="when new speech cuts the assistant off: speech_start (after --min_speech_ms of it) or speech_end "
+                          "(once the utterance is complete, as CleanS2S did; the turn starts there too)")
     vad.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
                      help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
     vad.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16", help="--llm transformers: precision")
     llm.add_argument("--first_chunk_min_chars", type=int, default=6,
                      help="the first speakable chunk may end at a comma once it has this many characters (a Chinese character counts as two), so the first audio starts early")
+    llm.add_argument("--first_chunk", choices=["clause", "sentence"], default="clause",
+                     help="where the first chunk sent to the TTS may end: clause (see --first_chunk_min_chars) or sentence (as CleanS2S did)")
 
     tts = p.add_argument_group("TTS")
     tts.add_argument("--tts", choices=sorted(TTS_HANDLERS), default=None,
@@ -310,6 +315,7 @@ class Turn:
     eot_wait_ms: float = 0.0  # silence waited before speech_end
     transcript: Optional[float] = None
     llm_first_token: Optional[float] = None
+    llm_first_chunk: Optional[float] = None  # the first speakable chunk went to the TTS
     tts_first_audio: Optional[float] = None
     first_audio_sent: Optional[float] = None
     barge_in_ms: Optional[float] = None  # new speech first heard -> interrupt sent, when this turn was cut off
@@ -335,7 +341,8 @@ class Turn:
             "eot_wait_ms": round(self.eot_wait_ms, 1),
             "asr_ms": ms(self.speech_end, self.transcript),
             "llm_first_token_ms": ms(self.transcript or self.speech_end, self.llm_first_token),
-            "tts_first_audio_ms": ms(self.llm_first_token, self.tts_first_audio),
+            "llm_first_chunk_ms": ms(self.llm_first_token, self.llm_first_chunk),
+            "tts_first_audio_ms": ms(self.llm_first_chunk, self.tts_first_audio),
             "send_ms": ms(self.tts_first_audio, self.first_audio_sent),
             "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
             "barge_in_ms": self.barge_in_ms,
@@ -815,9 +822,10 @@ def speech_length(text: str) -> int:
 
 class SpeakableChunker:
     """Cuts a token stream into chunks a TTS can say: at sentence ends, and for the first chunk already at a
-    comma once it has `first_min_chars`, so the first audio starts early. Chinese and English punctuation."""
+    comma once it has `first_min_chars` (None: sentences only), so the first audio starts early. Chinese and
+    English punctuation."""
 
-    def __init__(self, first_min_chars: int = 6):
+    def __init__(self, first_min_chars: Optional[int] = 6):
         self.first_min_chars = first_min_chars
         self.buffer = ""
         self.emitted = 0
@@ -847,10 +855,10 @@ class SpeakableChunker:
         for m in HARD_BREAK.finditer(self.buffer):
             if SPEAKABLE.search(self.buffer[:m.start()]):
                 return m.end()
-        soft_ok = self.emitted == 0 or len(self.buffer) > MAX_CHUNK_CHARS
-        if soft_ok:
+        early_first = self.emitted == 0 and self.first_min_chars is not None
+        if early_first or len(self.buffer) > MAX_CHUNK_CHARS:
             cuts = [m.end() for m in SOFT_BREAK.finditer(self.buffer)
-                    if speech_length(self.buffer[:m.start()]) >= self.first_min_chars]
+                    if speech_length(self.buffer[:m.start()]) >= (self.first_min_chars or 0)]
             if cuts:
                 return cuts[0] if self.emitted == 0 else cuts[-1]
         return None
@@ -859,7 +867,7 @@ class SpeakableChunker:
 class LLMHandler(BaseHandler):
     """Base of every LLM. SWAP MODEL HERE: subclass, implement stream() (and setup() if it loads weights)."""
 
-    def __init__(self, system_role: str = "system", system_prompt: str = "", first_chunk_min_chars: int = 6):
+    def __init__(self, system_role: str = "system", system_prompt: str = "", first_chunk_min_chars: Optional[int] = 6):
         self.system_role, self.system_prompt = system_role, system_prompt
         self.first_chunk_min_chars = first_chunk_min_chars
         self.text_stream = False  # set when the TTS reads text as it is written (--tts_text_stream)
@@ -867,7 +875,7 @@ class LLMHandler(BaseHandler):
     @staticmethod
     def common_args(args: argparse.Namespace) -> dict:
         return dict(system_role=args.init_chat_role, system_prompt=args.init_chat_prompt,
-                    first_chunk_min_chars=args.first_chunk_min_chars)
+                    first_chunk_min_chars=args.first_chunk_min_chars if args.first_chunk == "clause" else None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LLMHandler:
@@ -892,6 +900,7 @@ class LLMHandler(BaseHandler):
                 if turn.llm_first_token is None:
                     turn.llm_first_token = now()
                     if feed is not None:  # the TTS starts at the first token and reads on as text arrives
+                        turn.llm_first_chunk = turn.llm_first_token
                         yield AnswerText(session, msg.turn, 0, "", last=True, feed=feed)
                 if feed is not None:
                     if not session.is_current(msg.turn):
@@ -899,6 +908,7 @@ class LLMHandler(BaseHandler):
                     feed.put(delta)
                     continue
                 for chunk in chunker.push(delta):
+                    turn.llm_first_chunk = turn.llm_first_chunk or now()
                     yield AnswerText(session, msg.turn, seq, chunk, last=False)
                     seq += 1
         except Exception as exc:  # the user hears what was generated, then an error
@@ -911,7 +921,10 @@ class LLMHandler(BaseHandler):
             if feed is not None:
                 feed.close()
         if feed is None or turn.llm_first_token is None:
-            yield AnswerText(session, msg.turn, seq, chunker.flush(), last=True)
+            rest = chunker.flush()
+            if rest.strip():
+                turn.llm_first_chunk = turn.llm_first_chunk or now()
+            yield AnswerText(session, msg.turn, seq, rest, last=True)
 
 
 class OpenAILLMHandler(LLMHandler):
@@ -1395,6 +1408,7 @@ class Session:
         self.args = server.args
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
         self.speech_turn = 0  # the turn the utterance under way started
+        self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
         self.turns: dict = {}
         self.history = ChatHistory(self.args.chat_size)
         self.vad = VADSegmenter(server.vad_model, self.args.min_speech_ms, self.args.min_silence_ms,
@@ -1866,24 +1880,35 @@ class VoiceAgentServer:
             return 0
         events = await self.loop.run_in_executor(self.vad_pool, session.vad.feed, audio)
         streaming = self.asr_stage.handler.streaming
+        late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
         started = 0
         for ev in events:
             if isinstance(ev, SpeechStarted):
-                t = session.start_turn(spoken=True, heard_at=ev.heard_at)
-                session.speech_turn = t.number
-                session.outbox.put_nowait(SpeechStartEvent(t.number))
+                session.speech_heard_at = ev.heard_at
+                if not late:
+                    self.begin_spoken_turn(session)
+                    started += 1
+                continue
+            if late:
+                self.begin_spoken_turn(session)
                 started += 1
-            elif isinstance(ev, SpeechEnded) and session.is_current(session.speech_turn):
+            if session.is_current(session.speech_turn):
                 t = session.current()  # (typed text in the middle of speech would have taken over the turn)
                 t.speech_end, t.eot_wait_ms = now(), ev.silence_ms
                 if self.recorder:
                     self.recorder.save_input(session.uid, t.number, ev.audio)
                 self.asr_stage.put(Utterance(session, t.number, ev.untaken if streaming else ev.audio))
-        if streaming and session.is_current(session.speech_turn):
+        if streaming and not late and session.is_current(session.speech_turn):
             piece = session.vad.take_new(self.asr_stage.handler.piece_samples)
             if piece is not None:
                 self.asr_stage.put(Utterance(session, session.speech_turn, piece, final=False))
         return started
+
+    def begin_spoken_turn(self, session: Session) -> None:
+        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way."""
+        t = session.start_turn(spoken=True, heard_at=session.speech_heard_at)
+        session.speech_turn = t.number
+        session.outbox.put_nowait(SpeechStartEvent(t.number))
 
     def on_text(self, session: Session, text: str) -> None:
         if text == "new topic":  # CleanS2S's client counts it like any text, so the turn number moves too

@@ -17,6 +17,11 @@ def test_english_sentences_with_short_first_chunk():
     assert out == ["Well, honestly,", " I think so.", " The weather is fine today!", " Is it raining?", " No."]
 
 
+def test_sentence_mode_waits_for_the_first_sentence_end():
+    out = chunks("Well, honestly, I think so. The weather is fine, today!", first_min_chars=None)
+    assert out == ["Well, honestly, I think so.", " The weather is fine, today!"]
+
+
 def test_chinese_sentences():
     out = chunks("你好，今天天气很好。我们去公园吧！好不好？")
     assert out == ["你好，今天天气很好。", "我们去公园吧！", "好不好？"]

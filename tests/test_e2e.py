@@ -55,7 +55,7 @@ def test_spoken_turn_arrives_in_order_with_metrics(server, chat_api):
     assert request["messages"][0]["role"] == "system"
     assert request["messages"][-1] == {"role": "user", "content": transcript["text"]}
     m = metrics.data["metrics"]
-    for key in ("asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms"):
+    for key in ("asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "first_audio_ms"):
         assert m[key] is not None and m[key] >= 0, m
     assert m["asr_ms"] >= 50  # the fixed ASR latency is inside the measured figure
     assert "turn uid=" in server.log()
@@ -240,6 +240,34 @@ def test_interruption_disabled_ignores_speech_while_speaking(chat_api, long_answ
         c = run(scenario())
         assert not c.events("interrupt") and len(c.events("speech_start")) == 1
         assert audio_seconds(c.events("audio", turn=1)) > 10  # the whole answer played
+    finally:
+        srv.stop()
+
+
+def test_interrupt_at_speech_end_lets_the_answer_play_until_the_user_finishes(chat_api, long_answers):
+    srv = start_server(chat_api, "--interrupt_at", "speech_end")
+    try:
+        async def scenario():
+            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                await c.stream_wav(fixture("en_question.wav"), trailing_silence_s=0.8)
+                await c.wait_for(lambda r: r.kind == "audio")
+                streamed = asyncio.create_task(c.stream_wav(fixture("en_interrupt.wav")))
+                interrupt = await c.wait_for(lambda r: r.kind == "interrupt")
+                await streamed
+                await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 2 and r.data["end"])
+                return c, interrupt
+
+        c, interrupt = run(scenario())
+        speech = load_wav(fixture("en_interrupt.wav"))
+        voiced = np.flatnonzero(np.abs(speech) > 0.02)
+        utterance_s = (voiced[-1] - voiced[0]) / s2s.SAMPLE_RATE
+        # CleanS2S's behaviour: the old answer goes on while the user speaks; the cut comes with the end of turn.
+        assert interrupt.t - c.speech_onsets[1] > utterance_s + 0.5
+        assert [r.data["turn"] for r in c.events("speech_start")] == [1, 2]
+        assert c.events("speech_start", turn=2)[0].t >= interrupt.t - 0.05
+        assert c.events("transcript", turn=2) and c.events("audio", turn=2)
+        barge_in = [r.data["metrics"]["barge_in_ms"] for r in c.events("metrics", turn=1) if r.data["metrics"]["interrupted"]]
+        assert barge_in and barge_in[0] > utterance_s * 1000
     finally:
         srv.stop()
 
