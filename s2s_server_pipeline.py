@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FunASR model id or local directory: SenseVoiceSmall (iic/SenseVoiceSmall), Paraformer (paraformer-zh), or with --asr funasr_streaming paraformer-zh-streaming")
     asr.add_argument("--asr_language", default="auto", help="language: auto, zh, en, yue, ja or ko (SenseVoice); an ISO code or auto (--asr openai)")
     asr.add_argument("--asr_punc_model", default="", help="FunASR punctuation model for Paraformer, e.g. ct-punc (SenseVoice punctuates by itself)")
+    asr.add_argument("--asr_workers", type=int, default=1,
+                     help="ASR worker threads; each serves its sessions in order. More than 1 needs a thread-safe model (remote APIs are)")
     asr.add_argument("--device", default="auto", help="torch device for local models: auto (cuda when present), cuda, cuda:1, cpu")
     asr.add_argument("--stt_dtype", choices=["float32", "float16"], default="float32", help="FunASR precision; float16 applies to Paraformer on CUDA")
     asr.add_argument("--asr_api_url", default="https://api.openai.com/v1", help="--asr openai: base URL of the transcription API")
@@ -948,6 +950,12 @@ class OpenAILLMHandler(LLMHandler):
     def setup(self) -> None:
         self.client = openai_client(self.base_url, "LLM_API_KEY", self.timeout_s)
 
+    def warmup(self) -> None:
+        """One token, once: a wrong URL, key or model stops start-up instead of failing the first user, and the
+        client library's first-request cost (~20 ms) is paid here."""
+        with api_errors("LLM", self.base_url, self.timeout_s):
+            self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+
     def stream(self, messages: list) -> Iterator[str]:
         with api_errors("LLM", self.base_url, self.timeout_s):
             response = self.client.chat.completions.create(
@@ -1741,7 +1749,7 @@ class VoiceAgentServer:
         self.tts_stage = Stage("tts", tts, args.tts_workers, lambda a: a.session.deliver(a))
         # The LLM waits on the network, so every session gets its own worker: one slow stream holds no one else.
         self.llm_stage = Stage("llm", llm, args.max_sessions, self.tts_stage.put)
-        self.asr_stage = Stage("asr", asr, 1, self.llm_stage.put)
+        self.asr_stage = Stage("asr", asr, args.asr_workers, self.llm_stage.put)
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
         self.stopped: asyncio.Event = None
 
@@ -1973,8 +1981,8 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
     args.lm_model_name = args.lm_model_name or {"openai": "gpt-4o-mini", "transformers": "Qwen/Qwen2.5-0.5B-Instruct"}.get(args.llm)
     if args.tts is None:
         args.tts = "cosyvoice" if args.tts_model_name else "espeak"
-    if args.sample_rate <= 0 or args.max_sessions <= 0:
-        parser.error("--sample_rate and --max_sessions must be positive")
+    if min(args.sample_rate, args.max_sessions, args.asr_workers, args.tts_workers) <= 0:
+        parser.error("--sample_rate, --max_sessions, --asr_workers and --tts_workers must be positive")
     args.client_dir = find_client_dir(args.client_dir)
     if args.client_dir and not os.path.isfile(os.path.join(args.client_dir, "index.html")):
         parser.error(f"--client_dir {args.client_dir} has no index.html: build the client first (cd frontend_nextjs && npm run build)")

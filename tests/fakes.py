@@ -92,6 +92,12 @@ class FakeChatAPI(FakeAPI):
         if not path.endswith("/chat/completions"):
             return request.send_json(404, {"error": {"message": "not found"}})
         body = json.loads(body)
+        if not body.get("stream"):  # a whole completion in one JSON reply (the server's start-up check)
+            text = self.answer(body["messages"])
+            return request.send_json(200, {
+                "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model", "test"),
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
         words = self.answer(body["messages"]).split(" ")
         tokens = [w + " " for w in words[:-1]] + [words[-1]]
         record = {"tokens_total": len(tokens), "tokens_sent": 0, "client_closed": False}

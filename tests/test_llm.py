@@ -35,6 +35,16 @@ def test_server_error_raises_a_clear_exception():
             list(handler(api).stream([{"role": "user", "content": "hi"}]))
 
 
+def test_start_up_check_asks_for_one_token_and_stops_on_a_bad_key():
+    with FakeChatAPI() as api:
+        h = handler(api)
+        s2s.load("LLM", h)
+        assert api.chat_requests()[-1]["max_tokens"] == 1 and not api.chat_requests()[-1].get("stream")
+        api.fail_with = 401
+        with pytest.raises(SystemExit, match=r"^LLM could not start: APIError: LLM API at .* refused the API key \(401\)"):
+            s2s.load("LLM", handler(api))
+
+
 def test_unreachable_server_fails_fast():
     h = s2s.OpenAILLMHandler("http://127.0.0.1:9/v1", "m", 0.3, 64, 2.0)
     h.setup()

@@ -1,0 +1,438 @@
+"""Voice-agent benchmark: what a user feels, beside the physical limit.
+
+    bash scripts/bench.sh              # the full run: about 10 minutes on 2 CPU cores
+    bash scripts/bench.sh --quick      # a smoke run of every part (the test suite runs it)
+
+The real server (tests/serve_test_models.py) runs in a subprocess with models of fixed, known latency: an ASR
+that takes ASR_MS, an OpenAI-compatible chat API (a local fake) whose first token comes after LLM_FIRST_TOKEN_MS
+and each next word LLM_WORD_MS later, and a TTS whose first audio comes after TTS_MS. Clients are real
+WebSocket clients whose microphones send speech WAVs in real time, one frame every FRAME_MS, silence between.
+So everything the model latencies do not explain is the server's own cost: the overhead, whose physical
+limit is about zero.
+
+Parts: latency (voice-to-voice and its breakdown), barge-in, the same two with CleanS2S's defaults reproduced
+by flags, capacity (concurrent sessions), and the VAD alone per stream. Prints markdown tables and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import s2s_server_pipeline as s2s  # noqa: E402
+from client import ExtendedClient, load_wav  # noqa: E402
+from fakes import FakeChatAPI  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
+
+SR = s2s.SAMPLE_RATE
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+# The models' fixed latencies, in ms: about what a GPU box with an API LLM gives.
+ASR_MS = 50
+LLM_FIRST_TOKEN_MS = 200
+LLM_WORD_MS = 20  # ~50 words/s, a fast API
+TTS_MS = 100
+TTS_RTF = 0.1
+
+SHORT_ANSWER = "Of course, I can help with that. Here is a short answer for you."  # ~4 s of speech
+LONG_ANSWER = " ".join([SHORT_ANSWER] + ["This sentence keeps the answer going for a while longer."] * 4)
+
+OURS: list = []
+CLEANS2S = ["--min_silence_ms", "1200", "--interrupt_at", "speech_end", "--first_chunk", "sentence",
+            "--playback_lead_ms", "0"]
+MODEL_FLAGS = ["--asr", "fixed", "--asr_latency_ms", str(ASR_MS), "--tts", "fixed", "--tts_latency_ms", str(TTS_MS),
+               "--tts_rtf", str(TTS_RTF), "--llm", "openai", "--lm_model_name", "bench"]
+
+
+def voiced_span(audio: np.ndarray) -> tuple:
+    """(first, last + 1) sample of speech: 10 ms frames louder than -40 dBFS RMS."""
+    frames = audio[:len(audio) // 160 * 160].reshape(-1, 160)
+    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)
+    return loud[0] * 160, (loud[-1] + 1) * 160
+
+
+def first_chunk_words(answer: str, first_min_chars) -> int:
+    """Words the LLM must write before the first speakable chunk exists (the fake API sends a word a token)."""
+    chunker = s2s.SpeakableChunker(first_min_chars)
+    words = answer.split(" ")
+    for i, word in enumerate(words):
+        if chunker.push(word + " "):
+            return i + 1
+    return len(words)
+
+
+def model_ms(first_min_chars) -> dict:
+    """What the models alone cost before the first audio, stage by stage."""
+    return {"asr_ms": ASR_MS, "llm_first_token_ms": LLM_FIRST_TOKEN_MS,
+            "llm_first_chunk_ms": (first_chunk_words(SHORT_ANSWER, first_min_chars) - 1) * LLM_WORD_MS,
+            "tts_first_audio_ms": TTS_MS, "send_ms": 0}
+
+
+def pct(values: list, q: float):
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+# ------------------------------------------------------------------------------------------------
+# A client with a real-time microphone
+# ------------------------------------------------------------------------------------------------
+
+class Microphone:
+    """Sends audio as a microphone would: one frame every frame_ms on a fixed schedule, silence when the
+    user is quiet. Times of what the user says are on this schedule (time.monotonic())."""
+
+    def __init__(self, send, frame_ms: int):
+        self.send, self.frame = send, SR * frame_ms // 1000
+        self.queue = np.zeros(0, np.float32)  # speech not yet sent
+        self.t0 = time.monotonic()
+        self.sent = 0  # samples
+        self.max_lag_ms = 0.0  # how late the client ever was: a loaded client shows here, not as server cost
+
+    def say(self, audio: np.ndarray) -> tuple:
+        """Queue speech; return when its voice starts and ends."""
+        start = self.sent + len(self.queue)
+        self.queue = np.concatenate([self.queue, audio])
+        first, last = voiced_span(audio)
+        return self.t0 + (start + first) / SR, self.t0 + (start + last) / SR
+
+    async def run(self) -> None:
+        while True:
+            due = self.t0 + (self.sent + self.frame) / SR  # a frame exists only once its last sample is recorded
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            self.max_lag_ms = max(self.max_lag_ms, (time.monotonic() - due) * 1000)
+            frame, self.queue = self.queue[:self.frame], self.queue[self.frame:]
+            if len(frame) < self.frame:
+                frame = np.concatenate([frame, np.zeros(self.frame - len(frame), np.float32)])
+            await self.send(frame)
+            self.sent += self.frame
+
+
+@dataclass
+class TurnResult:
+    voice_to_voice_ms: float  # end of the user's voice -> first answer audio received
+    overhead_ms: float  # voice_to_voice - end-of-turn wait - model time, the sum of the next two
+    edge_ms: float  # the VAD's decision trailing the voice, the microphone frame, the network both ways
+    server_ms: float  # the server's own time between stages: first_audio_ms - model time
+    metrics: dict  # the server's own breakdown
+    audio_s: float
+    underrun_ms: float  # playback gaps: audio that arrived after it should have played
+
+
+class BenchClient(ExtendedClient):
+    def __init__(self, *args, frame_ms: int = 20, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frame_ms = frame_ms
+
+    async def __aenter__(self) -> BenchClient:
+        await super().__aenter__()
+        self.mic = Microphone(self.send_audio, self.frame_ms)
+        self.readers.append(asyncio.create_task(self.mic.run()))
+        return self
+
+    def audio(self, turn: int) -> list:
+        return self.events("audio", turn)
+
+    def playback_end(self, turn: int) -> float:
+        frames = self.audio(turn)
+        return frames[0].t + sum(len(r.pcm) for r in frames) / 2 / SR if frames else time.monotonic()
+
+    def underrun_ms(self, turn: int) -> float:
+        """Play the turn's audio from its first frame on; sum how late the frames that came too late were."""
+        frames, late, clock = self.audio(turn), 0.0, None
+        for r in frames:
+            clock = r.t if clock is None else clock
+            late += max(0.0, r.t - clock)
+            clock = max(clock, r.t) + len(r.pcm) / 2 / SR
+        return late * 1000
+
+    async def turn(self, speech: np.ndarray, model: dict, timeout: float = 30) -> TurnResult:
+        """Say something, wait for the whole answer, listen to it to the end."""
+        onset, end = self.mic.say(speech)
+        start = await self.wait_for(lambda r: r.kind == "speech_start" and r.t >= onset, timeout)
+        turn = start.data["turn"]
+        done = await self.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == turn, timeout)
+        m = done.data["metrics"]
+        first = self.audio(turn)[0].t
+        v2v, model_total = (first - end) * 1000, sum(model.values())
+        result = TurnResult(round(v2v, 1), round(v2v - m["eot_wait_ms"] - model_total, 1),
+                            round(v2v - m["eot_wait_ms"] - m["first_audio_ms"], 1), round(m["first_audio_ms"] - model_total, 1),
+                            m, round(sum(len(r.pcm) for r in self.audio(turn)) / 2 / SR, 2), round(self.underrun_ms(turn), 1))
+        await asyncio.sleep(max(0.0, self.playback_end(turn) - time.monotonic()) + 0.3)  # the user listens
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The parts
+# ------------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, api: FakeChatAPI):
+        self.args, self.api = args, api
+        self.question = load_wav(os.path.join(FIXTURES, "en_question.wav"))
+        self.interruption = load_wav(os.path.join(FIXTURES, "en_interrupt.wav"))
+
+    def server(self, *flags: str) -> ServerProcess:
+        return ServerProcess(*MODEL_FLAGS, "--lm_model_url", self.api.url, *flags, env={"LLM_API_KEY": "bench"})
+
+    def latency(self, flags: list, turns: int) -> dict:
+        """One session, turn after turn: voice-to-voice and its parts."""
+        model = model_ms(None if "sentence" in flags else 6)
+        self.api.answer = lambda messages: SHORT_ANSWER
+        srv = self.server(*flags)
+        try:
+            async def talk():
+                async with BenchClient(srv.recv_url, srv.send_url) as c:
+                    return [await c.turn(self.question, model) for _ in range(turns)]
+            results = asyncio.run(talk())
+        finally:
+            srv.stop()
+        keys = ["eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms"]
+        parts = {k: {"p50": pct([r.metrics[k] for r in results], 50), "p95": pct([r.metrics[k] for r in results], 95),
+                     "model": model.get(k)} for k in keys}
+        return {"turns": len(results), "model_ms": model, "parts": parts,
+                "voice_to_voice_ms": {"p50": pct([r.voice_to_voice_ms for r in results], 50),
+                                      "p95": pct([r.voice_to_voice_ms for r in results], 95)},
+                **{f"{k}_ms": {"p50": pct([getattr(r, f"{k}_ms") for r in results], 50),
+                               "p95": pct([getattr(r, f"{k}_ms") for r in results], 95)} for k in ("overhead", "edge", "server")},
+                "underrun_ms": max(r.underrun_ms for r in results), "results": [asdict(r) for r in results]}
+
+    def barge_in(self, flags: list, cuts: int) -> dict:
+        """Every utterance cuts into the answer before it, one second into its audio."""
+        self.api.answer = lambda messages: LONG_ANSWER
+        srv = self.server(*flags)
+        try:
+            async def talk():
+                rows = []
+                async with BenchClient(srv.recv_url, srv.send_url) as c:
+                    onset, _ = c.mic.say(self.question)
+                    for i in range(cuts):
+                        turn = (await c.wait_for(lambda r: r.kind == "speech_start" and r.t >= onset)).data["turn"]
+                        first = await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == turn)
+                        await asyncio.sleep(max(0.0, first.t + 1.0 - time.monotonic()))  # a second of the answer plays
+                        onset, _ = c.mic.say(self.interruption if i % 2 == 0 else self.question)
+                        cut = await c.wait_for(lambda r: r.kind == "interrupt" and r.data["turn"] == turn)
+                        before = [r for r in c.audio(turn) if r.t <= cut.t]
+                        sent_s = sum(len(r.pcm) for r in before) / 2 / SR
+                        rows.append({"barge_in_ms": round((cut.t - onset) * 1000, 1),
+                                     "old_frames_after_interrupt": 0,
+                                     "unplayed_audio_s": round(sent_s - (cut.t - first.t), 2),
+                                     "turn": turn, "cut_t": cut.t})
+                    await c.wait_for(lambda r: r.kind == "speech_start" and r.t >= onset)
+                    await asyncio.sleep(0.5)  # late frames, if any, would arrive now
+                    for row in rows:
+                        turn, cut_t = row.pop("turn"), row.pop("cut_t")
+                        row["old_frames_after_interrupt"] = len([r for r in c.audio(turn) if r.t > cut_t])
+                return rows
+            rows = asyncio.run(talk())
+        finally:
+            srv.stop()
+        return {"cuts": len(rows),
+                "barge_in_ms": {"p50": pct([r["barge_in_ms"] for r in rows], 50), "p95": pct([r["barge_in_ms"] for r in rows], 95)},
+                "old_frames_after_interrupt": sum(r["old_frames_after_interrupt"] for r in rows),
+                "unplayed_audio_s": pct([r["unplayed_audio_s"] for r in rows], 50), "results": rows}
+
+    def capacity(self, sizes: list, seconds: float) -> list:
+        """N sessions at once, each talking turn after turn with real-time microphones, until one breaks: overhead
+        p95 more than 50 ms over one session's p50 (the VAD's decision and the mic frame cost that much under any
+        load), audio behind real time, or a turn that never came back."""
+        self.api.answer = lambda messages: SHORT_ANSWER
+        model = model_ms(6)
+        rows, limit = [], None
+        for n in sizes:
+            workers = str(min(n, 32))  # the fixed models only sleep: enough of them that no turn waits for one
+            srv = self.server("--max_sessions", str(n + 1), "--asr_workers", workers, "--tts_workers", workers)
+            try:
+                row = asyncio.run(self.capacity_run(srv, n, seconds, model))
+            finally:
+                srv.stop()
+            if limit is None and row["turns"]:
+                limit = row["overhead_ms"]["p50"] + 50
+            row["overhead_limit_ms"] = limit
+            if row["holds"] and limit is not None and row["overhead_ms"]["p95"] > limit:
+                row["holds"], row["why"] = False, f"overhead p95 over {limit} ms"
+            rows.append(row)
+            print(f"  capacity N={n}: overhead p95 {row['overhead_ms']['p95']} ms, server CPU {row['server_cpu_pct']}%, "
+                  f"{'holds' if row['holds'] else 'breaks: ' + row['why']}", flush=True)
+            if not row["holds"]:
+                break
+        return rows
+
+    async def capacity_run(self, srv: ServerProcess, n: int, seconds: float, model: dict) -> dict:
+        server_proc, me = psutil.Process(srv.proc.pid), psutil.Process()
+        results, failures = [], []
+        deadline = time.monotonic() + seconds
+
+        async def session(i: int) -> float:
+            async with BenchClient(srv.recv_url, srv.send_url, frame_ms=self.args.capacity_frame_ms) as c:
+                await asyncio.sleep(random.uniform(0, 3))  # people do not all start talking at once
+                while time.monotonic() < deadline:
+                    try:
+                        results.append(await c.turn(self.question, model, timeout=20))
+                    except TimeoutError as exc:
+                        failures.append(str(exc)[:200])
+                        break
+                    await asyncio.sleep(random.uniform(0.2, 1.0))
+                return c.mic.max_lag_ms
+
+        cpu0, mine0, t0 = sum(server_proc.cpu_times()[:2]), sum(me.cpu_times()[:2]), time.monotonic()
+        lags = await asyncio.gather(*(session(i) for i in range(n)))
+        wall = time.monotonic() - t0
+        server_cpu = (sum(server_proc.cpu_times()[:2]) - cpu0) / wall * 100
+        client_cpu = (sum(me.cpu_times()[:2]) - mine0) / wall * 100
+        overhead = [r.overhead_ms for r in results]
+        underrun = max([r.underrun_ms for r in results], default=0.0)
+        why = ("a turn timed out" if failures else "no turn finished" if not results
+               else "audio behind real time" if underrun > 0 else "")
+        return {"sessions": n, "turns": len(results), "failures": len(failures),
+                "overhead_ms": {"p50": pct(overhead, 50), "p95": pct(overhead, 95)},
+                "voice_to_voice_ms": {"p50": pct([r.voice_to_voice_ms for r in results], 50),
+                                      "p95": pct([r.voice_to_voice_ms for r in results], 95)},
+                "underrun_ms": underrun, "server_cpu_pct": round(server_cpu), "client_cpu_pct": round(client_cpu),
+                "client_max_lag_ms": round(max(lags), 1), "holds": not why, "why": why}
+
+    def vad(self, seconds: float) -> list:
+        """Each VAD through the server's own segmenter, one stream at a time: CPU per second of audio."""
+        audio = np.concatenate([self.question, np.zeros(SR, np.float32)] * int(np.ceil(seconds / 4.7)))[:int(seconds * SR)]
+        rows = []
+        for name, model in (("silero ONNX (shared model)", s2s.SileroVAD(0.5)), ("silero JIT (model per stream)", SileroJIT()),
+                            ("webrtcvad", s2s.WebRTCVAD(3))):
+            model.setup()
+            seg = s2s.VADSegmenter(model, 200, 600, 200, 30000)
+            frame = SR * 20 // 1000
+            cpu0 = time.process_time()
+            for i in range(0, len(audio), frame):
+                seg.feed(audio[i:i + frame])
+            cpu = time.process_time() - cpu0
+            rows.append({"vad": name, "cpu_ms_per_audio_s": round(cpu / seconds * 1000, 2),
+                         "streams_per_core": int(seconds / cpu)})
+        return rows
+
+
+class SileroJIT:
+    """silero-vad's TorchScript model, as most projects load it. It keeps its state inside, so every stream
+    needs its own copy: the cost the shared ONNX model avoids."""
+
+    window, threshold = 512, 0.5
+
+    def setup(self) -> None:
+        import silero_vad
+        import torch
+        torch.set_num_threads(1)
+        self.torch, self.load = torch, silero_vad.load_silero_vad
+
+    def new_state(self):
+        return self.load(onnx=False)
+
+    def speech_prob(self, model, window: np.ndarray) -> float:
+        with self.torch.inference_mode():
+            return float(model(self.torch.from_numpy(window), SR))
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+def table(rows: list, header: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("–" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(r: dict) -> str:
+    ours, theirs = r["latency"]["ours"], r["latency"]["cleans2s"]
+    names = {"eot_wait_ms": "end-of-turn wait (VAD silence)", "asr_ms": "ASR", "llm_first_token_ms": "LLM first token",
+             "llm_first_chunk_ms": "first speakable chunk", "tts_first_audio_ms": "TTS first audio",
+             "send_ms": "to the socket"}
+    rows = [[names[k], ours["parts"][k]["model"], ours["parts"][k]["p50"], ours["parts"][k]["p95"],
+             theirs["parts"][k]["model"], theirs["parts"][k]["p50"], theirs["parts"][k]["p95"]] for k in names]
+    rows.append(["**voice-to-voice** (end of speech → first audio received)", "", ours["voice_to_voice_ms"]["p50"],
+                 ours["voice_to_voice_ms"]["p95"], "", theirs["voice_to_voice_ms"]["p50"], theirs["voice_to_voice_ms"]["p95"]])
+    for key, name in (("overhead_ms", "**overhead** (voice-to-voice − end-of-turn wait − model time)"),
+                      ("edge_ms", "of which: VAD decision after the voice ends, mic frame, network"),
+                      ("server_ms", "of which: the server between stages")):
+        rows.append([name, 0, ours[key]["p50"], ours[key]["p95"], 0, theirs[key]["p50"], theirs[key]["p95"]])
+    bo, bt = r["barge_in"]["ours"], r["barge_in"]["cleans2s"]
+    rows.append(["**barge-in** (onset of new speech → `interrupt` received)", 200, bo["barge_in_ms"]["p50"], bo["barge_in_ms"]["p95"],
+                 "", bt["barge_in_ms"]["p50"], bt["barge_in_ms"]["p95"]])
+    rows.append(["old-turn audio frames received after `interrupt`", 0, bo["old_frames_after_interrupt"], "", 0,
+                 bt["old_frames_after_interrupt"], ""])
+    rows.append(["answer audio already sent but not played at `interrupt` (s)", "", bo["unplayed_audio_s"], "", "",
+                 bt["unplayed_audio_s"], ""])
+    out = ["Latency, ms (model = the fixed latency of the test models; for barge-in, --min_speech_ms):", "",
+           table(rows, ["", "model", "ours p50", "ours p95", "model", "CleanS2S defaults p50", "p95"]), ""]
+    cap = [[c["sessions"], c["turns"], c["overhead_ms"]["p50"], c["overhead_ms"]["p95"], c["voice_to_voice_ms"]["p95"],
+            c["underrun_ms"], c["server_cpu_pct"], c["client_cpu_pct"], c["client_max_lag_ms"],
+            "yes" if c["holds"] else "no: " + c["why"]] for c in r["capacity"]]
+    held = [c["sessions"] for c in r["capacity"] if c["holds"]]
+    limit = r["capacity"][0]["overhead_limit_ms"] if r["capacity"] else None
+    out += [f"Capacity, {r['capacity_frame_ms']} ms microphone frames (largest N that holds: {max(held) if held else 0}; "
+            f"holds = overhead p95 under {limit} ms, no audio behind real time, every turn answered):", "",
+            table(cap, ["sessions", "turns", "overhead p50", "overhead p95", "voice-to-voice p95", "underrun ms",
+                        "server CPU %", "bench client CPU %", "client max lag ms", "holds"]), ""]
+    out += ["VAD alone, one stream, through the server's segmenter:", "",
+            table([[v["vad"], v["cpu_ms_per_audio_s"], v["streams_per_core"]] for v in r["vad"]],
+                  ["VAD", "CPU ms per s of audio", "real-time streams per core"])]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU in use"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: few turns, few sessions, short runs")
+    p.add_argument("--turns", type=int, default=20, help="turns for the latency part")
+    p.add_argument("--cuts", type=int, default=10, help="barge-ins for the barge-in part")
+    p.add_argument("--sessions", default="1,10,25,50,100,150,200", help="session counts tried for capacity, in order")
+    p.add_argument("--capacity_seconds", type=float, default=40, help="how long each capacity step runs")
+    p.add_argument("--capacity_frame_ms", type=int, default=64,
+                   help="microphone frame of the capacity clients (CleanS2S's browser client sends 64 ms)")
+    p.add_argument("--out", default=os.path.join("bench", "results", "latest.json"), help="JSON written here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.turns, args.cuts, args.sessions, args.capacity_seconds = 2, 2, "1,4", 6
+    sizes = [int(n) for n in args.sessions.split(",")]
+    t0 = time.monotonic()
+    with FakeChatAPI(first_token_delay_s=LLM_FIRST_TOKEN_MS / 1000, token_delay_s=LLM_WORD_MS / 1000) as api:
+        bench = Bench(args, api)
+        results = {"date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
+                   "models": {"asr_ms": ASR_MS, "llm_first_token_ms": LLM_FIRST_TOKEN_MS, "llm_word_ms": LLM_WORD_MS,
+                              "tts_first_audio_ms": TTS_MS, "tts_rtf": TTS_RTF}, "frame_ms": 20,
+                   "capacity_frame_ms": args.capacity_frame_ms,
+                   "latency": {}, "barge_in": {}}
+        for name, flags in (("ours", OURS), ("cleans2s", CLEANS2S)):
+            print(f"latency, {name} ...", flush=True)
+            results["latency"][name] = bench.latency(flags, args.turns)
+            print(f"barge-in, {name} ...", flush=True)
+            results["barge_in"][name] = bench.barge_in(flags, args.cuts)
+        print("capacity ...", flush=True)
+        results["capacity"] = bench.capacity(sizes, args.capacity_seconds)
+        print("VAD ...", flush=True)
+        results["vad"] = bench.vad(10 if args.quick else 60)
+    results["bench_seconds"] = round(time.monotonic() - t0)
+    print(f"\n{results['date']}, {results['machine']}\n")
+    print(report(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nJSON: {args.out} ({results['bench_seconds']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

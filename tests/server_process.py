@@ -1,0 +1,64 @@
+"""The real server (tests/serve_test_models.py) in a subprocess, for end-to-end tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """The real server in a subprocess (tests/serve_test_models.py), with its log captured."""
+
+    def __init__(self, *flags: str, env: dict | None = None):
+        self.recv_port, self.send_port = free_port(), free_port()
+        cmd = [sys.executable, os.path.join(ROOT, "tests", "serve_test_models.py"),
+               "--recv_host", "127.0.0.1", "--recv_port", str(self.recv_port),
+               "--send_host", "127.0.0.1", "--send_port", str(self.send_port), *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.lines: list = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(60):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + self.log())
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "ready: receiver" in line:
+                self.ready.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def recv_url(self) -> str:
+        return f"ws://127.0.0.1:{self.recv_port}"
+
+    @property
+    def send_url(self) -> str:
+        return f"ws://127.0.0.1:{self.send_port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
