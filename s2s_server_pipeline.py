@@ -555,6 +555,7 @@ class VADSegmenter:
         self.started = False  # min_speech_ms reached: the turn has begun
         self.speech_ms = 0.0
         self.silence_ms = 0.0
+        self.loudest = 0.0  # RMS of the loudest speech window so far
         self.heard_at: Optional[float] = None
 
     def reset(self) -> None:
@@ -589,7 +590,10 @@ class VADSegmenter:
         if prob >= self.threshold:
             self.speech_ms += self.window_ms
             self.silence_ms = 0.0
+            self.loudest = max(self.loudest, rms(window))
         elif prob < self.neg_threshold:
+            if self.silence_ms == 0.0:  # the wait counts from where the voice stopped, not where the VAD noticed
+                self.silence_ms = self.quiet_tail() * self.window_ms
             self.silence_ms += self.window_ms
         if not self.started:
             if self.speech_ms >= self.min_speech_ms:
@@ -608,6 +612,16 @@ class VADSegmenter:
             return event
         return None
 
+    def quiet_tail(self) -> int:
+        """Windows before this one that were already quiet (26 dB under the utterance's loudest), at most two:
+        silero's recurrent state keeps its speech probability up for a window or two after the voice stops."""
+        n = 0
+        for window in self.windows[-2:-4:-1]:
+            if rms(window) >= 0.05 * self.loudest:
+                break
+            n += 1
+        return n
+
     def take_new(self, min_samples: int) -> Optional[np.ndarray]:
         """Audio of the started utterance not handed out before, once there is at least `min_samples`."""
         if not self.started or (len(self.windows) - self.taken) * self.model.window < min_samples:
@@ -615,6 +629,10 @@ class VADSegmenter:
         audio = concat(self.windows[self.taken:])
         self.taken = len(self.windows)
         return audio
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio))))
 
 
 def concat(windows: list) -> np.ndarray:

@@ -80,3 +80,21 @@ def test_max_speech_cuts_long_utterances():
     events = segment(model("silero"), np.concatenate([zh, silence(1)]), max_speech_ms=2000)
     ends = [e for e in events if isinstance(e, s2s.SpeechEnded)]
     assert len(ends) >= 2 and all(len(e.audio) <= 2000 * 16 + 512 for e in ends)
+
+
+@pytest.mark.parametrize("vad", ["silero", "webrtc"])
+def test_end_of_turn_wait_counts_from_where_the_voice_stops(vad):
+    """silero keeps its speech probability up for a window or two after the voice ends; the wait must not
+    grow by that: the turn ends min_silence_ms after the last loud 10 ms, give or take the window the voice
+    ends in (windows are 32 ms for silero, 30 ms for webrtcvad)."""
+    speech = load_wav(fixture("en_question.wav"))
+    audio = np.concatenate([speech, silence(1.0)])
+    frames = audio[:len(audio) // 160 * 160].reshape(-1, 160)
+    voice_end = (np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)[-1] + 1) * 160
+    m = model(vad)
+    seg = s2s.VADSegmenter(m, 200, 600, 200, 30000)
+    for i in range(0, len(audio), m.window):
+        if any(isinstance(e, s2s.SpeechEnded) for e in seg.feed(audio[i:i + m.window])):
+            decided_ms = (i + m.window - voice_end) * 1000 / 16000
+            break
+    assert 600 <= decided_ms < 600 + 1.5 * 1000 * m.window / 16000, decided_ms
