@@ -1,0 +1,5 @@
+import VoiceApp from "@/components/VoiceApp";
+
+export default function Page() {
+  return <VoiceApp />;
+}

@@ -1,0 +1,86 @@
+"use client";
+import { useEffect, useRef } from "react";
+import type { Exchange } from "@/lib/conversation";
+import { voiceToVoiceMs, type TurnMetrics } from "@/lib/protocol";
+
+function round(ms: number | null | undefined): string {
+  return ms === null || ms === undefined ? "–" : `${Math.round(ms)}`;
+}
+
+/** The server's breakdown of a turn, for the tooltip. */
+function breakdown(m: TurnMetrics): string {
+  return [
+    `end-of-turn wait ${round(m.eot_wait_ms)} ms`,
+    `ASR ${round(m.asr_ms)} ms`,
+    `LLM first token ${round(m.llm_first_token_ms)} ms`,
+    `first speakable chunk ${round(m.llm_first_chunk_ms)} ms`,
+    `TTS first audio ${round(m.tts_first_audio_ms)} ms`,
+    `send ${round(m.send_ms)} ms`,
+  ].join(" · ");
+}
+
+function Latency({ exchange }: { exchange: Exchange }) {
+  const m = exchange.metrics;
+  // Spoken turns: from the end of speech, including the wait that decides the user has finished. Typed
+  // turns: from the text's arrival.
+  const server = m === null ? null : exchange.spoken ? voiceToVoiceMs(m) : m.first_audio_ms;
+  return (
+    <>
+      {m !== null && server !== null && (
+        <span className="latency" title={`Measured by the server: ${breakdown(m)}`}>
+          {Math.round(server)} ms {exchange.spoken ? "voice-to-voice" : "to first audio"}
+        </span>
+      )}
+      {exchange.clientLatencyMs !== null && (
+        <span className="latency" title="Measured by this page: your voice stopped → the answer started playing">
+          {exchange.clientLatencyMs} ms in this browser
+        </span>
+      )}
+    </>
+  );
+}
+
+function ExchangeItem({ exchange }: { exchange: Exchange }) {
+  const waiting = exchange.spoken && !exchange.userFinal;
+  return (
+    <li className="exchange" data-turn={exchange.turn ?? undefined}>
+      <p className={`bubble user${waiting ? " partial" : ""}`}>
+        {exchange.user || (waiting ? "Listening…" : "(nothing heard)")}
+      </p>
+      {(exchange.answer || (exchange.userFinal && !exchange.answerDone)) && (
+        <p className={`bubble assistant${exchange.answerDone ? "" : " streaming"}`}>{exchange.answer || "…"}</p>
+      )}
+      <p className="meta">
+        {exchange.interrupted && <span className="tag">interrupted</span>}
+        {exchange.failed && <span className="tag error">failed</span>}
+        <Latency exchange={exchange} />
+      </p>
+    </li>
+  );
+}
+
+export default function ConversationView({ exchanges, started }: { exchanges: Exchange[]; started: boolean }) {
+  const end = useRef<HTMLDivElement>(null);
+
+  useEffect(() => {
+    end.current?.scrollIntoView({ block: "end" });
+  }, [exchanges]);
+
+  return (
+    <section className="conversation" aria-label="Conversation" aria-live="polite">
+      {exchanges.length === 0 && (
+        <p className="hint">
+          {started
+            ? "Say something. You can cut in while the agent talks."
+            : "Press Start and allow the microphone, then talk. Or type below once connected."}
+        </p>
+      )}
+      <ol>
+        {exchanges.map((exchange) => (
+          <ExchangeItem key={exchange.key} exchange={exchange} />
+        ))}
+      </ol>
+      <div ref={end} />
+    </section>
+  );
+}

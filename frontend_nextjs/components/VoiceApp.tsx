@@ -1,0 +1,97 @@
+"use client";
+/** The whole page: status bar, settings, conversation, and the controls at the bottom. */
+import { useEffect, useState } from "react";
+import { loadSettings, resolveServerAddress, saveSettings, type ServerAddress, type Settings } from "@/lib/config";
+import { useVoiceAgent } from "@/lib/useVoiceAgent";
+import Composer from "./Composer";
+import ConversationView from "./ConversationView";
+import LevelMeter from "./LevelMeter";
+import Notices from "./Notices";
+import SettingsPanel from "./SettingsPanel";
+import StatusIndicator from "./StatusIndicator";
+
+export default function VoiceApp() {
+  const agent = useVoiceAgent();
+  const [settings, setSettings] = useState<Settings | null>(null);
+  const [address, setAddress] = useState<ServerAddress | null>(null);
+  const [showSettings, setShowSettings] = useState(false);
+  const running = agent.connection.phase !== "closed";
+  const connected = agent.connection.phase === "connected";
+
+  // Settings live in localStorage and the address may come from the server: both only in the browser.
+  useEffect(() => {
+    const saved = loadSettings();
+    void resolveServerAddress(window.location, saved).then((resolved) => {
+      setSettings(saved);
+      setAddress(resolved);
+    });
+  }, []);
+
+  function toggleRunning() {
+    if (running) {
+      agent.stop();
+    } else if (address && settings) {
+      void agent.start(address, settings);
+    }
+  }
+
+  async function onSaveSettings(next: Settings) {
+    saveSettings(next);
+    setSettings(next);
+    const nextAddress = await resolveServerAddress(window.location, next);
+    setAddress(nextAddress);
+    setShowSettings(false);
+    await agent.applySettings(nextAddress, next);
+  }
+
+  return (
+    <main className="app">
+      <header className="topbar">
+        <h1>Voice agent</h1>
+        <StatusIndicator connection={agent.connection} mic={agent.mic} />
+        <button
+          type="button"
+          className="icon-button"
+          aria-expanded={showSettings}
+          aria-controls="settings"
+          onClick={() => setShowSettings(!showSettings)}
+        >
+          Settings
+        </button>
+      </header>
+
+      {showSettings && settings && address && (
+        <SettingsPanel settings={settings} address={address} onSave={onSaveSettings} />
+      )}
+
+      <ConversationView exchanges={agent.conversation.exchanges} started={running} />
+      <Notices notices={agent.notices} />
+
+      <footer className="controls">
+        <div className="voice-row">
+          <button
+            type="button"
+            className={running ? "primary stop" : "primary"}
+            disabled={!address || !settings}
+            onClick={toggleRunning}
+          >
+            {running ? "Stop" : "Start"}
+          </button>
+          <LevelMeter readLevel={agent.readLevel} active={agent.mic === "on"} />
+          <button
+            type="button"
+            aria-pressed={agent.mic === "muted"}
+            disabled={agent.mic !== "on" && agent.mic !== "muted"}
+            onClick={() => agent.setMuted(agent.mic !== "muted")}
+          >
+            {agent.mic === "muted" ? "Unmute" : "Mute"}
+          </button>
+          <button type="button" disabled={!connected} onClick={agent.newTopic}>
+            New topic
+          </button>
+        </div>
+        <Composer disabled={!connected} onSend={agent.sendText} />
+      </footer>
+    </main>
+  );
+}

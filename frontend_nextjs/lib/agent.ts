@@ -1,0 +1,173 @@
+/**
+ * One voice conversation: the microphone streams to the server, the server's events go to the view, and
+ * the answer audio plays until the user cuts in. Independent of React; lib/useVoiceAgent.ts wraps it.
+ */
+import { AgentConnection, type ConnectionState, type ServerUrls } from "./connection";
+import { Microphone, type MicOptions } from "./mic";
+import { Player } from "./player";
+import { PROTOCOL_VERSION, encodeMicFrame, type AnswerAudio, type ServerEvent } from "./protocol";
+
+/**
+ * RMS level (linear, full scale 1) above which a microphone block counts as the user's voice, for the
+ * client-side latency figure only; the server's VAD decides turns. About -40 dBFS: above a quiet room after
+ * noise suppression, below speech.
+ */
+const VOICE_RMS = 0.01;
+
+export interface AgentEvents {
+  onServerEvent(event: ServerEvent): void;
+  onConnection(state: ConnectionState): void;
+  /** The user stopped speaking → the answer's first sample played, in ms, measured on the audio clock. */
+  onClientLatency(turn: number, ms: number): void;
+  /** Something to show the user briefly. */
+  onNotice(message: string): void;
+}
+
+export class VoiceAgent {
+  /** Microphone level of the last block (RMS, 0 to 1), for the level meter. */
+  level = 0;
+  muted = false;
+  private connection: AgentConnection;
+  private mic: Microphone | null = null;
+  private player: Player | null = null;
+  /** The newest turn the server has told us of. */
+  private latestTurn = 0;
+  /** Audio of turns up to this one is stale (interrupted, or followed by a newer turn) and never plays. */
+  private stoppedThrough = 0;
+  private closed = false;
+  /** Audio-clock time (s) of the last microphone block loud enough to be the user's voice. */
+  private lastVoiceTime: number | null = null;
+  /** Per spoken turn: when the user stopped speaking, in audio-clock seconds. */
+  private readonly speechEnds = new Map<number, number>();
+
+  /** `context` must have the worklets loaded (lib/audio.ts). */
+  constructor(
+    private readonly context: AudioContext,
+    urls: ServerUrls,
+    private readonly uid: string,
+    private readonly events: AgentEvents,
+  ) {
+    this.connection = this.newConnection(urls);
+  }
+
+  connect(): void {
+    this.connection.open();
+  }
+
+  /** Moves to other server addresses; the audio keeps running. */
+  reconnect(urls: ServerUrls): void {
+    this.connection.close();
+    this.connection = this.newConnection(urls);
+    this.connection.open();
+  }
+
+  /** Opens the microphone, or reopens it with new options; throws MicError with a message for the user. */
+  async openMic(options: MicOptions): Promise<void> {
+    this.mic?.close();
+    this.mic = null;
+    const mic = await Microphone.open(this.context, options, {
+      onFrame: (samples) => {
+        if (!this.muted) this.connection.sendAudio(encodeMicFrame(samples));
+      },
+      onLevel: (rms, endTime) => {
+        this.level = this.muted ? 0 : rms;
+        if (this.level > VOICE_RMS) this.lastVoiceTime = endTime;
+      },
+    });
+    if (this.closed) {
+      mic.close(); // stopped while the browser asked for permission
+    } else {
+      this.mic = mic;
+    }
+  }
+
+  /** Sends typed text; returns false when not connected. */
+  sendText(text: string): boolean {
+    const sent = this.connection.send({ type: "user_input", uid: this.uid, text });
+    // The server starts a new turn for it, which makes the answer now playing stale: stop it already.
+    if (sent) this.stopThrough(this.latestTurn);
+    return sent;
+  }
+
+  close(): void {
+    this.closed = true;
+    this.connection.close();
+    this.mic?.close();
+    this.player?.close();
+    void this.context.close();
+  }
+
+  private newConnection(urls: ServerUrls): AgentConnection {
+    return new AgentConnection(urls, this.uid, {
+      onState: (state) => this.events.onConnection(state),
+      onEvent: (event) => this.onServerEvent(event),
+      onAudio: (audio) => this.onAudio(audio),
+    });
+  }
+
+  private onServerEvent(event: ServerEvent): void {
+    switch (event.event) {
+      case "ready":
+        if (event.protocol !== PROTOCOL_VERSION) {
+          this.events.onNotice(`The server speaks protocol ${event.protocol}; this page speaks ${PROTOCOL_VERSION}.`);
+        }
+        this.startSession();
+        break;
+      case "speech_start":
+        // The user speaks: a new turn, which silences every older answer. Their voice from here on
+        // tells when they stop speaking.
+        this.seeTurn(event.turn);
+        this.lastVoiceTime = null;
+        break;
+      case "interrupt":
+        this.stopThrough(event.turn);
+        break;
+      case "transcript":
+        this.seeTurn(event.turn);
+        if (event.final && this.lastVoiceTime !== null) this.speechEnds.set(event.turn, this.lastVoiceTime);
+        break;
+      case "answer":
+        this.seeTurn(event.turn);
+        break;
+    }
+    this.events.onServerEvent(event);
+  }
+
+  private onAudio(audio: AnswerAudio): void {
+    if (audio.turn <= this.stoppedThrough) return; // late frames of a stopped turn
+    this.seeTurn(audio.turn);
+    this.player?.play(audio.turn, audio.pcm);
+  }
+
+  /** A new turn makes the audio of every older one stale. */
+  private seeTurn(turn: number): void {
+    if (turn > this.latestTurn) {
+      this.stopThrough(turn - 1);
+      this.latestTurn = turn;
+    }
+  }
+
+  private stopThrough(turn: number): void {
+    if (turn > this.stoppedThrough) {
+      this.stoppedThrough = turn;
+      this.player?.stop(turn);
+    }
+  }
+
+  /** A new server session (first connection or reconnection): turns count from 1 again. */
+  private startSession(): void {
+    this.player?.close();
+    this.latestTurn = this.stoppedThrough = 0;
+    this.speechEnds.clear();
+    this.player = new Player(this.context, {
+      onStarted: (turn, time) => {
+        const speechEnd = this.speechEnds.get(turn);
+        if (speechEnd !== undefined) this.events.onClientLatency(turn, Math.round((time - speechEnd) * 1000));
+      },
+      // Tells the server how much the user heard, so its history keeps only that after a barge-in.
+      onProgress: (turn, playedMs, playing) => {
+        this.connection.send({ type: "playback", turn, played_ms: Math.round(playedMs), playing });
+      },
+    });
+  }
+}

@@ -1,0 +1,139 @@
+/**
+ * The conversation as the page shows it: one exchange per turn (what the user said or typed, and the
+ * answer), built from the server's events by a reducer.
+ */
+import type { ServerEvent, TurnMetrics } from "./protocol";
+
+export interface Exchange {
+  /** Unique in the page, for React. */
+  key: number;
+  /** The server session it belongs to: turn numbers restart with each one (see Conversation.session). */
+  session: number;
+  /** The server's turn; null for typed text the server has not answered yet. */
+  turn: number | null;
+  spoken: boolean;
+  /** The transcript (partial while `userFinal` is false) or the typed text. */
+  user: string;
+  userFinal: boolean;
+  answer: string;
+  answerDone: boolean;
+  interrupted: boolean;
+  failed: boolean;
+  metrics: TurnMetrics | null;
+  /** The user stopped speaking → first answer sample played, in ms, measured by this page. */
+  clientLatencyMs: number | null;
+}
+
+export interface Conversation {
+  exchanges: Exchange[];
+  nextKey: number;
+  /** Counts the server's `ready` events: each connection is a new session on the server. */
+  session: number;
+  /** The view was cleared after this turn of the session: later events of those turns are not shown. */
+  clearedThrough: number;
+}
+
+export type ConversationAction =
+  | { type: "server"; event: ServerEvent }
+  | { type: "typed"; text: string }
+  | { type: "clientLatency"; turn: number; ms: number }
+  | { type: "clear" };
+
+export const EMPTY_CONVERSATION: Conversation = { exchanges: [], nextKey: 1, session: 0, clearedThrough: 0 };
+
+function newExchange(state: Conversation, fields: Partial<Exchange>): Exchange {
+  return {
+    key: state.nextKey,
+    session: state.session,
+    turn: null,
+    spoken: false,
+    user: "",
+    userFinal: false,
+    answer: "",
+    answerDone: false,
+    interrupted: false,
+    failed: false,
+    metrics: null,
+    clientLatencyMs: null,
+    ...fields,
+  };
+}
+
+/** Index of the exchange of `turn` in the current session, or -1. */
+function findTurn(state: Conversation, turn: number | null): number {
+  return state.exchanges.findIndex((x) => x.session === state.session && x.turn === turn);
+}
+
+/** Applies `change` to the exchange of `turn`, creating the exchange when the turn is new. */
+function updateTurn(
+  state: Conversation,
+  turn: number,
+  spoken: boolean,
+  change: (x: Exchange) => Partial<Exchange>,
+): Conversation {
+  let index = findTurn(state, turn);
+  if (index < 0 && !spoken) {
+    // A turn the server started for typed text: the oldest typed text still waiting for its turn.
+    index = findTurn(state, null);
+  }
+  if (index < 0) {
+    const created = newExchange(state, { turn, spoken, userFinal: !spoken });
+    state = { ...state, exchanges: [...state.exchanges, created], nextKey: state.nextKey + 1 };
+    index = state.exchanges.length - 1;
+  }
+  const updated = { ...state.exchanges[index], turn, ...change(state.exchanges[index]) };
+  return { ...state, exchanges: state.exchanges.map((x, i) => (i === index ? updated : x)) };
+}
+
+function hasTurn(state: Conversation, turn: number): boolean {
+  return findTurn(state, turn) >= 0;
+}
+
+function applyEvent(state: Conversation, event: ServerEvent): Conversation {
+  if (event.event === "ready") return { ...state, session: state.session + 1, clearedThrough: 0 };
+  // A cleared turn can still report (its metrics, the interrupt that ends its audio): not shown.
+  if (event.turn !== null && event.turn <= state.clearedThrough) return state;
+  switch (event.event) {
+    case "speech_start":
+      return updateTurn(state, event.turn, true, () => ({}));
+    case "transcript":
+      return updateTurn(state, event.turn, true, () => ({ user: event.text, userFinal: event.final }));
+    case "answer":
+      return updateTurn(state, event.turn, false, (x) => ({ answer: x.answer + event.text, answerDone: event.end }));
+    case "interrupt":
+      return hasTurn(state, event.turn)
+        ? updateTurn(state, event.turn, false, () => ({ interrupted: true, answerDone: true }))
+        : state;
+    case "metrics":
+      // Sent when the turn is over: all of the answer was sent, or it was cut off.
+      return updateTurn(state, event.turn, false, (x) => ({
+        metrics: event.metrics,
+        interrupted: x.interrupted || event.metrics.interrupted,
+        answerDone: true,
+      }));
+    case "error":
+      if (event.turn === null) return state; // not about a turn: shown as a notice only
+      return updateTurn(state, event.turn, false, () => ({ failed: true, answerDone: true }));
+  }
+}
+
+export function conversationReducer(state: Conversation, action: ConversationAction): Conversation {
+  switch (action.type) {
+    case "server":
+      return applyEvent(state, action.event);
+    case "typed":
+      return {
+        ...state,
+        exchanges: [...state.exchanges, newExchange(state, { user: action.text, userFinal: true })],
+        nextKey: state.nextKey + 1,
+      };
+    case "clientLatency":
+      return hasTurn(state, action.turn)
+        ? updateTurn(state, action.turn, true, () => ({ clientLatencyMs: action.ms }))
+        : state;
+    case "clear": {
+      const turns = state.exchanges.filter((x) => x.session === state.session).map((x) => x.turn ?? 0);
+      return { ...state, exchanges: [], clearedThrough: Math.max(state.clearedThrough, ...turns) };
+    }
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * The server's wire protocol, "extended" version 1 (docs/protocol.md in the repository).
+ *
+ * Two WebSockets, both opened with `?uid=U`:
+ * - receiver (client → server): binary int16 PCM microphone frames and JSON messages;
+ * - sender (server → client): JSON events and binary answer audio with an 8-byte header.
+ */
+
+export const PROTOCOL_VERSION = 1;
+
+/** Hz. Every sample on the wire, in both directions, is 16 kHz mono int16 little-endian PCM. */
+export const WIRE_SAMPLE_RATE = 16000;
+
+/** Bytes before the PCM in a binary audio frame: turn (uint32 LE), then seq (uint32 LE). */
+const AUDIO_HEADER_BYTES = 8;
+
+/** Per-turn timings in ms; a value is null when its stage did not run. */
+export interface TurnMetrics {
+  eot_wait_ms: number | null;
+  asr_ms: number | null;
+  llm_first_token_ms: number | null;
+  /** Absent from servers older than this metric. */
+  llm_first_chunk_ms?: number | null;
+  tts_first_audio_ms: number | null;
+  send_ms: number | null;
+  first_audio_ms: number | null;
+  barge_in_ms: number | null;
+  interrupted: boolean;
+}
+
+export type ServerEvent =
+  | { event: "ready"; uid: string; protocol: number; sample_rate: number }
+  | { event: "speech_start"; turn: number }
+  | { event: "interrupt"; turn: number }
+  | { event: "transcript"; turn: number; text: string; final: boolean }
+  | { event: "answer"; turn: number; seq: number; text: string; end: boolean }
+  | { event: "metrics"; turn: number; metrics: TurnMetrics }
+  | { event: "error"; code: string; message: string; turn: number | null };
+
+export type ServerEventName = ServerEvent["event"];
+
+/** A binary frame of answer audio from the sender socket. */
+export interface AnswerAudio {
+  turn: number;
+  seq: number; // the `answer` event this audio belongs to
+  pcm: Int16Array; // 16 kHz mono
+}
+
+export type ClientMessage =
+  | { type: "user_input"; uid: string; text: string }
+  | { type: "playback"; turn: number; played_ms: number; playing: boolean };
+
+const KNOWN_EVENTS: ReadonlySet<string> = new Set<ServerEventName>([
+  "ready",
+  "speech_start",
+  "interrupt",
+  "transcript",
+  "answer",
+  "metrics",
+  "error",
+]);
+
+/**
+ * Parses a JSON text frame from the sender socket. Returns null for anything that is not a known
+ * event, so a newer server's additional events are ignored rather than breaking the client.
+ */
+export function parseServerEvent(text: string): ServerEvent | null {
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    return null;
+  }
+  if (typeof data !== "object" || data === null) return null;
+  const event = (data as { event?: unknown }).event;
+  if (typeof event !== "string" || !KNOWN_EVENTS.has(event)) return null;
+  const turn = (data as { turn?: unknown }).turn;
+  if (event !== "ready" && event !== "error" && typeof turn !== "number") return null;
+  return data as ServerEvent;
+}
+
+/** Splits a binary frame from the sender socket into its header and int16 samples. */
+export function parseAudioFrame(frame: ArrayBuffer): AnswerAudio | null {
+  if (frame.byteLength < AUDIO_HEADER_BYTES || frame.byteLength % 2 !== 0) return null;
+  const view = new DataView(frame);
+  const pcm = new Int16Array((frame.byteLength - AUDIO_HEADER_BYTES) / 2);
+  for (let i = 0; i < pcm.length; i++) {
+    pcm[i] = view.getInt16(AUDIO_HEADER_BYTES + 2 * i, true);
+  }
+  return { turn: view.getUint32(0, true), seq: view.getUint32(4, true), pcm };
+}
+
+/** Encodes samples in [-1, 1] as the receiver's binary frame: int16 little-endian PCM. */
+export function encodeMicFrame(samples: Float32Array): ArrayBuffer {
+  const frame = new ArrayBuffer(samples.length * 2);
+  const view = new DataView(frame);
+  for (let i = 0; i < samples.length; i++) {
+    const s = Math.max(-1, Math.min(1, samples[i]));
+    view.setInt16(2 * i, Math.round(s * 32767), true);
+  }
+  return frame;
+}
+
+/** Voice-to-voice latency of a spoken turn: the end-of-turn wait plus end of turn → first audio sent. */
+export function voiceToVoiceMs(m: TurnMetrics): number | null {
+  if (m.first_audio_ms === null) return null;
+  return (m.eot_wait_ms ?? 0) + m.first_audio_ms;
+}
