@@ -86,6 +86,15 @@ def pct(values: list, q: float):
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+def spread(values: list) -> dict:
+    return {"p50": pct(values, 50), "p95": pct(values, 95)}
+
+
+# The server's breakdown of each turn (its `metrics` event), in the order the stages run, with their names in tables.
+PARTS = {"eot_wait_ms": "end-of-turn wait (VAD silence)", "asr_ms": "ASR", "llm_first_token_ms": "LLM first token",
+         "llm_first_chunk_ms": "first speakable chunk", "tts_first_audio_ms": "TTS first audio", "send_ms": "to the socket"}
+
+
 # ------------------------------------------------------------------------------------------------
 # A client with a real-time microphone
 # ------------------------------------------------------------------------------------------------
@@ -199,14 +208,10 @@ class Bench:
             results = asyncio.run(talk())
         finally:
             srv.stop()
-        keys = ["eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms"]
-        parts = {k: {"p50": pct([r.metrics[k] for r in results], 50), "p95": pct([r.metrics[k] for r in results], 95),
-                     "model": model.get(k)} for k in keys}
+        parts = {k: {**spread([r.metrics[k] for r in results]), "model": model.get(k)} for k in PARTS}
         return {"turns": len(results), "model_ms": model, "parts": parts,
-                "voice_to_voice_ms": {"p50": pct([r.voice_to_voice_ms for r in results], 50),
-                                      "p95": pct([r.voice_to_voice_ms for r in results], 95)},
-                **{f"{k}_ms": {"p50": pct([getattr(r, f"{k}_ms") for r in results], 50),
-                               "p95": pct([getattr(r, f"{k}_ms") for r in results], 95)} for k in ("overhead", "edge", "server")},
+                "voice_to_voice_ms": spread([r.voice_to_voice_ms for r in results]),
+                **{f"{k}_ms": spread([getattr(r, f"{k}_ms") for r in results]) for k in ("overhead", "edge", "server")},
                 "underrun_ms": max(r.underrun_ms for r in results), "results": [asdict(r) for r in results]}
 
     def barge_in(self, flags: list, cuts: int) -> dict:
@@ -353,11 +358,8 @@ def table(rows: list, header: list) -> str:
 
 def report(r: dict) -> str:
     ours, theirs = r["latency"]["ours"], r["latency"]["cleans2s"]
-    names = {"eot_wait_ms": "end-of-turn wait (VAD silence)", "asr_ms": "ASR", "llm_first_token_ms": "LLM first token",
-             "llm_first_chunk_ms": "first speakable chunk", "tts_first_audio_ms": "TTS first audio",
-             "send_ms": "to the socket"}
-    rows = [[names[k], ours["parts"][k]["model"], ours["parts"][k]["p50"], ours["parts"][k]["p95"],
-             theirs["parts"][k]["model"], theirs["parts"][k]["p50"], theirs["parts"][k]["p95"]] for k in names]
+    rows = [[name, ours["parts"][k]["model"], ours["parts"][k]["p50"], ours["parts"][k]["p95"],
+             theirs["parts"][k]["model"], theirs["parts"][k]["p50"], theirs["parts"][k]["p95"]] for k, name in PARTS.items()]
     rows.append(["**voice-to-voice** (end of speech → first audio received)", "", ours["voice_to_voice_ms"]["p50"],
                  ours["voice_to_voice_ms"]["p95"], "", theirs["voice_to_voice_ms"]["p50"], theirs["voice_to_voice_ms"]["p95"]])
     for key, name in (("overhead_ms", "**overhead** (voice-to-voice − end-of-turn wait − model time)"),

@@ -19,7 +19,7 @@ def free_port() -> int:
 class ServerProcess:
     """The real server in a subprocess (tests/serve_test_models.py), with its log captured."""
 
-    def __init__(self, *flags: str, env: dict | None = None):
+    def __init__(self, *flags: str, env: dict | None = None, ready_timeout_s: float = 60):
         self.recv_port, self.send_port = free_port(), free_port()
         cmd = [sys.executable, os.path.join(ROOT, "tests", "serve_test_models.py"),
                "--recv_host", "127.0.0.1", "--recv_port", str(self.recv_port),
@@ -29,7 +29,7 @@ class ServerProcess:
         self.lines: list = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(60):
+        if not self.ready.wait(ready_timeout_s):  # it listens once every model is loaded and warmed up
             self.stop()
             raise RuntimeError("server did not start:\n" + self.log())
 

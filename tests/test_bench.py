@@ -33,3 +33,35 @@ def test_quick_benchmark_runs_every_part(tmp_path):
     assert [c["sessions"] for c in r["capacity"]][:1] == [1] and r["capacity"][0]["turns"] >= 1
     assert {v["vad"].split(" (")[0] for v in r["vad"]} == {"silero ONNX", "silero JIT", "webrtcvad"}
     assert "| **voice-to-voice**" in run.stdout and "Capacity" in run.stdout
+
+
+def test_real_models_benchmark_runs_tiny(tmp_path):
+    """bench/real_models.py --tiny: the real model code paths (FunASR, transformers, espeak-ng) alone and through the
+    server, on the tiny test models."""
+    out = tmp_path / "real_models.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "real_models.py"), "--tiny", "--turns", "2",
+                          "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    r = json.loads(out.read_text())
+    assert r["machine"]["label"] == "CPU" and r["device"] == "cpu" and r["tiny"]
+    assert [m["info"]["stage"] for m in r["models"]] == ["ASR", "LLM", "TTS"]
+    asr, llm, tts = r["models"]
+    for m in (asr, llm):
+        assert m["info"]["weights"] == "random (tiny test model)" and m["info"]["params"] > 0
+        assert m["info"]["device"] == "cpu" and m["info"]["dtype"]
+    assert tts["info"]["architecture"] == "espeak-ng" and tts["info"]["params"] is None
+    assert [u["utterance"] for u in asr["runs"]] == ["en_question.wav", "zh_question.wav"]
+    assert all(u["rtf"] > 0 and u["latency_ms"] > 0 and u["text"] for u in asr["runs"])
+    answer = llm["runs"][0]
+    assert 0 < answer["tokens"] <= r["answer_tokens"] and answer["tokens_per_s"] > 0 and answer["rtf"] > 0
+    assert 0 < answer["first_token_ms"] <= answer["first_chunk_ms"] and answer["answer"].strip()
+    assert tts["runs"][0]["rtf"] > 0 and tts["runs"][0]["audio_s"] > 1 and tts["runs"][0]["first_audio_ms"] > 0
+    v = r["voice_to_voice"]
+    assert v["turns"] == 2 and set(v["parts"]) == {"eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms",
+                                                   "tts_first_audio_ms", "send_ms"}
+    for t in v["results"]:
+        m = t["metrics"]
+        assert t["voice_to_voice_ms"] > m["eot_wait_ms"] and not m["interrupted"] and t["audio_s"] > 0
+        # The overhead is what the stages do not explain: the socket and the edge (VAD decision, mic frame, network).
+        assert abs(t["overhead_ms"] - (m["send_ms"] + t["edge_ms"])) < 1
+    assert "## Real models, CPU" in run.stdout and "| **voice-to-voice**" in run.stdout

@@ -43,7 +43,7 @@ import json
 import math
 import os
 import random
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import yaml
@@ -254,12 +254,41 @@ def _sensevoice_text_corpus(seed: int, n_lines: int = 400) -> List[str]:
     return lines
 
 
-def _train_sentencepiece(path: str, seed: int, vocab_size: int) -> None:
+def _train_sentencepiece(path: str, seed: int, vocab_size: int, fill_vocab: bool = False) -> None:
     """Train a tiny BPE sentencepiece model with the SenseVoice special tokens.
 
     Id layout mirrors the real model: 0 = ``<unk>`` (SenseVoice uses id 0 as
     the CTC blank), 1 = ``<s>``, 2 = ``</s>``, then the user-defined tags.
+
+    The training text runs out of merges at a few thousand pieces.  With
+    ``fill_vocab``, CJK characters it lacks become single pieces until there
+    are exactly ``vocab_size`` (the real vocabulary, too, is mostly single
+    CJK characters).
     """
+    import sentencepiece as spm
+
+    model = _sentencepiece_model(seed, vocab_size, SENSEVOICE_SPECIAL_TOKENS)
+    if fill_vocab:
+        learned = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+        if learned < vocab_size:
+            extra = _unused_cjk_chars(seed, vocab_size - learned)
+            model = _sentencepiece_model(seed, vocab_size, SENSEVOICE_SPECIAL_TOKENS + extra)
+    with open(path, "wb") as f:
+        f.write(model)
+
+
+def _unused_cjk_chars(seed: int, n: int) -> List[str]:
+    """The first ``n`` CJK characters (Unified Ideographs, then Extension A) that the training text lacks."""
+    used = set("".join(_sensevoice_text_corpus(seed)))
+    blocks = list(range(0x4E00, 0xA000)) + list(range(0x3400, 0x4DC0))
+    chars = [chr(c) for c in blocks if chr(c) not in used]
+    if n > len(chars):
+        raise ValueError(f"vocab_size too large: only {len(chars)} more CJK characters to add, {n} needed")
+    return chars[:n]
+
+
+def _sentencepiece_model(seed: int, vocab_size: int, user_symbols: List[str]) -> bytes:
+    """A serialized BPE sentencepiece model trained on the SenseVoice text corpus."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -270,7 +299,7 @@ def _train_sentencepiece(path: str, seed: int, vocab_size: int) -> None:
         vocab_size=vocab_size,
         hard_vocab_limit=False,
         character_coverage=1.0,
-        user_defined_symbols=SENSEVOICE_SPECIAL_TOKENS,
+        user_defined_symbols=user_symbols,
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -285,8 +314,7 @@ def _train_sentencepiece(path: str, seed: int, vocab_size: int) -> None:
         num_threads=1,
         minloglevel=2,
     )
-    with open(path, "wb") as f:
-        f.write(buf.getvalue())
+    return buf.getvalue()
 
 
 def build_sensevoice_small(
@@ -294,12 +322,26 @@ def build_sensevoice_small(
     *,
     seed: int = 0,
     d_model: int = 64,
+    attention_heads: int = 4,
+    linear_units: Optional[int] = None,
     num_blocks: int = 2,
     tp_blocks: int = 1,
     vocab_size: int = 400,
+    fill_vocab: bool = False,
+    text_tokens_per_second: Optional[float] = None,
     auto_language: str = "en",
 ) -> str:
     """Build a tiny ``SenseVoiceSmall`` model directory and return its path.
+
+    The defaults build a tiny model (~1 MB).  ``d_model``, ``attention_heads``,
+    ``linear_units`` (the feed-forward width, default ``2 * d_model``),
+    ``num_blocks`` and ``tp_blocks`` size the encoder; ``vocab_size`` with
+    ``fill_vocab=True`` gives exactly that many pieces, and so the CTC output
+    layer of that size (see ``_train_sentencepiece``).  With the real model's
+    dimensions the result has its architecture and size, for benchmarks.
+    ``text_tokens_per_second`` makes the text about as long as a real
+    transcript (speech is ~4 tokens a second); by default nearly every audio
+    frame (60 ms) emits a piece.
 
     Files written (same names as ``iic/SenseVoiceSmall``): ``config.yaml``,
     ``configuration.json``, ``model.pt``, ``am.mvn`` and
@@ -315,7 +357,7 @@ def build_sensevoice_small(
         raise ValueError(f"auto_language must be one of {sorted(set(_SV_LID_INDEX) - {'auto'})}")
     dest_dir = _mkdir(dest_dir)
     bpe_path = os.path.join(dest_dir, SENSEVOICE_BPE_NAME)
-    _train_sentencepiece(bpe_path, seed, vocab_size)
+    _train_sentencepiece(bpe_path, seed, vocab_size, fill_vocab)
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=bpe_path)
@@ -325,8 +367,8 @@ def build_sensevoice_small(
         "encoder": "SenseVoiceEncoderSmall",
         "encoder_conf": {
             "output_size": d_model,
-            "attention_heads": 4,
-            "linear_units": 2 * d_model,
+            "attention_heads": attention_heads,
+            "linear_units": linear_units or 2 * d_model,
             "num_blocks": num_blocks,
             "tp_blocks": tp_blocks,
             "dropout_rate": 0.1,
@@ -358,13 +400,13 @@ def build_sensevoice_small(
 
     with _seeded(seed):
         model = _instantiate(config, n_vocab)
-        _shape_sensevoice_weights(model, sp, auto_language)
+        _shape_sensevoice_weights(model, sp, auto_language, text_tokens_per_second)
 
     _write_model_files(dest_dir, config, model, {"bpemodel": SENSEVOICE_BPE_NAME})
     return dest_dir
 
 
-def _shape_sensevoice_weights(model, sp, auto_language: str) -> None:
+def _shape_sensevoice_weights(model, sp, auto_language: str, text_tokens_per_second: Optional[float] = None) -> None:
     """Turn random SenseVoice weights into a "well-formed output" generator.
 
     1. Shrink every cross-frame path (attention output projections and FSMN
@@ -377,6 +419,8 @@ def _shape_sensevoice_weights(model, sp, auto_language: str) -> None:
        the matching tags thresholded matched filters for them, so that a tag
        wins only on its query frame and never on audio frames.  Random text
        rows make the audio frames decode to random sentencepiece pieces.
+    3. With ``text_tokens_per_second``, the CTC blank gets a constant logit
+       that only that share of audio frames beats (see ``_blank_logit``).
     """
     enc = model.encoder
     d = enc.output_size()
@@ -418,6 +462,10 @@ def _shape_sensevoice_weights(model, sp, auto_language: str) -> None:
         text_std = 2.0 / math.sqrt(d)
         ctc.weight.normal_(0.0, text_std)
         ctc.bias.zero_()
+        if text_tokens_per_second:
+            ctc.weight[0].zero_()  # id 0, <unk>, is SenseVoice's CTC blank
+            frame_s = LFR_N * 10 / 1000.0  # one LFR frame: 60 ms of audio
+            ctc.bias[0] = _blank_logit(text_tokens_per_second * frame_s, sp.get_piece_size(), text_std * math.sqrt(d))
         # Tag rows are thresholded matched filters: logit = A * (cos - c0) /
         # (1 - c0), where cos is the cosine between the frame and the target
         # query output.  On the query frames cos ~= 1 (logit ~= A, far above
@@ -444,6 +492,16 @@ def _shape_sensevoice_weights(model, sp, auto_language: str) -> None:
             if tid in (1, 2) or (tid > 2 and len(sp.encode(sp.id_to_piece(tid))) != 1):
                 ctc.weight[tid].zero_()
                 ctc.bias[tid] = -1e4
+
+
+def _blank_logit(share: float, n_rows: int, sigma: float) -> float:
+    """The logit that the best of ``n_rows`` independent N(0, sigma^2) text
+    logits beats on ``share`` of the frames: P(max > b) = share, so
+    b = sigma * Phi^-1((1 - share) ** (1 / n_rows))."""
+    from statistics import NormalDist
+
+    tail = -math.expm1(math.log1p(-share) / n_rows)  # 1 - (1 - share) ** (1 / n_rows), without rounding it away
+    return sigma * NormalDist().inv_cdf(1.0 - tail)
 
 
 # ---------------------------------------------------------------------------
