@@ -1704,8 +1704,9 @@ class ClientFiles:
         self.config = json.dumps(config).encode()
 
     def find(self, url_path: str) -> Optional[str]:
-        """The file a URL path names: /x -> x, x.html or x/index.html; None outside the root or missing."""
-        rel = unquote(url_path.split("?", 1)[0]).lstrip("/")
+        """The file a URL path (without its query) names: /x -> x, x.html or x/index.html; None outside the root
+        or missing."""
+        rel = unquote(url_path).lstrip("/")
         base = os.path.realpath(os.path.join(self.root, rel))
         if base != self.root and not base.startswith(self.root + os.sep):
             return None

@@ -44,7 +44,7 @@ sys.path[:0] = [BENCH, ROOT, os.path.join(ROOT, "tests")]
 import s2s_server_pipeline as s2s  # noqa: E402
 from client import load_wav  # noqa: E402
 from random_weights import QUESTION, build_qwen_random, build_sensevoice_small_random  # noqa: E402
-from run import PARTS, BenchClient, spread, table  # noqa: E402
+from run import PARTS, BenchClient, cpu_name, spread, table  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -391,14 +391,6 @@ def summarize_turns(turns: list, alone: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Machine, report
 # ------------------------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
 
 def machine(device: str) -> dict:
     import torch

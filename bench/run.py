@@ -245,7 +245,7 @@ class Bench:
         finally:
             srv.stop()
         return {"cuts": len(rows),
-                "barge_in_ms": {"p50": pct([r["barge_in_ms"] for r in rows], 50), "p95": pct([r["barge_in_ms"] for r in rows], 95)},
+                "barge_in_ms": spread([r["barge_in_ms"] for r in rows]),
                 "old_frames_after_interrupt": sum(r["old_frames_after_interrupt"] for r in rows),
                 "unplayed_audio_s": pct([r["unplayed_audio_s"] for r in rows], 50), "results": rows}
 
@@ -302,9 +302,7 @@ class Bench:
         why = ("a turn timed out" if failures else "no turn finished" if not results
                else "audio behind real time" if underrun > 0 else "")
         return {"sessions": n, "turns": len(results), "failures": len(failures),
-                "overhead_ms": {"p50": pct(overhead, 50), "p95": pct(overhead, 95)},
-                "voice_to_voice_ms": {"p50": pct([r.voice_to_voice_ms for r in results], 50),
-                                      "p95": pct([r.voice_to_voice_ms for r in results], 95)},
+                "overhead_ms": spread(overhead), "voice_to_voice_ms": spread([r.voice_to_voice_ms for r in results]),
                 "underrun_ms": underrun, "server_cpu_pct": round(server_cpu), "client_cpu_pct": round(client_cpu),
                 "client_max_lag_ms": round(max(lags), 1), "holds": not why, "why": why}
 
@@ -390,8 +388,17 @@ def report(r: dict) -> str:
     return "\n".join(out)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU in use"
+    return (f"{platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPU cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU in use")
 
 
 def main(argv=None) -> dict:

@@ -54,3 +54,9 @@ def test_long_sentence_without_period_is_cut_at_a_comma():
     out = chunks(text, step=5)
     assert len(out) >= 2 and all(len(c) <= s2s.MAX_CHUNK_CHARS + 25 for c in out[:-1])
     assert "".join(out) == text
+
+
+def test_first_chunk_flag_reaches_the_llm_handler():
+    for flag, expected in (("clause", 6), ("sentence", None)):
+        args = s2s.parse_args(["--llm", "echo", "--first_chunk", flag, "--client_dir", ""])
+        assert s2s.EchoLLMHandler.from_args(args).first_chunk_min_chars == expected

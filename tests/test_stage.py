@@ -68,3 +68,12 @@ def test_stale_work_is_dropped_where_taken_and_stopped_mid_stream():
         results.append(out.get(timeout=5))
     stage.stop()
     assert results in (["xyxy"], ["piece0", "xyxy"])  # at most the piece already made; never "nevernever"
+
+
+def test_asr_workers_flag_sets_the_asr_stage_threads():
+    args = s2s.parse_args(["--asr_workers", "3", "--llm", "echo", "--tts", "espeak", "--client_dir", ""])
+    server = s2s.VoiceAgentServer(args, s2s.ASRHandler(), s2s.EchoLLMHandler(), s2s.EspeakTTSHandler("en-us", "cmn", 175), None)
+    try:
+        assert len(server.asr_stage.queues) == 3
+    finally:
+        server.vad_pool.shutdown()
