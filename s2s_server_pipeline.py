@@ -329,6 +329,14 @@ class Turn:
     sent_any: bool = False  # a message of this turn reached the clients
     finished: bool = False  # all of the answer was sent (or the turn was cut off); metrics reported
     interrupted: bool = False
+    extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
+    # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
+    # (a web lookup) waits on this too, with concurrent.futures.wait(), and gives up at once on a barge-in.
+    cancelled: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def cancel(self) -> None:  # event loop only
+        if not self.cancelled.done():
+            self.cancelled.set_result(True)
 
     def heard_text(self) -> str:
         """The answer as far as the user heard it: chunks played (when the client reports it) or sent."""
@@ -349,6 +357,7 @@ class Turn:
             "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
             "barge_in_ms": self.barge_in_ms,
             "interrupted": self.interrupted,
+            **self.extra_ms,
         }
 
 
@@ -905,6 +914,11 @@ class LLMHandler(BaseHandler):
         """Yield the answer's text as it is generated. Closing the generator must stop generation."""
         raise NotImplementedError
 
+    def respond(self, msg: UserText, turn: Turn, messages: list) -> Iterator[str]:
+        """The answer to one question, as text pieces. A fork that does more than call the model (look things up,
+        call tools) overrides this; s2s_server_pipeline_rag.py does."""
+        return self.stream(messages)
+
     def process(self, msg: UserText) -> Iterator[AnswerText]:
         session, turn = msg.session, msg.session.turn_record(msg.turn)
         if not msg.text:  # nothing was said: end the turn quietly
@@ -914,7 +928,7 @@ class LLMHandler(BaseHandler):
         session.history.add(turn)
         chunker, seq = SpeakableChunker(self.first_chunk_min_chars), 0
         feed = TextFeed() if self.text_stream else None
-        tokens = self.stream(messages)
+        tokens = self.respond(msg, turn, messages)
         try:
             for delta in tokens:
                 if turn.llm_first_token is None:
@@ -1475,6 +1489,8 @@ class Session:
         old = self.current()
         if old is not None and self.assistant_busy():
             self._interrupt(old, heard_at or now())
+        if old is not None:
+            old.cancel()
         self.turn += 1
         record = Turn(self.turn, spoken, speech_heard=heard_at)
         self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1}
@@ -1601,9 +1617,11 @@ class Session:
         """The client left: every queued and running piece of work for it becomes stale."""
         self.closed = True
         t = self.current()
-        if t is not None and not t.finished:
-            t.interrupted = True
-            self.finish_turn(t)
+        if t is not None:
+            t.cancel()
+            if not t.finished:
+                t.interrupted = True
+                self.finish_turn(t)
         self.outbox.put_nowait(None)
 
 
@@ -2026,12 +2044,15 @@ def load(name: str, component: Any) -> None:
     logger.info("%s: %s, load %.2f s, warm-up %.2f s", name, describe, t1 - t0, now() - t1)
 
 
-def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None) -> None:
+def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None,
+         handlers: Callable[[argparse.Namespace], tuple] = build_handlers) -> None:
+    """Serve until SIGINT/SIGTERM. A variant (s2s_server_pipeline_rag.py) passes its own parser, with more flags,
+    and its own `handlers`, which builds the (ASR, LLM, TTS) handlers from the parsed flags."""
     args = parse_args(argv, parser)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
         logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
-    asr, llm, tts = build_handlers(args)
+    asr, llm, tts = handlers(args)
     vad_model = VAD_MODELS[args.vad](args.vad_thresh if args.vad == "silero" else args.webrtc_mode)
     for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
         load(name, component)
