@@ -26,6 +26,7 @@ import binascii
 import concurrent.futures
 import contextlib
 import dataclasses
+import hmac
 import http
 import importlib
 import inspect
@@ -38,6 +39,7 @@ import queue
 import random
 import re
 import signal
+import ssl
 import struct
 import subprocess
 import sys
@@ -177,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--tts cosyvoice (2 and 3): feed the LLM's text to the TTS as it is written instead of sentence by sentence")
     tts.add_argument("--tts_load_jit", action="store_true", help="--tts cosyvoice (300M and 2): load the JIT-compiled parts (CUDA)")
     tts.add_argument("--cosyvoice_dir", default=None, help="--tts cosyvoice: a clone of the CosyVoice repository, added to the import path")
+
+    sec = p.add_argument_group("security and limits")
+    sec.add_argument("--auth_token", default=None,
+                     help="shared secret both sockets require (query ?token= or WebSocket subprotocol s2s.token.TOKEN); "
+                          "default: the S2S_AUTH_TOKEN environment variable (preferred: a flag shows in the process list), else none")
+    sec.add_argument("--allowed_origins", default="auto",
+                     help="browser pages that may connect, comma-separated (https://app.example.com,http://localhost:3000); "
+                          "auto: pages from the server's own host name, and clients that send no Origin; * allows any")
+    sec.add_argument("--ssl_certfile", default=None, help="TLS certificate (PEM): serves wss:// and the browser client over https")
+    sec.add_argument("--ssl_keyfile", default=None, help="TLS private key (PEM) of --ssl_certfile")
+    sec.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
+    sec.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
+    sec.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
+    sec.add_argument("--max_messages_per_s", type=int, default=100,
+                     help="messages per second per connection (a microphone sends about 31); the excess is dropped (error rate_limited)")
+    sec.add_argument("--idle_timeout_s", type=float, default=300.0,
+                     help="close a receiver connection that sends nothing for this long (code 4408); 0 never does")
+    sec.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
+    sec.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
 
     data = p.add_argument_group("data")
     data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
@@ -1692,9 +1713,20 @@ PLACEHOLDER = json.dumps({"placeholder": ""})
 VAD_DETECTED = json.dumps({"return_info": "VAD detected"})
 
 
-def decode_float32_audio(b64: Any) -> np.ndarray:
+UID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # safe in file names (--save_data) and logs
+
+
+def check_uid(uid: Any) -> str:
+    if not isinstance(uid, str) or not UID.fullmatch(uid):
+        raise BadMessage("bad_uid", "uid must be 1-64 letters, digits, '_', '-' or '.', not starting with '.'")
+    return uid
+
+
+def decode_float32_audio(b64: Any, max_samples: int) -> np.ndarray:
     if not isinstance(b64, str):
         raise BadMessage("bad_audio", "audio must be a base64 string")
+    if len(b64) > (max_samples * 4 + 2) // 3 * 4:  # refused before decoding: 4 base64 characters per 3 bytes
+        raise BadMessage("audio_too_long", f"more than {max_samples} samples of audio in one message")
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -1708,6 +1740,65 @@ def check_audio(audio: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(audio)):
         raise BadMessage("bad_audio", "audio contains NaN or infinity")
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+class AccessPolicy:
+    """Who may open a socket: the shared token (--auth_token) and the page origin (--allowed_origins). Checked
+    before a connection gets anything else; a refusal closes it with a code and a reason the client can show."""
+
+    SUBPROTOCOL = "s2s"  # a browser that offers subprotocols must get one back, or it drops the connection
+    TOKEN_PREFIX = "s2s.token."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
+    LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+    def __init__(self, token: Optional[str], allowed_origins: str):
+        self.token = token.encode() if token else None
+        self.origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
+
+    def refusal(self, request: Any) -> Optional[tuple]:
+        """(close code, reason) for a connection that may not stay, or None."""
+        if self.token is not None and not hmac.compare_digest(self.presented_token(request), self.token):
+            return 4401, "unauthorized: missing or wrong token"
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", "")):
+            return 4403, f"origin not allowed: {origin[:100]}"
+        return None
+
+    def presented_token(self, request: Any) -> bytes:
+        for offered in request.headers.get_all("Sec-WebSocket-Protocol"):
+            for name in offered.split(","):
+                if name.strip().startswith(self.TOKEN_PREFIX):
+                    return name.strip()[len(self.TOKEN_PREFIX):].encode()
+        values = parse_qs(urlparse(request.path).query).get("token")
+        return values[0].encode() if values else b""
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        if "*" in self.origins or origin.rstrip("/") in self.origins:
+            return True
+        if "auto" not in self.origins:
+            return False
+        page = urlparse(origin).hostname or ""
+        server = urlparse(f"//{host}").hostname or ""
+        return page == server or (page in self.LOOPBACK and server in self.LOOPBACK)
+
+    @classmethod
+    def select_subprotocol(cls, ws: ServerConnection, offered: list) -> Optional[str]:
+        return cls.SUBPROTOCOL if cls.SUBPROTOCOL in offered else None
+
+
+class RateLimit:
+    """A token bucket: `rate` messages per second, in bursts of up to one second's worth."""
+
+    def __init__(self, rate: float):
+        self.rate, self.tokens, self.last = rate, rate, now()
+
+    def allow(self) -> bool:
+        t = now()
+        self.tokens = min(self.rate, self.tokens + (t - self.last) * self.rate)
+        self.last = t
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class ClientFiles:
@@ -1770,7 +1861,18 @@ def find_client_dir(client_dir: str) -> Optional[str]:
 
 def query_uid(ws: ServerConnection) -> Optional[str]:
     values = parse_qs(urlparse(ws.request.path).query).get("uid")
-    return values[0] if values else None
+    return check_uid(values[0]) if values else None
+
+
+class ReceiverConnection:
+    """One client on the receiver socket: its session (once it has named its uid) and its limits."""
+
+    def __init__(self, ws: ServerConnection, max_messages_per_s: float):
+        self.ws = ws
+        self.session: Optional[Session] = None
+        self.rate = RateLimit(max_messages_per_s)
+        self.last_refusal = -1.0  # when the last rate_limited error went out: one a second is enough
+        self.last_warning = -1.0  # when the last bad message was logged: a hostile client cannot flood the log
 
 
 class VoiceAgentServer:
@@ -1788,6 +1890,9 @@ class VoiceAgentServer:
         self.llm_stage = Stage("llm", llm, args.max_sessions, self.tts_stage.put)
         self.asr_stage = Stage("asr", asr, args.asr_workers, self.llm_stage.put)
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
+        self.access = AccessPolicy(args.auth_token, args.allowed_origins)
+        self.connections: set = set()  # every open, admitted WebSocket, closed with a reason at shutdown
+        self.max_samples = args.max_audio_ms_per_message * args.sample_rate // 1000  # per message, at the client's rate
         self.stopped: asyncio.Event = None
 
     def senders_for(self, uid: str) -> list:
@@ -1806,21 +1911,31 @@ class VoiceAgentServer:
         a = self.args
         files = ClientFiles(a.client_dir, {"protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
                                            "receiver_port": a.recv_port, "sender_port": a.send_port}) if a.client_dir else None
-        async with serve(self.handle_receiver, a.recv_host, a.recv_port, ping_interval=20, ping_timeout=20,
+        tls = None
+        if a.ssl_certfile:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
+        common = dict(ssl=tls, max_size=a.max_message_kb * 1024, ping_interval=a.ping_interval_s or None,
+                      ping_timeout=a.ping_timeout_s or None, select_subprotocol=AccessPolicy.select_subprotocol)
+        async with serve(self.handle_receiver, a.recv_host, a.recv_port, **common,
                          process_request=files.process_request if files else None), \
-                serve(self.handle_sender, a.send_host, a.send_port, ping_interval=20, ping_timeout=20):
+                serve(self.handle_sender, a.send_host, a.send_port, **common):
+            ws_scheme, http_scheme = ("wss", "https") if tls else ("ws", "http")
             if files:
-                logger.info("browser client: http://%s:%d/ (from %s)", a.recv_host, a.recv_port, a.client_dir)
-            logger.info("ready: receiver ws://%s:%d  sender ws://%s:%d", a.recv_host, a.recv_port, a.send_host, a.send_port)
+                logger.info("browser client: %s://%s:%d/ (from %s)", http_scheme, a.recv_host, a.recv_port, a.client_dir)
+            logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s", ws_scheme, a.recv_host, a.recv_port,
+                        ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "")
             if ready:
                 ready()
             await self.stopped.wait()
+            logger.info("shutting down: closing %d connections", len(self.connections))
+            await asyncio.gather(*(ws.close(1001, "server shutting down") for ws in list(self.connections)))
         for session in list(self.sessions.values()):
             self.end_session(session)
         for stage in (self.asr_stage, self.llm_stage, self.tts_stage):
             await asyncio.to_thread(stage.stop)
         self.vad_pool.shutdown(wait=False)
-        if self.recorder:
+        if self.recorder:  # every turn record queued so far is written before the process exits
             await asyncio.to_thread(self.recorder.close)
 
     # ---- sessions ----
@@ -1845,75 +1960,123 @@ class VoiceAgentServer:
     # ---- receiver socket: client -> server ----
 
     async def handle_receiver(self, ws: ServerConnection) -> None:
-        session: Optional[Session] = None
+        if not await self.admit(ws):
+            return
+        conn = ReceiverConnection(ws, self.args.max_messages_per_s)
+        idle_s = self.args.idle_timeout_s or None
         try:
             uid = query_uid(ws)
             if uid is not None:
-                session = self.open_session(uid)
-            async for message in ws:
+                conn.session = self.open_session(uid)
+            while True:
                 try:
-                    if isinstance(message, bytes):
-                        if session is None:
-                            raise BadMessage("no_session", "send ?uid= in the URL before binary audio")
-                        if len(message) % 2:
-                            raise BadMessage("bad_audio", "binary audio must be int16 PCM (an even number of bytes)")
-                        await self.on_audio(session, np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)
-                        continue
-                    data = json.loads(message)
-                    if not isinstance(data, dict):
-                        raise BadMessage("bad_message", "a message must be a JSON object")
-                    if session is None:
-                        msg_uid = data.get("uid")
-                        if not isinstance(msg_uid, str) or not msg_uid:
-                            raise BadMessage("no_uid", "the first message must carry a string uid")
-                        session = self.open_session(msg_uid)
-                    elif "uid" in data and data["uid"] != session.uid:
-                        raise BadMessage("uid_mismatch", "this connection belongs to another uid")
-                    for reply in await self.on_json(session, data):
-                        await ws.send(reply)
+                    async with asyncio.timeout(idle_s):
+                        message = await ws.recv()
+                except TimeoutError:
+                    if conn.session is not None and conn.session.assistant_busy():
+                        continue  # listening to an answer is not idle
+                    await ws.close(4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
+                    return
+                if not conn.rate.allow():
+                    if now() - conn.last_refusal >= 1:
+                        conn.last_refusal = now()
+                        self.report(conn, "rate_limited", f"more than {self.args.max_messages_per_s} messages a second; the excess is dropped")
+                    continue
+                try:
+                    await self.on_message(conn, message)
                 except BadMessage as exc:
-                    if exc.code in ("server_full", "uid_in_use"):
+                    if exc.code in ("server_full", "uid_in_use", "bad_uid") and conn.session is None:
                         await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
                         return
-                    self.report(session, exc.code, str(exc))
+                    self.report(conn, exc.code, str(exc))
                     if isinstance(message, str):
                         await ws.send(PLACEHOLDER)
-                except json.JSONDecodeError as exc:
-                    self.report(session, "bad_json", f"message is not JSON: {exc}")
-                    await ws.send(PLACEHOLDER)
-        except BadMessage as exc:
+        except BadMessage as exc:  # a bad ?uid= or a full server, before any message
             await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
         except websockets.ConnectionClosed:
             pass
         finally:
-            if session is not None:
-                self.end_session(session)
+            self.connections.discard(ws)
+            if conn.session is not None:
+                self.end_session(conn.session)
 
-    def report(self, session: Optional[Session], code: str, message: str) -> None:
-        logger.warning("bad message from %s: %s", session.uid if session else "unknown client", message)
+    async def admit(self, ws: ServerConnection) -> bool:
+        """Close a connection the access policy refuses, before it costs anything else."""
+        refusal = self.access.refusal(ws.request)
+        if refusal is None:
+            self.connections.add(ws)
+            return True
+        logger.warning("refused a connection from %s: %s", ws.remote_address[0] if ws.remote_address else "?", refusal[1])
+        await ws.close(*refusal)
+        return False
+
+    async def on_message(self, conn: ReceiverConnection, message: Any) -> None:
+        """Check one message from the receiver socket and act on it."""
+        session = conn.session
+        if isinstance(message, bytes):
+            if session is None:
+                raise BadMessage("no_session", "send ?uid= in the URL before binary audio")
+            if len(message) % 2:
+                raise BadMessage("bad_audio", "binary audio must be int16 PCM (an even number of bytes)")
+            if len(message) // 2 > self.max_samples:
+                raise BadMessage("audio_too_long", f"more than {self.args.max_audio_ms_per_message} ms of audio in one message")
+            await self.on_audio(session, np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)
+            return
+        try:
+            data = json.loads(message)
+        except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting like [[[[...
+            raise BadMessage("bad_json", f"message is not JSON: {str(exc)[:100]}") from None
+        if not isinstance(data, dict):
+            raise BadMessage("bad_message", "a message must be a JSON object")
+        if session is None:
+            if "uid" not in data:
+                raise BadMessage("no_uid", "the first message must carry a string uid")
+            session = conn.session = self.open_session(check_uid(data["uid"]))
+        elif "uid" in data and data["uid"] != session.uid:
+            raise BadMessage("uid_mismatch", "this connection belongs to another uid")
+        for reply in await self.on_json(session, data):
+            await conn.ws.send(reply)
+
+    def report(self, conn: ReceiverConnection, code: str, message: str) -> None:
+        """A bad message: an error event to the session's clients, and a log line (at most one a second)."""
+        session = conn.session
+        if now() - conn.last_warning >= 1:
+            conn.last_warning = now()
+            logger.warning("bad message from %s: %s", session.uid if session else "a client without a session", message)
         if session is not None:
             session.outbox.put_nowait(ErrorEvent(code, message))
 
     async def on_json(self, session: Session, data: dict) -> list:
         """Act on one JSON message; return the replies: one "VAD detected" per user turn started, else a placeholder."""
         kind = data.get("type")
-        if "is_playing" in data and data["is_playing"] in ("true", "false"):
-            session.client_playing = data["is_playing"] == "true"
+        if kind is not None and not isinstance(kind, str):
+            raise BadMessage("bad_message", "type must be a string")
+        if "is_playing" in data:  # CleanS2S's client reports playback as the strings "true"/"false"
+            playing = {"true": True, "false": False, True: True, False: False}.get(data["is_playing"]) \
+                if isinstance(data["is_playing"], (str, bool)) else None
+            if playing is None:
+                raise BadMessage("bad_message", 'is_playing must be "true" or "false"')
+            session.client_playing = playing
         if kind == "audio_input":
-            started = await self.on_audio(session, decode_float32_audio(data.get("audio")))
+            started = await self.on_audio(session, decode_float32_audio(data.get("audio"), self.max_samples))
             return [VAD_DETECTED] * started or [PLACEHOLDER]
         if kind == "user_input":
             text = data.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise BadMessage("bad_text", "user_input needs a non-empty text")
+            if len(text) > self.args.max_text_chars:
+                raise BadMessage("text_too_long", f"text longer than {self.args.max_text_chars} characters")
             self.on_text(session, text.strip())
             return [PLACEHOLDER]
         if kind == "playback":
             turn, played, playing = data.get("turn"), data.get("played_ms"), data.get("playing")
-            if not isinstance(turn, int) or (played is not None and not isinstance(played, (int, float))):
-                raise BadMessage("bad_playback", "playback needs an integer turn and a numeric played_ms")
-            session.on_playback(turn, played, playing if isinstance(playing, bool) else None)
-        return [PLACEHOLDER]  # other types are ignored, as CleanS2S does
+            if (not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < 2**32
+                    or (played is not None and (isinstance(played, bool) or not isinstance(played, (int, float))
+                                                or not 0 <= played < 1e9))
+                    or (playing is not None and not isinstance(playing, bool))):
+                raise BadMessage("bad_playback", "playback needs an integer turn, a played_ms of 0 or more, and a boolean playing")
+            session.on_playback(turn, played, playing)
+        return [PLACEHOLDER]  # other types (keepalive, ...) are ignored, as CleanS2S does
 
     async def on_audio(self, session: Session, audio: np.ndarray) -> int:
         """Feed audio to the session's VAD (in a worker thread). Returns how many user turns started in it."""
@@ -1966,7 +2129,16 @@ class VoiceAgentServer:
     # ---- sender socket: server -> client ----
 
     async def handle_sender(self, ws: ServerConnection) -> None:
-        conn = SenderConnection(ws, query_uid(ws))
+        if not await self.admit(ws):
+            return
+        try:
+            conn = SenderConnection(ws, query_uid(ws))
+        except BadMessage as exc:
+            await ws.close(1008, str(exc))
+            return
+        if len(self.connections) > 3 * self.args.max_sessions:  # a receiver and a sender per session, and some spare
+            await ws.close(1013, "server full: too many connections; try again later")
+            return
         if conn.extended:
             self.extended_senders.setdefault(conn.uid, set()).add(conn)
         else:
@@ -1985,6 +2157,7 @@ class VoiceAgentServer:
                     del self.extended_senders[conn.uid]
             else:
                 self.legacy_senders.discard(conn)
+            self.connections.discard(ws)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2020,6 +2193,17 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
         args.tts = "cosyvoice" if args.tts_model_name else "espeak"
     if min(args.sample_rate, args.max_sessions, args.asr_workers, args.tts_workers) <= 0:
         parser.error("--sample_rate, --max_sessions, --asr_workers and --tts_workers must be positive")
+    args.auth_token = args.auth_token or os.environ.get("S2S_AUTH_TOKEN") or None
+    if args.auth_token and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.auth_token):
+        parser.error("--auth_token must be 8-256 letters, digits or . _ ~ - (it travels in a URL or a subprotocol name); "
+                     "make one with: openssl rand -hex 16")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        parser.error("--ssl_certfile and --ssl_keyfile go together")
+    for path in (args.ssl_certfile, args.ssl_keyfile):
+        if path and not os.path.isfile(path):
+            parser.error(f"TLS file {path} does not exist")
+    if min(args.max_message_kb, args.max_audio_ms_per_message, args.max_text_chars, args.max_messages_per_s) <= 0:
+        parser.error("--max_message_kb, --max_audio_ms_per_message, --max_text_chars and --max_messages_per_s must be positive")
     args.client_dir = find_client_dir(args.client_dir)
     if args.client_dir and not os.path.isfile(os.path.join(args.client_dir, "index.html")):
         parser.error(f"--client_dir {args.client_dir} has no index.html: build the client first (cd frontend_nextjs && npm run build)")
@@ -2050,6 +2234,8 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     and its own `handlers`, which builds the (ASR, LLM, TTS) handlers from the parsed flags."""
     args = parse_args(argv, parser)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # At DEBUG the websockets library logs every handshake header, the token among them.
+    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLogger().level))
     if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
         logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
     asr, llm, tts = handlers(args)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the server needs, once: the espeak-ng program, a Python virtual environment in .venv
-# with requirements.txt (plus requirements-dev.txt when called with --dev), and, when Node.js is installed,
-# the browser client built into frontend_nextjs/out. With --dev also Chromium, for the browser test.
+# with requirements.txt (plus requirements-rag.txt and requirements-dev.txt when called with --dev), and, when
+# Node.js is installed, the browser client built into frontend_nextjs/out. With --dev also what only the tests use:
+# Chromium (the browser test), nginx (the scale-out test) and openssl (certificates for the TLS test).
 # Safe to re-run: each part is redone only when its inputs change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,16 +25,36 @@ fi
 if [ "${1:-}" = "--dev" ] && [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]; then
   apt_install chromium
 fi
+if [ "${1:-}" = "--dev" ] && ! command -v openssl >/dev/null 2>&1; then
+  apt_install openssl
+fi
+# nginx, for tests/test_scale_out.py, which runs its own nginx as this user on free ports. Debian's package would
+# also start a system nginx on port 80 as it installs: a policy-rc.d that answers 101 ("action forbidden"), which
+# invoke-rc.d and deb-systemd-invoke both honour, keeps it stopped. It exists only during the install (one already
+# there, as in most containers, is left as it is); `systemctl disable` then keeps nginx from starting at boot.
+if [ "${1:-}" = "--dev" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  as_root=""; [ "$(id -u)" = 0 ] || as_root="sudo"
+  if [ -e /usr/sbin/policy-rc.d ] || { [ -n "$as_root" ] && ! command -v sudo >/dev/null 2>&1; }; then
+    apt_install nginx
+  else
+    printf '#!/bin/sh\nexit 101\n' | $as_root tee /usr/sbin/policy-rc.d >/dev/null && $as_root chmod 755 /usr/sbin/policy-rc.d
+    status=0; (apt_install nginx) || status=$?
+    $as_root rm -f /usr/sbin/policy-rc.d
+    [ "$status" = 0 ] || exit "$status"
+  fi
+  if [ -d /run/systemd/system ]; then $as_root systemctl disable --quiet nginx 2>/dev/null || true; fi
+fi
 
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)${1:-}"
+stamp=".venv/.installed-$(cat requirements.txt requirements-rag.txt requirements-dev.txt | cksum | cut -d' ' -f1)${1:-}"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
-  if [ "${1:-}" = "--dev" ]; then .venv/bin/python -m pip install -q -r requirements-dev.txt; fi
+  # The tests cover the RAG agent too (s2s_server_pipeline_rag.py), so --dev installs what it adds.
+  if [ "${1:-}" = "--dev" ]; then .venv/bin/python -m pip install -q -r requirements-rag.txt -r requirements-dev.txt; fi
   touch "$stamp"
 fi
 

@@ -1,0 +1,229 @@
+"""Who gets in, TLS, and input limits: the real server in a subprocess, real sockets."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import ssl
+import subprocess
+import urllib.request
+
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from client import ExtendedClient
+from conftest import start_server
+
+import s2s_server_pipeline as s2s
+
+TOKEN = "s3cret-Token_0123456789"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def refusal(url: str, **kwargs) -> websockets.frames.Close:
+    """Connect, and return the close frame the server sends before anything else."""
+    async with connect(url, **kwargs) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    return closed.value.rcvd
+
+
+async def typed_turn(client: ExtendedClient, text: str = "hello there") -> None:
+    await client.send_text(text)
+    await client.wait_for(lambda r: r.kind == "answer" and r.data["end"])
+    assert client.events("audio"), "no answer audio"
+
+
+@contextlib.asynccontextmanager
+async def opened(client: ExtendedClient, **connect_kwargs):
+    """A client's two sockets opened with extra connect() arguments (subprotocols, origin, ssl)."""
+    client.recv = await connect(client._recv_url(), max_size=None, **connect_kwargs)
+    client.send = await connect(client._send_url(), max_size=None, **connect_kwargs)
+    client.readers = [asyncio.create_task(client._read_sender()), asyncio.create_task(client._read_replies())]
+    try:
+        yield client
+    finally:
+        await client.__aexit__(None, None, None)
+
+
+AS_BROWSER = {"subprotocols": ["s2s", f"s2s.token.{TOKEN}"]}  # how a browser presents the token
+
+
+@pytest.fixture(scope="module")
+def guarded(chat_api):
+    srv = start_server(chat_api, "--auth_token", TOKEN, "--log_level", "DEBUG",
+                       "--allowed_origins", "auto,https://app.example.com", "--idle_timeout_s", "2",
+                       "--max_text_chars", "50", "--max_audio_ms_per_message", "200", "--max_messages_per_s", "40",
+                       "--max_message_kb", "64")
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_missing_or_wrong_token_is_refused_on_both_sockets(guarded):
+    async def scenario():
+        closes = []
+        for base in (guarded.recv_url, guarded.send_url):
+            closes.append(await refusal(f"{base}/?uid=nobody"))
+            closes.append(await refusal(f"{base}/?uid=nobody&token=wrong-token-1234"))
+            closes.append(await refusal(f"{base}/?uid=nobody", subprotocols=["s2s", "s2s.token.wrong-token-1234"]))
+        return closes
+
+    for close in run(scenario()):
+        assert (close.code, close.reason) == (4401, "unauthorized: missing or wrong token")
+    assert "session nobody opened" not in guarded.log()
+
+
+def test_token_as_query_or_subprotocol_gets_a_normal_session_and_never_reaches_the_log(guarded):
+    async def scenario():
+        query = ExtendedClient(guarded.recv_url, guarded.send_url)
+        query._recv_url = lambda: f"{guarded.recv_url}/?uid={query.uid}&token={TOKEN}"
+        query._send_url = lambda: f"{guarded.send_url}/?uid={query.uid}&token={TOKEN}"
+        async with opened(query):
+            await typed_turn(query)
+        async with opened(ExtendedClient(guarded.recv_url, guarded.send_url), **AS_BROWSER) as browser:
+            assert browser.recv.subprotocol == "s2s"
+            await typed_turn(browser)
+
+    run(scenario())
+    assert "DEBUG" in guarded.log() and "session" in guarded.log()
+    assert TOKEN not in guarded.log(), "the token must never reach the log"
+
+
+def test_the_token_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("S2S_AUTH_TOKEN", TOKEN)
+    assert s2s.parse_args([]).auth_token == TOKEN
+    assert s2s.parse_args(["--auth_token", "another-token-99"]).auth_token == "another-token-99"
+    monkeypatch.delenv("S2S_AUTH_TOKEN")
+    assert s2s.parse_args([]).auth_token is None
+
+
+def test_foreign_origin_is_refused_and_listed_or_same_host_origins_pass(guarded):
+    async def scenario():
+        foreign = [await refusal(f"{base}/?uid=o1", origin="https://evil.example", **AS_BROWSER)
+                   for base in (guarded.recv_url, guarded.send_url)]
+        passed = []
+        for origin in ("http://127.0.0.1:3000", "https://app.example.com", "http://localhost:9999"):
+            async with opened(ExtendedClient(guarded.recv_url, guarded.send_url), origin=origin, **AS_BROWSER) as c:
+                await c.wait_for(lambda r: r.kind == "ready", timeout=5)
+                passed.append(origin)
+        return foreign, passed
+
+    foreign, passed = run(scenario())
+    for close in foreign:
+        assert close.code == 4403 and close.reason == "origin not allowed: https://evil.example"
+    assert passed == ["http://127.0.0.1:3000", "https://app.example.com", "http://localhost:9999"]
+
+
+def test_limits_answer_with_error_codes_and_keep_the_connection(guarded):
+    async def scenario():
+        async with opened(ExtendedClient(guarded.recv_url, guarded.send_url), **AS_BROWSER) as c:
+            await c.wait_for(lambda r: r.kind == "ready")
+            await c.send_text("x" * 51)  # over --max_text_chars 50
+            await c.recv.send(np.zeros(int(0.25 * s2s.SAMPLE_RATE), "<i2").tobytes())  # 250 ms > 200 ms
+            audio = base64.b64encode(np.zeros(int(0.25 * s2s.SAMPLE_RATE), "<f4").tobytes()).decode()
+            await c.recv.send(json.dumps({"type": "audio_input", "uid": c.uid, "audio": audio}))
+            await c.recv.send(json.dumps({"type": "playback", "turn": True, "played_ms": 5}))
+            await c.recv.send(json.dumps({"type": "playback", "turn": 1, "played_ms": float("nan")}))
+            await c.recv.send(json.dumps({"type": 7}))
+            await c.recv.send(json.dumps({"type": "audio_input", "is_playing": "maybe", "audio": ""}))
+            await c.recv.send("[" * 50000)  # nested past the JSON parser's recursion limit
+            expected = ["text_too_long", "audio_too_long", "audio_too_long", "bad_playback", "bad_playback",
+                        "bad_message", "bad_message", "bad_json"]
+            await c.wait_for(lambda r: len(c.events("error")) >= len(expected), timeout=10)
+            codes = [e.data["code"] for e in c.events("error")]
+            for _ in range(200):  # 200 messages at once, over --max_messages_per_s 40
+                await c.recv.send(json.dumps({"type": "keepalive"}))
+            await c.wait_for(lambda r: r.kind == "error" and r.data["code"] == "rate_limited", timeout=10)
+            await asyncio.sleep(1.1)  # let the bucket refill: a second's worth of messages is allowed again
+            await typed_turn(c, "short question")
+            rate_errors = [e for e in c.events("error") if e.data["code"] == "rate_limited"]
+            return codes, rate_errors
+
+    codes, rate_errors = run(scenario())
+    assert codes == ["text_too_long", "audio_too_long", "audio_too_long", "bad_playback", "bad_playback",
+                     "bad_message", "bad_message", "bad_json"]
+    assert len(rate_errors) == 1, "one rate_limited error a second, not one per dropped message"
+
+
+def test_oversized_frame_closes_with_1009_and_idle_connection_with_4408(guarded):
+    async def scenario():
+        async with connect(f"{guarded.recv_url}/?uid=big1&token={TOKEN}", max_size=None) as ws:
+            await ws.send(b"\0" * (65 * 1024))  # over --max_message_kb 64
+            with pytest.raises(websockets.ConnectionClosed) as big:
+                await asyncio.wait_for(ws.recv(), 5)
+        async with connect(f"{guarded.recv_url}/?uid=idle1&token={TOKEN}") as ws:
+            with pytest.raises(websockets.ConnectionClosed) as idle:
+                await asyncio.wait_for(ws.recv(), 10)  # --idle_timeout_s 2
+        return big.value.rcvd, idle.value.rcvd
+
+    big, idle = run(scenario())
+    assert big.code == 1009
+    assert idle.code == 4408 and idle.reason == "idle: no message for 2 s"
+
+
+def test_bad_uids_are_refused(guarded):
+    async def scenario():
+        in_url = await refusal(f"{guarded.recv_url}/?uid=../../etc&token={TOKEN}")
+        sender = await refusal(f"{guarded.send_url}/?uid=.hidden&token={TOKEN}")
+        async with connect(f"{guarded.recv_url}/?token={TOKEN}") as ws:
+            await ws.send(json.dumps({"type": "user_input", "uid": "a/b", "text": "hi"}))
+            with pytest.raises(websockets.ConnectionClosed) as first:
+                await asyncio.wait_for(ws.recv(), 5)
+        return in_url, sender, first.value.rcvd
+
+    for close in run(scenario()):
+        assert close.code == 1008 and close.reason.startswith("uid must be 1-64 letters")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_serves_wss_and_the_client_over_https(chat_api, certificate, tmp_path):
+    cert, key = certificate
+    (tmp_path / "index.html").write_text("<h1>voice agent</h1>")
+    srv = start_server(chat_api, "--ssl_certfile", str(cert), "--ssl_keyfile", str(key), "--client_dir", str(tmp_path))
+    try:
+        trust = ssl.create_default_context(cafile=str(cert))
+        page = urllib.request.urlopen(f"https://127.0.0.1:{srv.recv_port}/", context=trust, timeout=10).read()
+        config = json.loads(urllib.request.urlopen(f"https://127.0.0.1:{srv.recv_port}/s2s-config.json",
+                                                   context=trust, timeout=10).read())
+
+        async def scenario():
+            c = ExtendedClient(f"wss://127.0.0.1:{srv.recv_port}", f"wss://127.0.0.1:{srv.send_port}")
+            async with opened(c, ssl=trust):
+                await typed_turn(c)
+            with pytest.raises(ssl.SSLError):  # a client that does not trust the certificate gets nowhere
+                await connect(f"wss://127.0.0.1:{srv.recv_port}/?uid=x", ssl=ssl.create_default_context())
+
+        run(scenario())
+        assert page == b"<h1>voice agent</h1>" and config["receiver_port"] == srv.recv_port
+        assert "ready: receiver wss://" in srv.log() and "browser client: https://" in srv.log()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--auth_token", "short"], "--auth_token must be 8-256"),
+    (["--auth_token", "has space in it"], "--auth_token must be 8-256"),
+    (["--ssl_certfile", "cert.pem"], "--ssl_certfile and --ssl_keyfile go together"),
+    (["--ssl_certfile", "nope.pem", "--ssl_keyfile", "nope.key"], "TLS file nope.pem does not exist"),
+    (["--max_text_chars", "0"], "must be positive"),
+])
+def test_bad_security_flags_stop_start_up_with_one_sentence(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        s2s.parse_args(flags)
+    assert message in capsys.readouterr().err
