@@ -1,23 +1,31 @@
 """The browser client (frontend_nextjs/) in headless Chromium against the real server, which serves the
 built page itself (--client_dir). A fake microphone (a WAV file) asks a question, then cuts into the
-answer; then the test types, starts a new topic and drops the connection. It checks what the page shows,
-what it plays and what it sends, through test hooks on the page's audio output and sockets
+answer; then the test types, starts a new topic and drops the connection. With a server that wants a token
+(--auth_token), the page takes it from its URL, or is refused and stops until the token is set in its
+settings. Against a stand-in server that names its sources, the page links them. It checks what the page
+shows, what it plays and what it sends, through test hooks on the page's audio output and sockets
 (tests/browser/audio_tap.js); tests/browser/voice_page.mjs drives the page.
 
 Needs Node.js, Chromium (CHROMIUM_PATH, default /usr/bin/chromium) and the built client with its
 devDependencies: scripts/setup.sh --dev installs all three."""
 from __future__ import annotations
 
+import asyncio
+import functools
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
+import threading
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from websockets.asyncio.server import serve
 
 from client import load_wav
 from conftest import ROOT, fixture, start_server
@@ -58,9 +66,19 @@ def write_mic_wav(path: str) -> None:
     sf.write(path, np.stack([mono, mono], axis=1), MIC_RATE, subtype="PCM_16")
 
 
-def run_page(url: str, mic_wav: str, screenshot: str) -> dict:
-    proc = subprocess.run(["node", os.path.join(ROOT, "tests", "browser", "voice_page.mjs"), url, mic_wav, screenshot],
-                          capture_output=True, text=True, timeout=120)
+def silent_mic(tmp_path, screenshot_name: str) -> tuple:
+    """A second of silence, which Chromium's fake microphone plays in a loop (the page always has audio to
+    send), and where the scenario's screenshot goes."""
+    mic_wav = str(tmp_path / "silence.wav")
+    sf.write(mic_wav, np.zeros((MIC_RATE, 2), np.float32), MIC_RATE, subtype="PCM_16")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    return mic_wav, os.path.join(ARTIFACTS, screenshot_name)
+
+
+def run_page(scenario: str, url: str, mic_wav: str, screenshot: str, *extra: str) -> dict:
+    """Runs one scenario of tests/browser/voice_page.mjs; returns what it reported."""
+    proc = subprocess.run(["node", os.path.join(ROOT, "tests", "browser", "voice_page.mjs"), scenario, url, mic_wav,
+                           screenshot, *extra], capture_output=True, text=True, timeout=120)
     try:
         page = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -72,6 +90,13 @@ def run_page(url: str, mic_wav: str, screenshot: str) -> dict:
 def summary(page: dict) -> str:
     """What the page showed and heard, for failure messages (without the per-quantum levels)."""
     return json.dumps({k: v for k, v in page.items() if k not in ("quanta", "audio")}, indent=1)[-6000:]
+
+
+def check_ran(page: dict, server_log: str = "") -> None:
+    """The scenario ran to its end, with no error in the page (nor in the server)."""
+    assert "failure" not in page, summary(page) + "\nserver log:\n" + server_log[-3000:]
+    assert not page["pageErrors"] and not [m for m in page["console"] if m.startswith("error")], page["console"]
+    assert "Traceback" not in server_log, server_log
 
 
 def sound_between(quanta: np.ndarray, start: float, end: float) -> np.ndarray:
@@ -86,14 +111,12 @@ def test_talk_listen_and_cut_in(chat_api, long_answers, tmp_path, capsys):
     write_mic_wav(mic_wav)
     srv = start_server(chat_api, "--client_dir", BUILT)
     try:
-        page = run_page(f"http://127.0.0.1:{srv.recv_port}/", mic_wav, screenshot)
+        page = run_page("talk", f"http://127.0.0.1:{srv.recv_port}/", mic_wav, screenshot)
     finally:
         srv.stop()
     with capsys.disabled():
         print(f"\nbrowser test screenshot: {screenshot}")
-    assert "failure" not in page, summary(page) + "\nserver log:\n" + srv.log()[-3000:]
-    assert not page["pageErrors"] and not [m for m in page["console"] if m.startswith("error")], page["console"]
-    assert "Traceback" not in srv.log(), srv.log()
+    check_ran(page, srv.log())
 
     # What the page shows: the transcripts of both utterances, and both answers.
     first, second = page["spoken"][:2]
@@ -156,3 +179,185 @@ def test_talk_listen_and_cut_in(chat_api, long_answers, tmp_path, capsys):
     ready = [e for e in events if e["event"] == "ready"]
     assert len(ready) >= 2 and len({e["uid"] for e in ready}) == 1, ready
     assert page["reconnected"][-1]["answer"].startswith("About are you back:"), page["reconnected"]
+
+
+# ---- a server that wants a token ----
+
+TOKEN = "s3cret-Token_1.~"  # every character a token may have
+REFUSED = "unauthorized: missing or wrong token"  # the server's reason, which the page shows
+IDLE_TIMEOUT_S = 3  # the server closes a receiver that sends nothing this long
+
+
+@pytest.fixture(scope="module")
+def token_server(chat_api):
+    srv = start_server(chat_api, "--client_dir", BUILT, "--auth_token", TOKEN, "--idle_timeout_s", str(IDLE_TIMEOUT_S))
+    yield srv
+    srv.stop()
+
+
+def test_token_from_the_page_url(token_server, tmp_path):
+    mic_wav, screenshot = silent_mic(tmp_path, "browser_token.png")
+    base = f"http://127.0.0.1:{token_server.recv_port}/"
+    page = run_page("token", f"{base}?token={TOKEN}", mic_wav, screenshot)
+    check_ran(page, token_server.log())
+
+    # It connected and a typed message was answered.
+    assert page["answered"][-1]["answer"].startswith("About what is the weather:"), page["answered"]
+    # The token left the address bar at once (nothing to bookmark or share), and the tab kept it: after a
+    # reload, without the token in the URL, the page connects and talks again.
+    assert page["pageUrl"] == base and page["reloadedUrl"] == base, (page["pageUrl"], page["reloadedUrl"])
+    assert page["afterReload"][-1]["answer"].startswith("About still there:"), page["afterReload"]
+    # It went to the server in a subprotocol, not in a socket URL (which proxies log), and not to the console.
+    sockets = page["socketsBeforeReload"] + page["sockets"]
+    assert len(sockets) >= 4, sockets  # two sockets before the reload and two after
+    assert all(s["protocols"] == ["s2s", f"s2s.token.{TOKEN}"] and "token" not in s["url"] for s in sockets), sockets
+    assert not [m for m in page["console"] if TOKEN in m], page["console"]
+    assert REFUSED not in token_server.log()
+
+    # A message longer than the server's --max_text_chars: a short notice, and the message marked failed.
+    assert "That message is too long for the server: send a shorter one." in page["tooLong"]["notices"], page["tooLong"]
+    too_long = page["tooLong"]["exchanges"][-1]
+    assert too_long["user"].startswith("xxx") and too_long["answer"] == "" and "failed" in too_long["meta"], too_long
+
+
+def test_wrong_token_stops_until_set_in_settings(token_server, tmp_path):
+    mic_wav, screenshot = silent_mic(tmp_path, "browser_refused.png")
+    refused_before = token_server.log().count(REFUSED)
+    page = run_page("refused", f"http://127.0.0.1:{token_server.recv_port}/?token=wrong-token-123", mic_wav,
+                    screenshot, TOKEN)
+    check_ran(page, token_server.log())
+
+    # Refused: the page says why, with the server's reason, and where to fix it...
+    assert "The server refused the token: set the right one in Settings." in page["refusal"], page["refusal"]
+    assert REFUSED in page["refusal"] and "Connection refused" in page["statusWhenRefused"], page["statusWhenRefused"]
+    # ...and does not try again by itself: one socket, one refused connection on the server.
+    assert not page["triedAgain"] and page["socketsWhileRefused"] == 1, page["sockets"]
+    assert token_server.log().count(REFUSED) - refused_before == 1, token_server.log()[-3000:]
+    # The token typed in the settings panel (a password field, not shown) connects it, and it talks.
+    assert page["tokenFieldType"] == "password"
+    assert page["refusalsAfterSave"] == 0
+    assert page["answered"][-1]["answer"].startswith("About let me in:"), page["answered"]
+    assert not [m for m in page["console"] if "wrong-token-123" in m or TOKEN in m], page["console"]
+
+    # Muted, the page sent nothing; the server closed the idle receiver and the page came back quietly: no
+    # refusal, no notice, the conversation still on screen, the same session id.
+    assert any(c["code"] == 4408 for c in page["closes"]), page["closes"]
+    idle = page["afterIdle"]
+    assert idle["refusals"] == 0 and idle["notices"] == [], idle
+    assert idle["exchanges"] and idle["exchanges"][-1]["answer"].startswith("About let me in:"), idle
+    assert len({e["uid"] for e in page["events"] if e["event"] == "ready"}) == 1
+
+
+# ---- sources, from a stand-in server ----
+
+SOURCES_BEFORE = [  # sent before the answer
+    {"title": "Solar panel – Wikipedia", "url": "https://en.wikipedia.org/wiki/Solar_panel"},
+    {"title": "<img src=x onerror=alert(1)>Installer's manual", "url": "docs/manual.pdf"},
+    {"title": "Click me", "url": "javascript:alert(1)"},
+]
+SOURCES_DURING = [  # sent while it streams: one already given, and more than fit
+    {"title": "Solar panel (again)", "url": "https://en.wikipedia.org/wiki/Solar_panel"},
+    {"title": "Panel prices", "url": "http://example.org/prices"},
+    {"title": "", "url": "https://example.org/fifth"},
+    {"title": "Sixth", "url": "https://example.org/sixth"},
+]
+
+
+class SourcesServer:
+    """Both sockets of the extended protocol, as a server that looks things up before it answers speaks them:
+    `ready` on the sender socket; for each typed question, a `sources` event before the answer and another
+    while it streams (with a source already given, markup in a title, a document path, a script URL, and more
+    sources than the page shows). It records what the receiver socket gets."""
+
+    def __init__(self):
+        self.received: list = []  # the receiver's JSON messages
+        self.audio_frames = 0
+        self.senders: dict = {}  # uid -> sender socket
+        self.turns = 0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.serve(started),), daemon=True)
+        self.thread.start()
+        assert started.wait(10), "the stand-in server did not start"
+
+    async def serve(self, started: threading.Event) -> None:
+        self.stopped = asyncio.Event()
+        async with serve(self.receiver, "127.0.0.1", 0) as recv, serve(self.sender, "127.0.0.1", 0) as send:
+            self.recv_port, self.send_port = (s.sockets[0].getsockname()[1] for s in (recv, send))
+            started.set()
+            await self.stopped.wait()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(10)
+
+    @staticmethod
+    def uid(ws) -> str:
+        return parse_qs(urlparse(ws.request.path).query)["uid"][0]
+
+    async def sender(self, ws) -> None:
+        self.senders[self.uid(ws)] = ws
+        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "protocol": 1, "sample_rate": 16000}))
+        await ws.wait_closed()
+
+    async def receiver(self, ws) -> None:
+        async for message in ws:
+            if isinstance(message, bytes):
+                self.audio_frames += 1
+                continue
+            self.received.append(json.loads(message))
+            if self.received[-1].get("type") == "user_input":
+                await self.answer(self.senders[self.uid(ws)], self.received[-1]["text"])
+
+    async def answer(self, ws, question: str) -> None:
+        self.turns += 1
+        turn, text = self.turns, f"About {question}: they turn light into power."
+        for event in ({"event": "sources", "turn": turn, "sources": SOURCES_BEFORE},
+                      {"event": "answer", "turn": turn, "seq": 0, "text": text, "end": False},
+                      {"event": "sources", "turn": turn, "sources": SOURCES_DURING},
+                      {"event": "answer", "turn": turn, "seq": 1, "text": "", "end": True}):
+            await ws.send(json.dumps(event))
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def client_site():
+    """The built page from a plain static file server, as any web server would serve it."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFiles, directory=BUILT))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_sources_are_links_and_a_muted_page_keeps_alive(client_site, tmp_path):
+    mic_wav, screenshot = silent_mic(tmp_path, "browser_sources.png")
+    server = SourcesServer()
+    try:
+        url = f"{client_site}?receiver=ws://127.0.0.1:{server.recv_port}&sender=ws://127.0.0.1:{server.send_port}"
+        page = run_page("sources", url, mic_wav, screenshot)
+    finally:
+        server.stop()
+    check_ran(page)
+    assert page["answered"][-1]["answer"] == "About tell me about solar panels: they turn light into power."
+
+    # Under the answer: each source once, five at most, in the order given. Web addresses are links that open
+    # apart from the page (with the host they lead to beside them); anything else is text, markup included.
+    shown = page["sources"]
+    wiki, manual, script, prices, fifth = shown  # "Sixth" did not fit, the repeated Wikipedia page is not shown again
+    new_tab = {"target": "_blank", "rel": "noopener noreferrer"}
+    assert wiki["links"] == [{"href": SOURCES_BEFORE[0]["url"], "text": "Solar panel – Wikipedia", **new_tab}], wiki
+    assert wiki["text"].endswith("en.wikipedia.org"), wiki
+    assert manual == {"text": "<img src=x onerror=alert(1)>Installer's manual docs/manual.pdf", "links": []}, manual
+    assert script == {"text": "Click me javascript:alert(1)", "links": []}, script
+    assert prices["links"] == [{"href": "http://example.org/prices", "text": "Panel prices", **new_tab}], prices
+    assert fifth["links"] == [{"href": "https://example.org/fifth", "text": "https://example.org/fifth", **new_tab}]
+    assert page["elementsInSources"] == 0  # the title's <img> stayed text
+
+    # Muted, the page sent no audio, and after half a minute a keepalive, so the server does not close it as idle.
+    assert server.audio_frames > 0  # it streamed the microphone before
+    assert {"type": "keepalive"} in server.received, server.received

@@ -1,7 +1,7 @@
 "use client";
 import { useEffect, useRef } from "react";
 import type { Exchange } from "@/lib/conversation";
-import { voiceToVoiceMs, type TurnMetrics } from "@/lib/protocol";
+import { voiceToVoiceMs, type Source, type TurnMetrics } from "@/lib/protocol";
 
 function round(ms: number | null | undefined): string {
   return ms === null || ms === undefined ? "–" : `${Math.round(ms)}`;
@@ -40,6 +40,46 @@ function Latency({ exchange }: { exchange: Exchange }) {
   );
 }
 
+/** A link only to web pages; anything else (a document's path or name, another scheme) is not one. */
+function webLink(url: string): URL | null {
+  try {
+    const parsed = new URL(url);
+    return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed : null;
+  } catch {
+    return null; // not an absolute URL
+  }
+}
+
+/** Where the answer came from. The server's text is untrusted: React writes it as text, never as markup. */
+function Sources({ sources }: { sources: Source[] }) {
+  return (
+    <ul className="sources" aria-label="Sources">
+      {sources.map((source) => {
+        const link = webLink(source.url);
+        const label = source.title || source.url;
+        return (
+          <li key={source.url || source.title}>
+            {link ? (
+              <>
+                <a href={link.href} target="_blank" rel="noopener noreferrer">
+                  {label}
+                </a>{" "}
+                {/* The title is the server's to choose: where the link really goes. */}
+                <span className="source-where">{link.hostname}</span>
+              </>
+            ) : (
+              <>
+                <span>{label}</span>
+                {source.title && source.url && <span className="source-where"> {source.url}</span>}
+              </>
+            )}
+          </li>
+        );
+      })}
+    </ul>
+  );
+}
+
 function ExchangeItem({ exchange }: { exchange: Exchange }) {
   const waiting = exchange.spoken && !exchange.userFinal;
   return (
@@ -50,6 +90,7 @@ function ExchangeItem({ exchange }: { exchange: Exchange }) {
       {(exchange.answer || (exchange.userFinal && !exchange.answerDone)) && (
         <p className={`bubble assistant${exchange.answerDone ? "" : " streaming"}`}>{exchange.answer || "…"}</p>
       )}
+      {exchange.sources.length > 0 && <Sources sources={exchange.sources} />}
       <p className="meta">
         {exchange.interrupted && <span className="tag">interrupted</span>}
         {exchange.failed && <span className="tag error">failed</span>}

@@ -1,6 +1,6 @@
 "use client";
 import { useState, type FormEvent } from "react";
-import { DEFAULT_SETTINGS, checkSocketUrl, type ServerAddress, type Settings } from "@/lib/config";
+import { DEFAULT_SETTINGS, checkSocketUrl, checkToken, type ServerAddress, type Settings } from "@/lib/config";
 
 const URL_FIELDS: { key: "receiverUrl" | "senderUrl"; label: string }[] = [
   { key: "receiverUrl", label: "Receiver socket (microphone → server)" },
@@ -31,10 +31,17 @@ export default function SettingsPanel({ settings, address, onSave }: Props) {
   const urlsOk =
     (draft.receiverUrl.trim() === "" && draft.senderUrl.trim() === "") ||
     (checkSocketUrl(draft.receiverUrl) !== null && checkSocketUrl(draft.senderUrl) !== null);
+  const tokenOk = checkToken(draft.token.trim());
 
   function submit(event: FormEvent) {
     event.preventDefault();
-    if (urlsOk) onSave({ ...draft, receiverUrl: draft.receiverUrl.trim(), senderUrl: draft.senderUrl.trim() });
+    if (!urlsOk || !tokenOk) return;
+    onSave({
+      ...draft,
+      receiverUrl: draft.receiverUrl.trim(),
+      senderUrl: draft.senderUrl.trim(),
+      token: draft.token.trim(),
+    });
   }
 
   return (
@@ -57,6 +64,17 @@ export default function SettingsPanel({ settings, address, onSave }: Props) {
         </label>
       ))}
       {!urlsOk && <p className="field-error">Give both addresses as ws:// or wss:// URLs, or leave both empty.</p>}
+      <label>
+        Token (when the server asks for one; kept for this tab only)
+        <input
+          type="password"
+          value={draft.token}
+          onChange={(event) => setDraft({ ...draft, token: event.target.value })}
+          autoComplete="off"
+          spellCheck={false}
+        />
+      </label>
+      {!tokenOk && <p className="field-error">A token has only letters, digits and the characters - _ . ~</p>}
       {AUDIO_OPTIONS.map(({ key, label }) => (
         <label key={key} className="check">
           <input
@@ -71,7 +89,7 @@ export default function SettingsPanel({ settings, address, onSave }: Props) {
         <button type="button" onClick={() => setDraft(DEFAULT_SETTINGS)}>
           Reset
         </button>
-        <button type="submit" className="primary" disabled={!urlsOk}>
+        <button type="submit" className="primary" disabled={!urlsOk || !tokenOk}>
           Save
         </button>
       </div>

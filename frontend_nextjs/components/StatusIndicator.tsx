@@ -18,6 +18,8 @@ function describe(state: ConnectionState): string {
       return "Connected";
     case "waiting":
       return `Retrying in ${Math.ceil(state.retryInMs / 1000)} s: ${state.reason}`;
+    case "refused":
+      return "Connection refused";
   }
 }
 

@@ -1,7 +1,14 @@
 "use client";
 /** The whole page: status bar, settings, conversation, and the controls at the bottom. */
 import { useEffect, useState } from "react";
-import { loadSettings, resolveServerAddress, saveSettings, type ServerAddress, type Settings } from "@/lib/config";
+import {
+  loadSettings,
+  resolveServerAddress,
+  saveSettings,
+  takeTokenFromUrl,
+  type ServerAddress,
+  type Settings,
+} from "@/lib/config";
 import { useVoiceAgent } from "@/lib/useVoiceAgent";
 import Composer from "./Composer";
 import ConversationView from "./ConversationView";
@@ -17,15 +24,19 @@ export default function VoiceApp() {
   const [showSettings, setShowSettings] = useState(false);
   const running = agent.connection.phase !== "closed";
   const connected = agent.connection.phase === "connected";
+  const { notify } = agent;
 
-  // Settings live in localStorage and the address may come from the server: both only in the browser.
+  // Settings live in the browser's storage and the address may come from the server: both only in the browser.
   useEffect(() => {
+    const fromUrl = takeTokenFromUrl(window); // first: out of the address bar at once
     const saved = loadSettings();
+    if (fromUrl.kind === "taken") saved.token = fromUrl.token; // also where the browser offers no storage
+    if (fromUrl.kind === "invalid") notify("The token in the page address is not a valid token: set it in Settings.");
     void resolveServerAddress(window.location, saved).then((resolved) => {
       setSettings(saved);
       setAddress(resolved);
     });
-  }, []);
+  }, [notify]);
 
   function toggleRunning() {
     if (running) {
@@ -62,6 +73,16 @@ export default function VoiceApp() {
 
       {showSettings && settings && address && (
         <SettingsPanel settings={settings} address={address} onSave={onSaveSettings} />
+      )}
+
+      {agent.connection.phase === "refused" && (
+        <div className="refusal" role="alert">
+          <p>{agent.connection.message}</p>
+          {agent.connection.reason && <p className="refusal-reason">Server: {agent.connection.reason}</p>}
+          <button type="button" onClick={() => setShowSettings(true)}>
+            Open settings
+          </button>
+        </div>
       )}
 
       <ConversationView exchanges={agent.conversation.exchanges} started={running} />

@@ -2,7 +2,7 @@
  * One voice conversation: the microphone streams to the server, the server's events go to the view, and
  * the answer audio plays until the user cuts in. Independent of React; lib/useVoiceAgent.ts wraps it.
  */
-import { AgentConnection, type ConnectionState, type ServerUrls } from "./connection";
+import { AgentConnection, type ConnectionState, type ServerTarget } from "./connection";
 import { Microphone, type MicOptions } from "./mic";
 import { Player } from "./player";
 import { PROTOCOL_VERSION, encodeMicFrame, type AnswerAudio, type ServerEvent } from "./protocol";
@@ -43,21 +43,21 @@ export class VoiceAgent {
   /** `context` must have the worklets loaded (lib/audio.ts). */
   constructor(
     private readonly context: AudioContext,
-    urls: ServerUrls,
+    target: ServerTarget,
     private readonly uid: string,
     private readonly events: AgentEvents,
   ) {
-    this.connection = this.newConnection(urls);
+    this.connection = this.newConnection(target);
   }
 
   connect(): void {
     this.connection.open();
   }
 
-  /** Moves to other server addresses; the audio keeps running. */
-  reconnect(urls: ServerUrls): void {
+  /** Moves to other server addresses or another token; the audio keeps running. */
+  reconnect(target: ServerTarget): void {
     this.connection.close();
-    this.connection = this.newConnection(urls);
+    this.connection = this.newConnection(target);
     this.connection.open();
   }
 
@@ -97,8 +97,8 @@ export class VoiceAgent {
     void this.context.close();
   }
 
-  private newConnection(urls: ServerUrls): AgentConnection {
-    return new AgentConnection(urls, this.uid, {
+  private newConnection(target: ServerTarget): AgentConnection {
+    return new AgentConnection(target, this.uid, {
       onState: (state) => this.events.onConnection(state),
       onEvent: (event) => this.onServerEvent(event),
       onAudio: (audio) => this.onAudio(audio),

@@ -4,6 +4,9 @@
  * 2. the settings panel (saved in localStorage);
  * 3. `/s2s-config.json` from the page's own origin, which the Python server answers when it serves this page;
  * 4. the server's default ports on the page's host: ws://<host>:9001 and ws://<host>:9002.
+ *
+ * The token, for a server started with --auth_token, comes from `?token=` in the page URL (taken out of the
+ * address bar at once) or from the settings panel, and is kept for the tab only (sessionStorage).
  */
 
 export interface ServerAddress {
@@ -21,11 +24,14 @@ export interface Settings {
   echoCancellation: boolean;
   noiseSuppression: boolean;
   autoGainControl: boolean;
+  /** The server's shared token; empty: none. Saved for this tab only, never with the other settings. */
+  token: string;
 }
 
 export const DEFAULT_SETTINGS: Settings = {
   receiverUrl: "",
   senderUrl: "",
+  token: "",
   echoCancellation: true,
   noiseSuppression: true,
   autoGainControl: true,
@@ -34,6 +40,10 @@ export const DEFAULT_SETTINGS: Settings = {
 const DEFAULT_RECEIVER_PORT = 9001;
 const DEFAULT_SENDER_PORT = 9002;
 const SETTINGS_KEY = "s2s-client-settings";
+const TOKEN_KEY = "s2s-client-token";
+const TOKEN_PARAM = "token";
+/** The characters a token may have: it travels in a WebSocket subprotocol name, `s2s.token.<token>`. */
+const TOKEN_CHARS = /^[A-Za-z0-9._~-]*$/;
 const SERVER_CONFIG_PATH = "/s2s-config.json";
 const SERVER_CONFIG_TIMEOUT_MS = 2000;
 
@@ -46,20 +56,66 @@ interface ServerConfig {
 }
 
 export function loadSettings(): Settings {
+  let saved: Partial<Settings> = {};
   try {
-    const saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) ?? "{}") as Partial<Settings>;
-    return { ...DEFAULT_SETTINGS, ...saved };
+    saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) ?? "{}") as Partial<Settings>;
   } catch {
-    return { ...DEFAULT_SETTINGS };
+    // unreadable or unavailable: the defaults
   }
+  return { ...DEFAULT_SETTINGS, ...saved, token: loadToken() };
 }
 
 export function saveSettings(settings: Settings): void {
+  const { token, ...lasting } = settings;
   try {
-    localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings));
+    localStorage.setItem(SETTINGS_KEY, JSON.stringify(lasting));
   } catch {
     // Storage can be unavailable (private browsing, disabled cookies); the settings then last for this page only.
   }
+  saveToken(token);
+}
+
+export function checkToken(text: string): boolean {
+  return TOKEN_CHARS.test(text);
+}
+
+function loadToken(): string {
+  try {
+    const token = sessionStorage.getItem(TOKEN_KEY) ?? "";
+    return checkToken(token) ? token : "";
+  } catch {
+    return "";
+  }
+}
+
+function saveToken(token: string): void {
+  try {
+    if (token) {
+      sessionStorage.setItem(TOKEN_KEY, token);
+    } else {
+      sessionStorage.removeItem(TOKEN_KEY);
+    }
+  } catch {
+    // no storage: the token lasts until the page is reloaded (it stays in the settings in memory)
+  }
+}
+
+export type UrlToken = { kind: "none" } | { kind: "taken"; token: string } | { kind: "invalid" };
+
+/**
+ * Takes `?token=` out of the page URL at once, so that it is neither bookmarked nor shared with the
+ * address, and keeps it for this tab. A token with characters a token cannot have is removed too, not kept.
+ */
+export function takeTokenFromUrl(win: Window): UrlToken {
+  const url = new URL(win.location.href);
+  if (!url.searchParams.has(TOKEN_PARAM)) return { kind: "none" };
+  const token = (url.searchParams.get(TOKEN_PARAM) ?? "").trim();
+  url.searchParams.delete(TOKEN_PARAM);
+  win.history.replaceState(win.history.state, "", url);
+  if (!checkToken(token)) return { kind: "invalid" };
+  if (!token) return { kind: "none" };
+  saveToken(token);
+  return { kind: "taken", token };
 }
 
 /** A ws:// or wss:// URL, or null. */

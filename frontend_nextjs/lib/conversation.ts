@@ -2,7 +2,10 @@
  * The conversation as the page shows it: one exchange per turn (what the user said or typed, and the
  * answer), built from the server's events by a reducer.
  */
-import type { ServerEvent, TurnMetrics } from "./protocol";
+import type { ServerEvent, Source, TurnMetrics } from "./protocol";
+
+/** Sources shown under an answer, at most. */
+export const MAX_SOURCES = 5;
 
 export interface Exchange {
   /** Unique in the page, for React. */
@@ -19,6 +22,8 @@ export interface Exchange {
   answerDone: boolean;
   interrupted: boolean;
   failed: boolean;
+  /** What the answer drew on (the `sources` event): de-duplicated, at most MAX_SOURCES. */
+  sources: Source[];
   metrics: TurnMetrics | null;
   /** The user stopped speaking → first answer sample played, in ms, measured by this page. */
   clientLatencyMs: number | null;
@@ -53,6 +58,7 @@ function newExchange(state: Conversation, fields: Partial<Exchange>): Exchange {
     answerDone: false,
     interrupted: false,
     failed: false,
+    sources: [],
     metrics: null,
     clientLatencyMs: null,
     ...fields,
@@ -62,6 +68,11 @@ function newExchange(state: Conversation, fields: Partial<Exchange>): Exchange {
 /** Index of the exchange of `turn` in the current session, or -1. */
 function findTurn(state: Conversation, turn: number | null): number {
   return state.exchanges.findIndex((x) => x.session === state.session && x.turn === turn);
+}
+
+/** Index of the oldest typed text still waiting for the server to give it a turn, or -1. */
+function findWaitingText(state: Conversation): number {
+  return state.exchanges.findIndex((x) => x.session === state.session && x.turn === null && !x.failed);
 }
 
 /** Applies `change` to the exchange of `turn`, creating the exchange when the turn is new. */
@@ -74,7 +85,7 @@ function updateTurn(
   let index = findTurn(state, turn);
   if (index < 0 && !spoken) {
     // A turn the server started for typed text: the oldest typed text still waiting for its turn.
-    index = findTurn(state, null);
+    index = findWaitingText(state);
   }
   if (index < 0) {
     const created = newExchange(state, { turn, spoken, userFinal: !spoken });
@@ -88,6 +99,23 @@ function updateTurn(
 function hasTurn(state: Conversation, turn: number): boolean {
   return findTurn(state, turn) >= 0;
 }
+
+/** `known` and then `more`, each source once (by its url, or its title when it has none), MAX_SOURCES at most. */
+function addSources(known: Source[], more: Source[]): Source[] {
+  const seen = new Set(known.map((source) => source.url || source.title));
+  const all = [...known];
+  for (const source of more) {
+    const key = source.url || source.title;
+    if (all.length >= MAX_SOURCES) break;
+    if (seen.has(key)) continue;
+    seen.add(key);
+    all.push(source);
+  }
+  return all;
+}
+
+/** Errors about typed text the server turned away without starting a turn for it. */
+const TEXT_REFUSALS: ReadonlySet<string> = new Set(["text_too_long", "bad_text"]);
 
 function applyEvent(state: Conversation, event: ServerEvent): Conversation {
   if (event.event === "ready") return { ...state, session: state.session + 1, clearedThrough: 0 };
@@ -111,9 +139,16 @@ function applyEvent(state: Conversation, event: ServerEvent): Conversation {
         interrupted: x.interrupted || event.metrics.interrupted,
         answerDone: true,
       }));
-    case "error":
-      if (event.turn === null) return state; // not about a turn: shown as a notice only
-      return updateTurn(state, event.turn, false, () => ({ failed: true, answerDone: true }));
+    case "sources":
+      return updateTurn(state, event.turn, false, (x) => ({ sources: addSources(x.sources, event.sources) }));
+    case "error": {
+      if (event.turn !== null) return updateTurn(state, event.turn, false, () => ({ failed: true, answerDone: true }));
+      // Typed text refused: the oldest text still waiting for its turn will get none.
+      const waiting = TEXT_REFUSALS.has(event.code) ? findWaitingText(state) : -1;
+      if (waiting < 0) return state; // otherwise, not about a turn: shown as a notice only
+      const failed = { ...state.exchanges[waiting], failed: true, answerDone: true };
+      return { ...state, exchanges: state.exchanges.map((x, i) => (i === waiting ? failed : x)) };
+    }
   }
 }
 

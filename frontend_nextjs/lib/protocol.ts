@@ -11,6 +11,9 @@ export const PROTOCOL_VERSION = 1;
 /** Hz. Every sample on the wire, in both directions, is 16 kHz mono int16 little-endian PCM. */
 export const WIRE_SAMPLE_RATE = 16000;
 
+/** A source's title is cut to this many characters: it is the server's (or a web page's) to choose. */
+const MAX_SOURCE_TITLE = 200;
+
 /** Bytes before the PCM in a binary audio frame: turn (uint32 LE), then seq (uint32 LE). */
 const AUDIO_HEADER_BYTES = 8;
 
@@ -35,7 +38,17 @@ export type ServerEvent =
   | { event: "transcript"; turn: number; text: string; final: boolean }
   | { event: "answer"; turn: number; seq: number; text: string; end: boolean }
   | { event: "metrics"; turn: number; metrics: TurnMetrics }
-  | { event: "error"; code: string; message: string; turn: number | null };
+  | { event: "error"; code: string; message: string; turn: number | null }
+  | { event: "sources"; turn: number; sources: Source[] };
+
+/**
+ * Where an answer came from (servers that look things up before answering). Untrusted text: `url` may be a
+ * web link or a document's path or name.
+ */
+export interface Source {
+  title: string;
+  url: string;
+}
 
 export type ServerEventName = ServerEvent["event"];
 
@@ -48,7 +61,9 @@ export interface AnswerAudio {
 
 export type ClientMessage =
   | { type: "user_input"; uid: string; text: string }
-  | { type: "playback"; turn: number; played_ms: number; playing: boolean };
+  | { type: "playback"; turn: number; played_ms: number; playing: boolean }
+  /** Sent when nothing else has been for a while, so the server does not close the receiver as idle. */
+  | { type: "keepalive" };
 
 const KNOWN_EVENTS: ReadonlySet<string> = new Set<ServerEventName>([
   "ready",
@@ -58,6 +73,7 @@ const KNOWN_EVENTS: ReadonlySet<string> = new Set<ServerEventName>([
   "answer",
   "metrics",
   "error",
+  "sources",
 ]);
 
 /**
@@ -76,7 +92,23 @@ export function parseServerEvent(text: string): ServerEvent | null {
   if (typeof event !== "string" || !KNOWN_EVENTS.has(event)) return null;
   const turn = (data as { turn?: unknown }).turn;
   if (event !== "ready" && event !== "error" && typeof turn !== "number") return null;
+  if (event === "sources") return { event, turn: turn as number, sources: parseSources(data) };
   return data as ServerEvent;
+}
+
+/** The well-formed entries of a `sources` event, as strings; others are left out. */
+function parseSources(data: object): Source[] {
+  const list = (data as { sources?: unknown }).sources;
+  if (!Array.isArray(list)) return [];
+  const text = (value: unknown) => (typeof value === "string" ? value.trim() : "");
+  return list
+    .filter((item): item is { title?: unknown; url?: unknown } => typeof item === "object" && item !== null)
+    .map((item) => ({ title: cut(text(item.title), MAX_SOURCE_TITLE), url: text(item.url) }))
+    .filter((source) => source.title !== "" || source.url !== "");
+}
+
+function cut(text: string, length: number): string {
+  return text.length > length ? `${text.slice(0, length - 1)}…` : text;
 }
 
 /** Splits a binary frame from the sender socket into its header and int16 samples. */

@@ -6,6 +6,7 @@ import type { ServerAddress, Settings } from "./config";
 import type { ConnectionState } from "./connection";
 import { EMPTY_CONVERSATION, conversationReducer } from "./conversation";
 import { MicError } from "./mic";
+import type { ServerEvent } from "./protocol";
 
 /** How long a notice (an error event, a failed send) stays on screen, in ms. */
 const NOTICE_MS = 6000;
@@ -17,6 +18,21 @@ export type MicState = "off" | "on" | "muted" | "unavailable";
 export interface Notice {
   id: number;
   text: string;
+}
+
+/** What the user reads for the server's error codes; other codes (the page's own mistakes) show the server's message. */
+const ERROR_NOTICES = new Map([
+  ["audio_too_long", "The server refused some microphone audio: too much in one piece."],
+  ["text_too_long", "That message is too long for the server: send a shorter one."],
+  ["rate_limited", "Too many messages for the server: some were dropped. Try again in a moment."],
+  ["bad_uid", "The server did not accept this page's session id: reload the page."],
+  ["asr_failed", "Your words could not be transcribed: please say that again."],
+  ["llm_failed", "The agent could not come up with an answer: please try again."],
+  ["tts_failed", "The answer could not be turned into speech."],
+]);
+
+function errorNotice(event: Extract<ServerEvent, { event: "error" }>): string {
+  return ERROR_NOTICES.get(event.code) ?? `Server: ${event.message}`;
 }
 
 /** A random session id. crypto.randomUUID() exists only on secure pages; getRandomValues everywhere. */
@@ -36,7 +52,8 @@ export function useVoiceAgent() {
 
   const notify = useCallback((text: string) => {
     const id = ++noticeId.current;
-    setNotices((list) => [...list, { id, text }]);
+    // The same notice again (a server repeating an error) is not stacked: the one on screen is enough.
+    setNotices((list) => (list.some((n) => n.text === text) ? list : [...list, { id, text }]));
     setTimeout(() => setNotices((list) => list.filter((n) => n.id !== id)), NOTICE_MS);
   }, []);
 
@@ -57,9 +74,9 @@ export function useVoiceAgent() {
       }
       const context = createAudioContext();
       uidRef.current ??= newUid(); // one uid for the page's life, across reconnections and restarts
-      const agent = new VoiceAgent(context, address, uidRef.current, {
+      const agent = new VoiceAgent(context, { ...address, token: settings.token }, uidRef.current, {
         onServerEvent: (event) => {
-          if (event.event === "error") notify(`Server: ${event.message}`);
+          if (event.event === "error") notify(errorNotice(event));
           dispatch({ type: "server", event });
         },
         onConnection: setConnection,
@@ -103,12 +120,12 @@ export function useVoiceAgent() {
     [notify],
   );
 
-  /** New server addresses or microphone options, while running: the audio keeps playing. */
+  /** New server addresses, token or microphone options, while running: the audio keeps playing. */
   const applySettings = useCallback(
     async (address: ServerAddress, settings: Settings) => {
       const agent = agentRef.current;
       if (agent === null) return;
-      agent.reconnect(address);
+      agent.reconnect({ ...address, token: settings.token });
       try {
         await agent.openMic(settings);
         setMic(agent.muted ? "muted" : "on");
@@ -146,5 +163,6 @@ export function useVoiceAgent() {
     newTopic,
     setMuted,
     readLevel,
+    notify,
   };
 }

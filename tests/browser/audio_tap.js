@@ -4,11 +4,14 @@
 // - AudioContext: remembers the page's context, whose clock every timestamp below is read from.
 // - AudioNode.prototype.connect: whatever the page connects to the speakers also feeds a tap worklet,
 //   which reports the peak level of every render quantum (128 frames) with its audio-clock start time.
-// - WebSocket: notes each server event and audio frame on arrival, and each JSON message the page sends,
-//   with the audio clock's time, and counts the microphone frames it sends (and their peak level).
+// - WebSocket: notes each socket the page opens (its URL and the subprotocols it offers), each server event
+//   and audio frame on arrival, each JSON message the page sends and each close (code and reason), with
+//   the audio clock's time, and counts the microphone frames it sends (and their peak level).
 //   window.__s2sTestDropSockets() closes the page's sockets, as a network failure would.
 (() => {
-  const record = { quanta: [], events: [], audio: [], sent: [], micFrames: 0, micPeak: 0, sampleRate: null };
+  const record = {
+    quanta: [], events: [], audio: [], sent: [], sockets: [], closes: [], micFrames: 0, micPeak: 0, sampleRate: null,
+  };
   window.__s2sTest = record;
   let context = null;
   const now = () => (context ? context.currentTime : null);
@@ -67,6 +70,8 @@
     constructor(url, protocols) {
       super(url, protocols);
       sockets.push(this);
+      record.sockets.push({ url: String(url), protocols: [protocols ?? []].flat(), t: now() });
+      this.addEventListener("close", ({ code, reason }) => record.closes.push({ code, reason, t: now() }));
       // Registered before the page sets onmessage, so it runs first.
       this.addEventListener("message", ({ data }) => {
         if (typeof data === "string") {

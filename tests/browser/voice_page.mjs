@@ -1,14 +1,23 @@
 // Drives the browser client in headless Chromium with a fake microphone, for tests/test_browser.py.
 //
-//   node tests/browser/voice_page.mjs URL MIC_WAV SCREENSHOT
+//   node tests/browser/voice_page.mjs SCENARIO URL MIC_WAV SCREENSHOT [TOKEN]
 //
-// Chromium plays MIC_WAV as the microphone. The script presses Start; the fake microphone asks a
-// question, then cuts into the answer. Once the next answer plays, the script takes a screenshot, then
-// types a message, starts a new topic and types again, drops the connection (the page must reconnect by
-// itself) and types once more. It prints one JSON object on stdout: what the page showed at each step,
-// and what the test hooks (audio_tap.js) recorded. It does so on a failure too (with `failure` set, and
-// exit status 1), to tell what went wrong. CHROMIUM_PATH overrides the browser (default /usr/bin/chromium,
-// Debian's package).
+// Chromium plays MIC_WAV as the microphone; the script presses Start, then acts out SCENARIO:
+//
+// - talk: the fake microphone asks a question, then cuts into the answer (MIC_WAV plays once). Once the next
+//   answer plays, the script takes a screenshot, then types a message, starts a new topic and types again,
+//   drops the connection (the page must reconnect by itself) and types once more.
+// - token: the page was opened with ?token=…; it connects, a typed message is answered, a message over the
+//   server's --max_text_chars is turned away, and after a reload (the token no longer in the URL) it
+//   connects again.
+// - refused: the page was opened with a wrong ?token=; the script watches it stop, then sets TOKEN in the
+//   settings panel, talks, mutes the microphone and waits for the server to close the idle receiver.
+// - sources: a typed question to a server that names its sources; then, muted, the script moves the page's
+//   clock on by half a minute (the keepalive's interval).
+//
+// It prints one JSON object on stdout: what the page showed at each step, and what the test hooks
+// (audio_tap.js) recorded. It does so on a failure too (with `failure` set, and exit status 1), to tell what
+// went wrong. CHROMIUM_PATH overrides the browser (default /usr/bin/chromium, Debian's package).
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
@@ -19,9 +28,17 @@ const here = dirname(fileURLToPath(import.meta.url));
 const require = createRequire(join(here, "..", "..", "frontend_nextjs", "package.json"));
 const { chromium } = require("playwright-core");
 
-const [url, micWav, screenshot] = process.argv.slice(2);
+const [scenario, url, micWav, screenshot, token] = process.argv.slice(2);
 const STEP_TIMEOUT_MS = 30_000;
 const NEXT_ANSWER_PLAY_MS = 1500; // how long the next answer plays before the screenshot
+// How long the refused page is watched for another attempt: its backoff would have retried within half a
+// second, and twice more within the next 3 s.
+const WATCH_REFUSED_MS = 4000;
+const TOO_LONG_TEXT_CHARS = 2500; // over the server's --max_text_chars (default 2000)
+const KEEPALIVE_MS = 30_000; // the page's keepalive interval (lib/connection.ts)
+
+const SCENARIOS = { talk, token: withToken, refused, sources };
+if (!(scenario in SCENARIOS)) throw new Error(`unknown scenario ${scenario}`);
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
@@ -29,7 +46,8 @@ const browser = await chromium.launch({
   args: [
     "--use-fake-ui-for-media-stream", // grant the microphone without a prompt
     "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${micWav}%noloop`,
+    // The talk scenario's microphone speaks once; the others' loops its silence, so the page always sends.
+    `--use-file-for-fake-audio-capture=${micWav}${scenario === "talk" ? "%noloop" : ""}`,
     "--autoplay-policy=no-user-gesture-required",
   ],
 });
@@ -41,20 +59,50 @@ try {
   page.on("pageerror", (error) => result.pageErrors.push(String(error)));
   page.on("console", (message) => result.console.push(`${message.type()}: ${message.text()}`));
   await page.addInitScript({ content: readFileSync(join(here, "audio_tap.js"), "utf8") });
+  if (scenario === "sources") await page.clock.install(); // its timers run on, until the script moves them on
   await page.goto(url);
+  await SCENARIOS[scenario]();
+} catch (error) {
+  result.failure = String(error);
+  process.exitCode = 1;
+} finally {
+  // What the page showed and recorded, also after a failure: it tells what went wrong.
+  if (page !== null) await describe(page).catch(() => {});
+  await browser.close();
+}
+process.stdout.write(JSON.stringify(result));
+
+function waitFor(predicate, arg, timeout = STEP_TIMEOUT_MS) {
+  return page.waitForFunction(predicate, arg, { timeout, polling: 50 });
+}
+
+async function start() {
   await page.getByRole("button", { name: "Start" }).click();
+}
 
-  const waitFor = (predicate, arg) => page.waitForFunction(predicate, arg, { timeout: STEP_TIMEOUT_MS, polling: 50 });
-  const exchanges = () => page.locator(".exchange").evaluateAll(describeExchanges);
-  // Types a message and waits for its answer (the test's fake LLM starts each answer with "About <question>:").
-  const typeMessage = async (text) => {
-    await page.getByRole("textbox", { name: "Message" }).fill(text);
-    await page.keyboard.press("Enter");
-    const answered = (start) =>
-      [...document.querySelectorAll(".bubble.assistant")].some((bubble) => bubble.textContent.startsWith(start));
-    await waitFor(answered, `About ${text}:`);
-  };
+async function connected() {
+  await page.getByRole("status").filter({ hasText: "Connected" }).waitFor({ timeout: STEP_TIMEOUT_MS });
+}
 
+function exchanges() {
+  return page.locator(".exchange").evaluateAll(describeExchanges);
+}
+
+function notices() {
+  return page.locator(".notices li").allTextContents();
+}
+
+/** Types a message and waits for its answer (the test's LLM starts each answer with "About <question>:"). */
+async function typeMessage(text) {
+  await page.getByRole("textbox", { name: "Message" }).fill(text);
+  await page.keyboard.press("Enter");
+  const answered = (start) =>
+    [...document.querySelectorAll(".bubble.assistant")].some((bubble) => bubble.textContent.startsWith(start));
+  await waitFor(answered, `About ${text}:`);
+}
+
+async function talk() {
+  await start();
   // Speech: the question, its answer, the user cutting in, the next answer.
   await waitFor(() => window.__s2sTest.events.some((e) => e.event === "interrupt"));
   await waitFor(() => window.__s2sTest.audio.some((a) => a.turn === 2));
@@ -71,22 +119,103 @@ try {
   result.newTopic = await exchanges();
   await page.evaluate(() => window.__s2sTestDropSockets());
   await waitFor(() => window.__s2sTest.events.filter((e) => e.event === "ready").length >= 2);
-  await page.getByRole("status").filter({ hasText: "Connected" }).waitFor({ timeout: STEP_TIMEOUT_MS });
+  await connected();
   await typeMessage("are you back");
   result.reconnected = await exchanges();
-} catch (error) {
-  result.failure = String(error);
-  process.exitCode = 1;
-} finally {
-  // What the page showed and recorded, also after a failure: it tells what went wrong.
-  if (page !== null) await describe(page).catch(() => {});
-  await browser.close();
 }
-process.stdout.write(JSON.stringify(result));
+
+async function withToken() {
+  await start();
+  await connected();
+  result.pageUrl = page.url();
+  await typeMessage("what is the weather");
+  result.answered = await exchanges();
+
+  await page.getByRole("textbox", { name: "Message" }).fill("x".repeat(TOO_LONG_TEXT_CHARS));
+  await page.keyboard.press("Enter");
+  await page.locator(".notices li").filter({ hasText: "too long" }).waitFor({ timeout: STEP_TIMEOUT_MS });
+  await page.locator(".tag.error").waitFor({ timeout: STEP_TIMEOUT_MS });
+  result.tooLong = { notices: await notices(), exchanges: await exchanges() };
+  result.socketsBeforeReload = await page.evaluate(() => window.__s2sTest.sockets);
+
+  await page.reload(); // the same tab: what it kept of the token, it still has
+  result.reloadedUrl = page.url();
+  await start();
+  await connected();
+  await typeMessage("still there");
+  result.afterReload = await exchanges();
+  await page.screenshot({ path: screenshot, fullPage: true });
+}
+
+async function refused() {
+  await start();
+  const refusal = page.locator(".refusal");
+  await refusal.waitFor({ timeout: STEP_TIMEOUT_MS });
+  result.refusal = await refusal.textContent();
+  result.statusWhenRefused = await page.locator(".status").textContent();
+  await page.screenshot({ path: screenshot, fullPage: true });
+  // Another attempt would open another socket.
+  result.triedAgain = await waitFor(() => window.__s2sTest.sockets.length > 1, undefined, WATCH_REFUSED_MS).then(
+    () => true,
+    () => false,
+  );
+  result.socketsWhileRefused = await page.evaluate(() => window.__s2sTest.sockets.length);
+
+  await refusal.getByRole("button", { name: "Open settings" }).click();
+  const tokenField = page.getByLabel("Token");
+  result.tokenFieldType = await tokenField.getAttribute("type");
+  await tokenField.fill(token);
+  await page.getByRole("button", { name: "Save" }).click();
+  await connected();
+  result.refusalsAfterSave = await refusal.count();
+  await typeMessage("let me in");
+  result.answered = await exchanges();
+
+  // Muted, the page sends nothing; the server (--idle_timeout_s) closes the idle receiver.
+  const ready = () => window.__s2sTest.events.filter((e) => e.event === "ready").length;
+  const readyBefore = await page.evaluate(ready);
+  await page.getByRole("button", { name: "Mute" }).click();
+  await waitFor(
+    (before) =>
+      window.__s2sTest.closes.some((c) => c.code === 4408) &&
+      window.__s2sTest.events.filter((e) => e.event === "ready").length > before,
+    readyBefore,
+  );
+  await connected();
+  result.afterIdle = { notices: await notices(), refusals: await refusal.count(), exchanges: await exchanges() };
+}
+
+async function sources() {
+  await start();
+  await connected();
+  await typeMessage("tell me about solar panels");
+  await page.locator(".bubble.assistant:not(.streaming)").waitFor({ timeout: STEP_TIMEOUT_MS });
+  result.answered = await exchanges();
+  result.sources = await page.locator(".sources li").evaluateAll((items) =>
+    items.map((item) => ({
+      text: item.textContent,
+      links: [...item.querySelectorAll("a")].map((a) => ({
+        href: a.getAttribute("href"),
+        target: a.getAttribute("target"),
+        rel: a.getAttribute("rel"),
+        text: a.textContent,
+      })),
+    })),
+  );
+  // Markup in a source's title must stay text.
+  result.elementsInSources = await page.locator(".sources *:not(li, a, span)").count();
+  await page.screenshot({ path: screenshot, fullPage: true });
+
+  // Muted, nothing else goes to the server: half a minute later, a keepalive does.
+  await page.getByRole("button", { name: "Mute" }).click();
+  await page.clock.runFor(KEEPALIVE_MS + 1000);
+  await waitFor(() => window.__s2sTest.sent.some((m) => m.type === "keepalive"));
+}
 
 async function describe(page) {
   result.status = await page.locator(".status").textContent();
-  result.notices = await page.locator(".notices li").allTextContents();
+  result.notices = await notices();
+  result.pageUrlAtEnd = page.url();
   Object.assign(result, await page.evaluate(() => window.__s2sTest));
   if (result.failure) await page.screenshot({ path: screenshot, fullPage: true });
 }
