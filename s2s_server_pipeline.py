@@ -2001,8 +2001,10 @@ class VoiceAgentServer:
                 self.end_session(conn.session)
 
     async def admit(self, ws: ServerConnection) -> bool:
-        """Close a connection the access policy refuses, before it costs anything else."""
+        """Close a connection the access policy refuses, or one too many, before it costs anything else."""
         refusal = self.access.refusal(ws.request)
+        if refusal is None and len(self.connections) >= 3 * self.args.max_sessions:  # a receiver and a sender each, and spares
+            refusal = 1013, "server full: too many connections; try again later"
         if refusal is None:
             self.connections.add(ws)
             return True
@@ -2134,10 +2136,8 @@ class VoiceAgentServer:
         try:
             conn = SenderConnection(ws, query_uid(ws))
         except BadMessage as exc:
+            self.connections.discard(ws)
             await ws.close(1008, str(exc))
-            return
-        if len(self.connections) > 3 * self.args.max_sessions:  # a receiver and a sender per session, and some spare
-            await ws.close(1013, "server full: too many connections; try again later")
             return
         if conn.extended:
             self.extended_senders.setdefault(conn.uid, set()).add(conn)
