@@ -1010,14 +1010,20 @@ class OpenAILLMHandler(LLMHandler):
             self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
 
     def stream(self, messages: list) -> Iterator[str]:
+        for delta in self.deltas(messages):
+            if delta.content:
+                yield delta.content
+
+    def deltas(self, messages: list, **request: Any) -> Iterator[Any]:
+        """The streamed reply's deltas (text, and tool calls when `request` offers tools, as the RAG agent does)."""
         with api_errors("LLM", self.base_url, self.timeout_s):
             response = self.client.chat.completions.create(
                 model=self.model, messages=messages, stream=True,
-                temperature=self.temperature, max_tokens=self.max_tokens)
+                temperature=self.temperature, max_tokens=self.max_tokens, **request)
             try:
                 for chunk in response:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
+                    if chunk.choices:
+                        yield chunk.choices[0].delta
             finally:
                 response.close()  # closes the HTTP stream: the server stops generating, nothing is drained
 
