@@ -349,6 +349,7 @@ class Turn:
     asr_state: dict = field(default_factory=dict)  # a streaming ASR's cache for this utterance
     sent_any: bool = False  # a message of this turn reached the clients
     finished: bool = False  # all of the answer was sent (or the turn was cut off); metrics reported
+    failed: bool = False  # a stage raised: the answer ends there, and no stage works on this turn any more
     interrupted: bool = False
     extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
@@ -478,16 +479,16 @@ class Stage:
             if msg is _STOP:
                 return
             session = msg.session
-            if not session.is_current(msg.turn):
+            if not session.wants(msg.turn):
                 continue
             outputs = self.handler.process(msg)
             try:
                 for out in outputs:
-                    if not session.is_current(msg.turn):
+                    if not session.wants(msg.turn):
                         break
                     self.emit(out)
             except Exception as exc:  # one failed model call fails its turn, never the stage
-                if session.is_current(msg.turn):
+                if session.wants(msg.turn):
                     logger.exception("%s failed on session %s turn %d", self.name, session.uid, msg.turn)
                     session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
             finally:
@@ -971,6 +972,10 @@ class LLMHandler(BaseHandler):
                 return
             logger.warning("LLM failed on session %s turn %d: %s", session.uid, msg.turn, exc)
             session.send_event(ErrorEvent("llm_failed", f"LLM failed: {exc}", msg.turn))
+        else:
+            if turn.llm_first_token is None and session.is_current(msg.turn):  # e.g. a reply in the wrong format
+                logger.warning("LLM sent no text on session %s turn %d", session.uid, msg.turn)
+                session.send_event(ErrorEvent("llm_failed", "LLM failed: it sent no text (an empty or malformed reply)", msg.turn))
         finally:
             tokens.close()
             if feed is not None:
@@ -1497,6 +1502,11 @@ class Session:
     def is_current(self, turn: int) -> bool:
         return not self.closed and turn == self.turn
 
+    def wants(self, turn: int) -> bool:
+        """Whether work for this turn is still wanted: it is current and no stage has failed it."""
+        record = self.turns.get(turn)
+        return self.is_current(turn) and record is not None and not record.failed
+
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
 
@@ -1578,6 +1588,9 @@ class Session:
 
     def fail_turn(self, turn: int, code: str, message: str) -> None:
         """End a turn whose stage raised: the client hears an error, later turns go on."""
+        record = self.turns.get(turn)
+        if record is not None:
+            record.failed = True
         self.send_event(ErrorEvent(code, message, turn))
         self.deliver(AnswerAudio(self, turn, FAILED_SEQ, "", b"", last=True))
 
@@ -1603,6 +1616,8 @@ class Session:
         if not self.is_current(item.turn):
             return
         t = self.turns[item.turn]
+        if t.finished:  # its end was sent (an early end, if a stage failed): nothing of it may follow
+            return
         await self._pace(t)
         if not self.is_current(item.turn):  # interrupted while waiting
             return
@@ -2074,6 +2089,10 @@ class VoiceAgentServer:
                 raise BadMessage("bad_text", "user_input needs a non-empty text")
             if len(text) > self.args.max_text_chars:
                 raise BadMessage("text_too_long", f"text longer than {self.args.max_text_chars} characters")
+            try:  # JSON can escape a lone surrogate (\ud800), which no UTF-8 text, and so no model or log, can hold
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadMessage("bad_text", "text is not valid Unicode (a lone surrogate)") from None
             self.on_text(session, text.strip())
             return [PLACEHOLDER]
         if kind == "playback":

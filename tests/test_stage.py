@@ -6,14 +6,14 @@ import s2s_server_pipeline as s2s
 
 
 class FakeSession:
-    """Just what a Stage touches: uid, slot, is_current(), fail_turn()."""
+    """Just what a Stage touches: uid, slot, wants(), fail_turn()."""
 
     def __init__(self):
         self.uid, self.slot, self.turn = "u", 0, 1
         self.failures = []
 
-    def is_current(self, turn):
-        return turn == self.turn
+    def wants(self, turn):
+        return turn == self.turn and turn not in [f[0] for f in self.failures]
 
     def fail_turn(self, turn, code, message):
         self.failures.append((turn, code, message))
@@ -47,9 +47,11 @@ def test_failure_fails_its_turn_and_the_stage_goes_on():
     session = FakeSession()
     stage, out = run_stage(Doubler())
     stage.put(s2s.UserText(session, 1, "boom"))
-    stage.put(s2s.UserText(session, 1, "ab"))
-    assert out.get(timeout=5) == "abab"
+    stage.put(s2s.UserText(session, 1, "ab"))  # the rest of the failed turn: dropped
+    stage.put(s2s.UserText(FakeSession(), 1, "cd"))  # another session, on the same worker, after it
+    assert out.get(timeout=5) == "cdcd"
     stage.stop()
+    assert out.empty()
     assert session.failures == [(1, "test_failed", "test failed: model exploded")]
 
 
