@@ -1685,7 +1685,8 @@ class TurnRecorder:
     def save_turn(self, uid: str, t: Turn) -> None:
         record = {"uid": uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
                   "answer": t.heard_text(), "interrupted": t.interrupted, "metrics": t.metrics()}
-        self.queue.put((f"{uid}_{t.number}.json", json.dumps(record, ensure_ascii=False, indent=1).encode()))
+        text = json.dumps(record, ensure_ascii=False, indent=1)
+        self.queue.put((f"{uid}_{t.number}.json", text.encode("utf-8", "backslashreplace")))  # a lone surrogate stays readable
         if t.answer_audio:
             self.queue.put((f"{uid}_{t.number}_answer.wav", wav_bytes(b"".join(t.answer_audio))))
 
@@ -1936,8 +1937,11 @@ class VoiceAgentServer:
         if a.ssl_certfile:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
+        # close_timeout: a refused client whose messages we no longer read cannot answer our close (the library
+        # stops reading the socket when its queue is full), so the close ends after 2 s, not websockets' 10.
         common = dict(ssl=tls, max_size=a.max_message_kb * 1024, ping_interval=a.ping_interval_s or None,
-                      ping_timeout=a.ping_timeout_s or None, select_subprotocol=AccessPolicy.select_subprotocol)
+                      ping_timeout=a.ping_timeout_s or None, close_timeout=2,
+                      select_subprotocol=AccessPolicy.select_subprotocol)
         async with serve(self.handle_receiver, a.recv_host, a.recv_port, **common,
                          process_request=files.process_request if files else None), \
                 serve(self.handle_sender, a.send_host, a.send_port, **common):

@@ -1,10 +1,12 @@
 """Stand-ins that speak the real protocols over real sockets on 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import io
 import json
+import socket
 import threading
 import time
 import wave
@@ -16,14 +18,17 @@ import numpy as np
 class FakeAPI:
     """An OpenAI-style HTTP server on 127.0.0.1. Subclasses answer POSTs in `handle(request, path, body)`.
     `fail_with = STATUS` answers every request with that error instead; `fail_with = "slow"` answers
-    nothing for `slow_s` seconds. Every request is recorded."""
+    nothing for `slow_s` seconds. Every request is recorded; `wait_for_request()` waits for one. `stop()`
+    takes it off the network (connections are refused) and `restart()` brings it back on the same port."""
 
     slow_s = 5.0
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.fail_with = None
         self.requests: list = []
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.open_connections: set = set()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,11 +37,22 @@ class FakeAPI:
             def log_message(self, *args):
                 pass
 
+            def setup(self):
+                super().setup()
+                with fake.lock:
+                    fake.open_connections.add(self.connection)
+
+            def finish(self):
+                with fake.lock:
+                    fake.open_connections.discard(self.connection)
+                super().finish()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with fake.lock:
                     fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                           "content_type": self.headers.get("Content-Type"), "body": body})
+                    fake.arrived.notify_all()
                 if fake.fail_with == "slow":
                     time.sleep(fake.slow_s)
                 elif fake.fail_with is not None:
@@ -54,21 +70,49 @@ class FakeAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.handler_class = Handler
+        self._bind(port)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def _bind(self, port: int) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self.handler_class)
+        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serving = False
 
     def handle(self, request, path: str, body: bytes) -> None:
         raise NotImplementedError
 
+    def wait_for_request(self, predicate=lambda request: True, timeout: float = 10.0) -> dict:
+        """The first recorded request (old or new) for which predicate(request) is true."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: any(predicate(r) for r in self.requests), timeout):
+                raise TimeoutError(f"no such request within {timeout} s")
+            return next(r for r in self.requests if predicate(r))
+
+    def stop(self) -> None:
+        """As if the process behind the API died: no more connections, and the open ones (kept alive) are cut."""
+        if self.serving:
+            self.httpd.shutdown()
+            self.serving = False
+        self.httpd.server_close()
+        with self.lock:
+            for conn in self.open_connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def restart(self) -> None:
+        self.stop()
+        self._bind(self.httpd.server_address[1])
+        self.__enter__()
+
     def __enter__(self):
         self.thread.start()
+        self.serving = True
         return self
 
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.stop()
 
 
 class FakeChatAPI(FakeAPI):
@@ -76,13 +120,24 @@ class FakeChatAPI(FakeAPI):
 
     `answer(messages) -> str` decides the reply; it is sent word by word, `token_delay_s` apart, after
     `first_token_delay_s` (a number, or a function of the messages). How many tokens were written before
-    the client hung up is recorded in `streams`."""
+    the client hung up is recorded in `streams`.
 
-    def __init__(self, answer=None, first_token_delay_s: float = 0.05, token_delay_s: float = 0.01):
-        super().__init__()
+    `fault` (one of FAULTS, or a function of the messages returning one or None) breaks a streamed reply,
+    sent with chunked framing as real APIs send it: "cut" closes the connection after `fault_after_tokens`
+    tokens, "error" sends an error event there (as OpenAI does when a stream fails), "stall" sends nothing
+    more for `slow_s` seconds; "not_json" sends SSE lines that are not JSON, "wrong_shape" JSON chunks
+    without choices, "not_sse" an HTML page."""
+
+    FAULTS = ("cut", "error", "stall", "not_json", "wrong_shape", "not_sse")
+
+    def __init__(self, answer=None, first_token_delay_s: float = 0.05, token_delay_s: float = 0.01, port: int = 0):
+        super().__init__(port)
         self.answer = answer or (lambda messages: "Hello! How can I help you today?")
         self.first_token_delay_s, self.token_delay_s = first_token_delay_s, token_delay_s
-        self.streams: list = []  # one dict per streamed reply: tokens_total, tokens_sent, client_closed
+        self.fault = None
+        self.fault_after_tokens = 3
+        # one dict per streamed reply: tokens_total, tokens_sent, client_closed, messages, done (an Event)
+        self.streams: list = []
 
     def chat_requests(self) -> list:
         with self.lock:
@@ -100,9 +155,26 @@ class FakeChatAPI(FakeAPI):
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
         words = self.answer(body["messages"]).split(" ")
         tokens = [w + " " for w in words[:-1]] + [words[-1]]
-        record = {"tokens_total": len(tokens), "tokens_sent": 0, "client_closed": False}
+        record = {"tokens_total": len(tokens), "tokens_sent": 0, "client_closed": False,
+                  "messages": body["messages"], "done": threading.Event()}
         with self.lock:
             self.streams.append(record)
+        fault = self.fault(body["messages"]) if callable(self.fault) else self.fault
+        try:
+            if fault is None:
+                self._stream_tokens(request, body, tokens, record)
+            else:
+                self._stream_fault(request, body, tokens, record, fault)
+        finally:
+            record["done"].set()
+
+    @staticmethod
+    def _sse_chunk(body: dict, token: str) -> bytes:
+        chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": body.get("model", "test"),
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": token}, "finish_reason": None}]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    def _stream_tokens(self, request, body, tokens, record):
         request.send_response(200)
         request.send_header("Content-Type", "text/event-stream")
         request.send_header("Cache-Control", "no-cache")
@@ -114,10 +186,7 @@ class FakeChatAPI(FakeAPI):
             for i, tok in enumerate(tokens):
                 if i:
                     time.sleep(self.token_delay_s)
-                chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
-                         "model": body.get("model", "test"),
-                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": tok}, "finish_reason": None}]}
-                request.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                request.wfile.write(self._sse_chunk(body, tok))
                 request.wfile.flush()
                 record["tokens_sent"] += 1
             request.wfile.write(b"data: [DONE]\n\n")
@@ -125,6 +194,46 @@ class FakeChatAPI(FakeAPI):
         except (BrokenPipeError, ConnectionResetError):
             record["client_closed"] = True
         request.close_connection = True
+
+    def _stream_fault(self, request, body, tokens, record, fault):
+        assert fault in self.FAULTS, fault
+        request.close_connection = True
+        html = fault == "not_sse"
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html; charset=utf-8" if html else "text/event-stream")
+        request.send_header("Transfer-Encoding", "chunked")
+        request.send_header("Connection", "close")
+        request.end_headers()
+
+        def send(data: bytes) -> None:
+            request.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            request.wfile.flush()
+
+        try:
+            if html:
+                send(b"<!DOCTYPE html>\n<html><body><h1>502 Bad Gateway</h1></body></html>\n")
+            elif fault == "not_json":
+                send(b"data: <html><body>upstream error</body></html>\n\n" * 3)
+            elif fault == "wrong_shape":
+                for tok in tokens:
+                    send(f"data: {json.dumps({'result': tok, 'status': 'ok'})}\n\n".encode())
+            else:
+                for tok in tokens[:self.fault_after_tokens]:
+                    send(self._sse_chunk(body, tok))
+                    record["tokens_sent"] += 1
+                    time.sleep(self.token_delay_s)
+                if fault == "cut":
+                    return  # the connection closes without the last chunk: the body is cut short
+                if fault == "stall":
+                    time.sleep(self.slow_s)
+                    return
+                send(b'data: {"error": {"message": "the model crashed mid-answer", "type": "server_error"}}\n\n')
+            if not html:
+                send(b"data: [DONE]\n\n")
+            request.wfile.write(b"0\r\n\r\n")
+            request.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            record["client_closed"] = True
 
 
 def tone_wav(seconds: float, rate: int) -> bytes:

@@ -2,10 +2,17 @@
 and benchmarks). The ASR reports how much speech it heard, so a test can tell which utterance reached it.
 
     python tests/serve_test_models.py --asr fixed --asr_latency_ms 50 --llm openai --lm_model_url ... --tts fixed
+
+Fault switches, for the fault-injection tests: `--asr_fail_over_s S` makes the fixed ASR raise on an utterance
+longer than S seconds, `--tts_fail_on TEXT` makes the fixed TTS raise on a chunk containing TEXT, and
+`--asr_stall_over_s` / `--tts_stall_on` make them take `--stall_s` longer there instead (logged, so a test
+knows the stage is busy).
 """
+import logging
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -13,20 +20,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import s2s_server_pipeline as s2s  # noqa: E402
 
+logger = logging.getLogger("s2s.test_models")
+
+
+def stall(what: str, seconds: float) -> None:
+    logger.info("test fault: stalling %g s on %s", seconds, what)
+    time.sleep(seconds)
+
 
 class FixedLatencyASR(s2s.ASRHandler):
     name = "fixed"
 
-    def __init__(self, latency_s: float):
+    def __init__(self, latency_s: float, fail_over_s: Optional[float] = None, stall_over_s: Optional[float] = None,
+                 stall_s: float = 0.0):
         self.latency_s = latency_s
+        self.fail_over_s, self.stall_over_s, self.stall_s = fail_over_s, stall_over_s, stall_s
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.asr_latency_ms / 1000)
+        return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s)
 
     def transcribe(self, audio):
+        seconds = len(audio) / s2s.SAMPLE_RATE
+        if self.fail_over_s is not None and seconds > self.fail_over_s:
+            raise RuntimeError(f"test fault: the ASR broke on {seconds:.1f} s of speech")
+        if self.stall_over_s is not None and seconds > self.stall_over_s:
+            stall(f"{seconds:.1f} s of speech in the ASR", self.stall_s)
         time.sleep(self.latency_s)  # stands in for model compute
-        return f"heard {len(audio) / s2s.SAMPLE_RATE:.1f} seconds"
+        return f"heard {seconds:.1f} seconds"
 
 
 class FixedLatencyTTS(s2s.TTSHandler):
@@ -36,14 +57,21 @@ class FixedLatencyTTS(s2s.TTSHandler):
     name = "fixed"
     PIECE = s2s.SAMPLE_RATE // 5  # samples: 200 ms
 
-    def __init__(self, latency_s: float, rtf: float, s_per_char: float = 0.065):
+    def __init__(self, latency_s: float, rtf: float, s_per_char: float = 0.065, fail_on: str = "",
+                 stall_on: str = "", stall_s: float = 0.0):
         self.latency_s, self.rtf, self.s_per_char = latency_s, rtf, s_per_char
+        self.fail_on, self.stall_on, self.stall_s = fail_on, stall_on, stall_s
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.tts_latency_ms / 1000, args.tts_rtf)
+        return cls(args.tts_latency_ms / 1000, args.tts_rtf, fail_on=args.tts_fail_on, stall_on=args.tts_stall_on,
+                   stall_s=args.stall_s)
 
     def synthesize(self, text, voice=None):
+        if self.fail_on and self.fail_on in text:
+            raise RuntimeError(f"test fault: the TTS broke on {text!r}")
+        if self.stall_on and self.stall_on in text:
+            stall(f"{text!r} in the TTS", self.stall_s)
         n = int(s2s.speech_length(text) * self.s_per_char * s2s.SAMPLE_RATE)
         audio = 0.3 * np.sin(2 * np.pi * 220 * np.arange(n) / s2s.SAMPLE_RATE).astype(np.float32)
         time.sleep(self.latency_s)  # stands in for model compute up to the first audio
@@ -62,6 +90,13 @@ def build_parser():
     parser.add_argument("--asr_latency_ms", type=float, default=50, help="latency of the fixed ASR")
     parser.add_argument("--tts_latency_ms", type=float, default=100, help="time to the first audio of the fixed TTS")
     parser.add_argument("--tts_rtf", type=float, default=0.1, help="real-time factor of the fixed TTS after its first audio")
+    faults = parser.add_argument_group("test faults (the fixed ASR and TTS)")
+    faults.add_argument("--asr_fail_over_s", type=float, default=None, help="raise on an utterance longer than this")
+    faults.add_argument("--asr_stall_over_s", type=float, default=None,
+                        help="take --stall_s longer on an utterance longer than this")
+    faults.add_argument("--tts_fail_on", default="", help="raise on a chunk of text containing this")
+    faults.add_argument("--tts_stall_on", default="", help="take --stall_s longer on a chunk of text containing this")
+    faults.add_argument("--stall_s", type=float, default=3.0, help="how long a stall lasts")
     return parser
 
 
