@@ -2011,12 +2011,11 @@ class VoiceAgentServer:
                     await self.on_message(conn, message)
                 except BadMessage as exc:
                     if exc.code in ("server_full", "uid_in_use", "bad_uid") and conn.session is None:
-                        await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
-                        return
+                        raise  # no session could be opened: the connection is refused below
                     self.report(conn, exc.code, str(exc))
                     if isinstance(message, str):
                         await ws.send(PLACEHOLDER)
-        except BadMessage as exc:  # a bad ?uid= or a full server, before any message
+        except BadMessage as exc:  # no session for this connection: a bad uid, one in use, or a full server
             await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
         except websockets.ConnectionClosed:
             pass

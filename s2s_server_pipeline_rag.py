@@ -257,8 +257,9 @@ def spoken_text(pieces: Iterator[str]) -> Iterator[str]:
             out, held = speakable(held[:cut]), held[cut:]
             if out:
                 yield out
-        if speakable(held):
-            yield speakable(held)
+        rest = speakable(held)
+        if rest:
+            yield rest
     finally:
         if hasattr(pieces, "close"):  # a generator: a barge-in stops the model call behind it
             pieces.close()

@@ -34,17 +34,18 @@ class Received:
 class Client:
     """Base: two sockets, a reader task collecting everything the sender socket says."""
 
-    def __init__(self, recv_url: str, send_url: str, uid: str | None = None):
+    def __init__(self, recv_url: str, send_url: str, uid: str | None = None, **connect_kwargs):
         self.uid = uid or str(uuid.uuid4())
         self.recv_url, self.send_url = recv_url, send_url
+        self.connect_kwargs = connect_kwargs  # for websockets' connect(): subprotocols, origin, ssl
         self.received: list = []
         self.replies: list = []  # what the receiver socket answered
         self.new_item = asyncio.Event()
         self.speech_onsets: list = []  # time.monotonic() when non-silent audio was first sent, per stream_wav
 
     async def __aenter__(self) -> Client:
-        self.recv = await connect(self._recv_url(), max_size=None)
-        self.send = await connect(self._send_url(), max_size=None)
+        self.recv = await connect(self._recv_url(), max_size=None, **self.connect_kwargs)
+        self.send = await connect(self._send_url(), max_size=None, **self.connect_kwargs)
         self.readers = [asyncio.create_task(self._read_sender()), asyncio.create_task(self._read_replies())]
         return self
 

@@ -25,7 +25,7 @@ from websockets.protocol import State
 
 from client import ExtendedClient, LegacyClient
 from conftest import ROOT, fixture, start_server
-from server_process import free_port
+from server_process import free_port, stop_process
 
 # Debian installs it in /usr/sbin, which is not on the PATH of users other than root.
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
@@ -95,13 +95,7 @@ class Nginx:
         return text
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 class Cluster:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import ssl
 import subprocess
@@ -40,18 +39,6 @@ async def typed_turn(client: ExtendedClient, text: str = "hello there") -> None:
     assert client.events("audio"), "no answer audio"
 
 
-@contextlib.asynccontextmanager
-async def opened(client: ExtendedClient, **connect_kwargs):
-    """A client's two sockets opened with extra connect() arguments (subprotocols, origin, ssl)."""
-    client.recv = await connect(client._recv_url(), max_size=None, **connect_kwargs)
-    client.send = await connect(client._send_url(), max_size=None, **connect_kwargs)
-    client.readers = [asyncio.create_task(client._read_sender()), asyncio.create_task(client._read_replies())]
-    try:
-        yield client
-    finally:
-        await client.__aexit__(None, None, None)
-
-
 AS_BROWSER = {"subprotocols": ["s2s", f"s2s.token.{TOKEN}"]}  # how a browser presents the token
 
 
@@ -85,9 +72,9 @@ def test_token_as_query_or_subprotocol_gets_a_normal_session_and_never_reaches_t
         query = ExtendedClient(guarded.recv_url, guarded.send_url)
         query._recv_url = lambda: f"{guarded.recv_url}/?uid={query.uid}&token={TOKEN}"
         query._send_url = lambda: f"{guarded.send_url}/?uid={query.uid}&token={TOKEN}"
-        async with opened(query):
+        async with query:
             await typed_turn(query)
-        async with opened(ExtendedClient(guarded.recv_url, guarded.send_url), **AS_BROWSER) as browser:
+        async with ExtendedClient(guarded.recv_url, guarded.send_url, **AS_BROWSER) as browser:
             assert browser.recv.subprotocol == "s2s"
             await typed_turn(browser)
 
@@ -110,7 +97,7 @@ def test_foreign_origin_is_refused_and_listed_or_same_host_origins_pass(guarded)
                    for base in (guarded.recv_url, guarded.send_url)]
         passed = []
         for origin in ("http://127.0.0.1:3000", "https://app.example.com", "http://localhost:9999"):
-            async with opened(ExtendedClient(guarded.recv_url, guarded.send_url), origin=origin, **AS_BROWSER) as c:
+            async with ExtendedClient(guarded.recv_url, guarded.send_url, origin=origin, **AS_BROWSER) as c:
                 await c.wait_for(lambda r: r.kind == "ready", timeout=5)
                 passed.append(origin)
         return foreign, passed
@@ -123,7 +110,7 @@ def test_foreign_origin_is_refused_and_listed_or_same_host_origins_pass(guarded)
 
 def test_limits_answer_with_error_codes_and_keep_the_connection(guarded):
     async def scenario():
-        async with opened(ExtendedClient(guarded.recv_url, guarded.send_url), **AS_BROWSER) as c:
+        async with ExtendedClient(guarded.recv_url, guarded.send_url, **AS_BROWSER) as c:
             await c.wait_for(lambda r: r.kind == "ready")
             await c.send_text("x" * 51)  # over --max_text_chars 50
             await c.recv.send(np.zeros(int(0.25 * s2s.SAMPLE_RATE), "<i2").tobytes())  # 250 ms > 200 ms
@@ -203,8 +190,8 @@ def test_tls_serves_wss_and_the_client_over_https(chat_api, certificate, tmp_pat
                                                    context=trust, timeout=10).read())
 
         async def scenario():
-            c = ExtendedClient(f"wss://127.0.0.1:{srv.recv_port}", f"wss://127.0.0.1:{srv.send_port}")
-            async with opened(c, ssl=trust):
+            c = ExtendedClient(f"wss://127.0.0.1:{srv.recv_port}", f"wss://127.0.0.1:{srv.send_port}", ssl=trust)
+            async with c:
                 await typed_turn(c)
             with pytest.raises(ssl.SSLError):  # a client that does not trust the certificate gets nowhere
                 await connect(f"wss://127.0.0.1:{srv.recv_port}/?uid=x", ssl=ssl.create_default_context())
