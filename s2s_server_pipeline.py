@@ -25,6 +25,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import hmac
 import http
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--lm_model_name", default=None,
                      help="--llm openai: model name at the API (default gpt-4o-mini); --llm transformers: hub id or local directory (default Qwen/Qwen2.5-0.5B-Instruct)")
     llm.add_argument("--lm_compile", action="store_true", help="--llm transformers: torch.compile the model (slower start, faster tokens on GPU)")
+    llm.add_argument("--lm_prefix_cache", type=int, default=None,
+                     help="--llm transformers: keep the attention cache of this many recent conversations, so a turn computes only "
+                          "the tokens its prompt does not share with an earlier one (0: off; default: --max_sessions)")
     llm.add_argument("--lm_temperature", type=float, default=0.7, help="sampling temperature")
     llm.add_argument("--max_new_tokens", type=int, default=160, help="most tokens in one answer")
     llm.add_argument("--lm_timeout_s", type=float, default=30.0, help="seconds to wait for the API to connect or send the next token")
@@ -467,11 +471,15 @@ class Stage:
     def put(self, msg: Any) -> None:
         self.queues[msg.session.slot % len(self.queues)].put(msg)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Each worker stops after its current message; wait for them `timeout_s` in all. Their sessions are
+        closed by then, so what they make is thrown away; one stuck in a model call does not hold the process
+        (the threads are daemons)."""
         for q in self.queues:
             q.put(_STOP)
+        deadline = time.monotonic() + timeout_s
         for t in self.threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self, q: queue.Queue) -> None:
         while True:
@@ -915,6 +923,42 @@ class SpeakableChunker:
         return None
 
 
+_DONE = object()
+
+
+def until_cancelled(source: Iterator[Any], cancelled: concurrent.futures.Future) -> Iterator[Any]:
+    """Yield what `source` yields, reading it on a thread of its own, and return as soon as `cancelled` is done.
+    A model call cannot be interrupted while it waits (for an API's first token, or through a long prompt):
+    read on the stage's worker, a stale turn would hold that worker, and with it the user's next question,
+    until then. The source is closed on its own thread after its next item (which closes the HTTP stream or
+    stops generate())."""
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    abandoned = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in source:
+                if abandoned.is_set():
+                    break
+                items.put((item, None))
+        except Exception as exc:
+            items.put((None, exc))
+        finally:
+            source.close()
+            items.put(_DONE)
+
+    cancelled.add_done_callback(lambda _: items.put(_DONE))
+    threading.Thread(target=pump, name="llm-read", daemon=True).start()
+    try:
+        while (got := items.get()) is not _DONE:
+            item, exc = got
+            if exc is not None:
+                raise exc
+            yield item
+    finally:
+        abandoned.set()
+
+
 class LLMHandler(BaseHandler):
     """Base of every LLM. SWAP MODEL HERE: subclass, implement stream() (and setup() if it loads weights)."""
 
@@ -950,7 +994,7 @@ class LLMHandler(BaseHandler):
         session.history.add(turn)
         chunker, seq = SpeakableChunker(self.first_chunk_min_chars), 0
         feed = TextFeed() if self.text_stream else None
-        tokens = self.respond(msg, turn, messages)
+        tokens = until_cancelled(self.respond(msg, turn, messages), turn.cancelled)
         try:
             for delta in tokens:
                 if turn.llm_first_token is None:
@@ -1045,24 +1089,79 @@ class EchoLLMHandler(LLMHandler):
             yield word
 
 
+@dataclass(eq=False)  # entries are told apart by identity
+class CachedPrefix:
+    ids: np.ndarray  # int64 token ids whose keys and values `cache` holds
+    prompt_len: int  # how many of them were the prompt; the rest were generated
+    cache: Any  # a transformers DynamicCache
+
+
+class PrefixCache:
+    """The attention caches (keys and values) of recent conversations. Every turn re-sends the whole history,
+    so without them a local LLM's first token comes later with every turn. With them a turn computes only the
+    tokens its prompt does not share with an earlier prompt and answer: usually just the new question. A
+    prompt that continues a conversation takes that conversation's cache over; one that only shares a prefix
+    with it (the system prompt of a new session) gets a copy, so a stored cache is never changed under
+    another conversation."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: list = []  # CachedPrefix, least recently used first
+        self.lock = threading.Lock()
+
+    def take(self, ids: np.ndarray) -> Optional[Any]:
+        """A cache holding the longest stored prefix of `ids`, less at least the last token (the model must
+        compute one token to predict the next), or None."""
+        with self.lock:
+            best, shared = None, 0
+            for e in self.entries:
+                n = common_prefix_len(e.ids, ids)
+                if n > shared:
+                    best, shared = e, n
+            if best is None:
+                return None
+            continues = shared >= best.prompt_len  # the same conversation, a turn later
+            if continues:
+                self.entries.remove(best)
+        cache = best.cache if continues else copy.deepcopy(best.cache)
+        cache.crop(min(shared, len(ids) - 1) - cache.get_seq_length())  # a negative count of tokens to drop
+        return cache
+
+    def put(self, ids: np.ndarray, prompt_len: int, cache: Any) -> None:
+        with self.lock:
+            self.entries.append(CachedPrefix(ids, prompt_len, cache))
+            del self.entries[:-self.size]
+
+
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 class TransformersLLMHandler(LLMHandler):
     """A local chat model with transformers (a hub id or a local directory), streamed token by token. A
-    barge-in stops generation at the next token: a stopping criterion checks a flag at every step."""
+    barge-in stops generation at the next token: a stopping criterion checks a flag at every step. Each turn
+    starts from the attention cache of the conversation so far (PrefixCache)."""
 
     name = "transformers"
 
-    def __init__(self, model: str, device: str, dtype: str, temperature: float, max_tokens: int, compile: bool, **kwargs):
+    def __init__(self, model: str, device: str, dtype: str, temperature: float, max_tokens: int, compile: bool,
+                 prefix_cache: int = 16, **kwargs):
         super().__init__(**kwargs)
         self.model_name, self.device, self.dtype = model, device, dtype
         self.temperature, self.max_tokens, self.compile = temperature, max_tokens, compile
+        self.prefixes = PrefixCache(prefix_cache) if prefix_cache > 0 else None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TransformersLLMHandler:
         return cls(args.lm_model_name, resolve_device(args.device), args.lm_dtype, args.lm_temperature,
-                   args.max_new_tokens, args.lm_compile, **cls.common_args(args))
+                   args.max_new_tokens, args.lm_compile,
+                   args.max_sessions if args.lm_prefix_cache is None else args.lm_prefix_cache, **cls.common_args(args))
 
     def describe(self) -> str:
-        return f"transformers {self.model_name} on {self.device}, {self.dtype}{', compiled' if self.compile else ''}"
+        cache = f", prefix cache of {self.prefixes.size}" if self.prefixes else ""
+        return f"transformers {self.model_name} on {self.device}, {self.dtype}{', compiled' if self.compile else ''}{cache}"
 
     def setup(self) -> None:
         transformers = require("transformers", "pip install transformers")
@@ -1075,15 +1174,20 @@ class TransformersLLMHandler(LLMHandler):
             self.model.forward = torch.compile(self.model.forward)
 
     def warmup(self) -> None:
-        for _ in self.stream([{"role": "user", "content": "Hello"}]):
-            pass
+        for _ in range(2):  # the second time through the prefix cache
+            for _ in self.stream([{"role": "user", "content": "Hello"}]):
+                pass
 
     def stream(self, messages: list) -> Iterator[str]:
         tf, torch = self.transformers, self.torch
         inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                     return_dict=True).to(self.device)
         streamer = tf.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop, failure = threading.Event(), []
+        stop, failure, result = threading.Event(), [], []
+        ids, prefixes = inputs["input_ids"][0].cpu().numpy(), self.prefixes
+        cache = prefixes.take(ids) if prefixes else None
+        if prefixes and cache is None:
+            cache = tf.DynamicCache(config=self.model.config)  # generate() fills it in place
 
         class StopWhenAsked(tf.StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):  # -> BoolTensor (batch,): stop each sequence?
@@ -1093,9 +1197,10 @@ class TransformersLLMHandler(LLMHandler):
 
         def generate() -> None:
             try:
-                self.model.generate(**inputs, streamer=streamer, max_new_tokens=self.max_tokens,
-                                    stopping_criteria=tf.StoppingCriteriaList([StopWhenAsked()]),
-                                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling)
+                result.append(self.model.generate(
+                    **inputs, past_key_values=cache, streamer=streamer, max_new_tokens=self.max_tokens,
+                    stopping_criteria=tf.StoppingCriteriaList([StopWhenAsked()]),
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling))
             except Exception as exc:
                 failure.append(exc)
                 streamer.end()
@@ -1111,6 +1216,18 @@ class TransformersLLMHandler(LLMHandler):
         finally:
             stop.set()  # a closed stream (barge-in) stops generation at the next token
             thread.join()
+            if result and prefixes:
+                self._keep(prefixes, result[0][0], len(ids), cache)
+
+    def _keep(self, prefixes: PrefixCache, sequence: Any, prompt_len: int, cache: Any) -> None:
+        """Store the cache of a finished (or stopped) generation for the conversation's next turn."""
+        if any(type(layer) is not self.transformers.DynamicLayer for layer in cache.layers):
+            # A sliding-window or linear-attention layer cannot be cut back to an earlier prefix.
+            logger.info("LLM prefix cache off: %s keeps %s layers", self.model_name,
+                        {type(layer).__name__ for layer in cache.layers})
+            self.prefixes = None
+            return
+        prefixes.put(sequence[:cache.get_seq_length()].cpu().numpy(), prompt_len, cache)
 
 
 LLM_HANDLERS: dict = {"echo": EchoLLMHandler, "openai": OpenAILLMHandler, "transformers": TransformersLLMHandler}
@@ -1957,8 +2074,7 @@ class VoiceAgentServer:
             await asyncio.gather(*(ws.close(1001, "server shutting down") for ws in list(self.connections)))
         for session in list(self.sessions.values()):
             self.end_session(session)
-        for stage in (self.asr_stage, self.llm_stage, self.tts_stage):
-            await asyncio.to_thread(stage.stop)
+        await asyncio.gather(*(asyncio.to_thread(stage.stop) for stage in (self.asr_stage, self.llm_stage, self.tts_stage)))
         self.vad_pool.shutdown(wait=False)
         if self.recorder:  # every turn record queued so far is written before the process exits
             await asyncio.to_thread(self.recorder.close)
@@ -2221,6 +2337,8 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
         args.tts = "cosyvoice" if args.tts_model_name else "espeak"
     if min(args.sample_rate, args.max_sessions, args.asr_workers, args.tts_workers) <= 0:
         parser.error("--sample_rate, --max_sessions, --asr_workers and --tts_workers must be positive")
+    if (args.lm_prefix_cache or 0) < 0:
+        parser.error("--lm_prefix_cache must be 0 (off) or more")
     args.auth_token = args.auth_token or os.environ.get("S2S_AUTH_TOKEN") or None
     if args.auth_token and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.auth_token):
         parser.error("--auth_token must be 8-256 letters, digits or . _ ~ - (it travels in a URL or a subprotocol name); "

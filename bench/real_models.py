@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers chat model: a directory or a hub id already downloaded; random weights of Qwen2.5-0.5B-Instruct's size otherwise")
     p.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
                    help="precision of the LLM (the server's default)")
+    p.add_argument("--lm_prefix_cache", type=int, default=None,
+                   help="the server's --lm_prefix_cache: 0 makes every turn compute its whole prompt (default: the server's)")
     p.add_argument("--tts", choices=["espeak", "cosyvoice"], default="espeak",
                    help="TTS; cosyvoice runs only when the cosyvoice package imports and --tts_model_name is a directory, espeak otherwise")
     p.add_argument("--tts_model_name", default=None, help="--tts cosyvoice: directory of the CosyVoice weights")
@@ -490,7 +492,7 @@ def server_flags(args: argparse.Namespace, asr: Weights, llm: Weights, device: s
     """The server's command line: the in-process measurements build their handlers from the same flags."""
     return ["--asr", "funasr", "--stt_model_name", asr.path, "--llm", "transformers", "--lm_model_name", llm.path,
             "--lm_dtype", args.lm_dtype, "--max_new_tokens", str(args.answer_tokens), *tts, "--device", device,
-            "--client_dir", ""]
+            "--client_dir", "", *([] if args.lm_prefix_cache is None else ["--lm_prefix_cache", str(args.lm_prefix_cache)])]
 
 
 def main(argv: Optional[list] = None) -> dict:
@@ -521,6 +523,7 @@ def main(argv: Optional[list] = None) -> dict:
         turns = spoken_turns(flags, args.turns)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(device), "device": device,
                "tiny": args.tiny, "answer_tokens": args.answer_tokens, "lm_dtype": args.lm_dtype, "tts_note": tts_note,
+               "lm_prefix_cache": args.lm_prefix_cache,
                "models": [asdict(m) for m in models],
                "voice_to_voice": summarize_turns(turns, alone_ms(models)),
                "bench_seconds": round(time.monotonic() - t0)}

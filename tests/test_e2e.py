@@ -336,3 +336,24 @@ def test_a_slow_llm_stream_does_not_hold_back_another_session(server, chat_api):
         assert run(scenario()) < 3.0  # answered while the other session still waits for its first token
     finally:
         chat_api.first_token_delay_s = 0.1
+
+
+def test_a_new_question_does_not_wait_for_the_stale_turns_first_token(server, chat_api):
+    """The user asks again while the model still thinks about the last question: the new one starts at once,
+    instead of after the stale request's first token (an API can take seconds to it)."""
+    chat_api.first_token_delay_s = lambda messages: 6.0 if "slow" in messages[-1]["content"] else 0.1
+    try:
+        async def scenario():
+            async with ExtendedClient(server.recv_url, server.send_url) as c:
+                await c.send_text("a slow question")
+                await asyncio.sleep(0.3)  # its stream is open and waiting
+                t0 = asyncio.get_running_loop().time()
+                await c.send_text("a quick question")
+                await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == 2)
+                return asyncio.get_running_loop().time() - t0, c
+
+        waited, c = run(scenario())
+        assert waited < 3.0
+        assert not c.events("audio", turn=1)
+    finally:
+        chat_api.first_token_delay_s = 0.1

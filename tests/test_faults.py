@@ -356,3 +356,39 @@ def test_sigterm_during_a_turn_closes_sockets_and_keeps_what_was_saved(chat, tmp
         assert 1 < wav_seconds(os.path.join(tmp_path, f"{c.uid}_{turn}_answer.wav")) == pytest.approx(received, abs=0.25)
     assert wav_seconds(os.path.join(tmp_path, f"{c.uid}_2_input.wav")) > 2.5
     assert not glob.glob(os.path.join(tmp_path, "*.tmp"))
+
+
+def wait_for_requests(api: FakeChatAPI, predicate, count: int, timeout: float = 10.0) -> None:
+    with api.arrived:
+        assert api.arrived.wait_for(lambda: sum(map(predicate, api.requests)) >= count, timeout)
+
+
+def test_sigterm_with_model_calls_stuck_exits_within_seconds(chat):
+    """Three sessions wait on an LLM's first token, one on a TTS that hangs: the server still exits at once,
+    not after each stuck call in turn."""
+    srv = start(chat, "--tts_stall_on", "hang", "--stall_s", "60")
+    chat.first_token_delay_s = lambda messages: 60.0 if "ponder" in messages[-1]["content"] else 0.1
+    try:
+        async def scenario():
+            clients = [ExtendedClient(srv.recv_url, srv.send_url) for _ in range(4)]
+            for c in clients:
+                await c.__aenter__()
+            try:
+                for c in clients[:3]:
+                    await c.send_text("ponder this")
+                await clients[3].send_text("hang on")
+                await asyncio.to_thread(srv.wait_for_log, "test fault: stalling")
+                await asyncio.to_thread(wait_for_requests, chat, lambda r: b"ponder" in r["body"], 3)
+                t0 = time.monotonic()
+                srv.proc.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(srv.proc.wait, 30)
+                return code, time.monotonic() - t0
+            finally:
+                for c in clients:
+                    await c.__aexit__(None, None, None)
+
+        code, exit_s = asyncio.run(scenario())
+    finally:
+        chat.first_token_delay_s = 0.1
+        srv.stop()
+    assert code == 0 and exit_s < 4, (code, exit_s, srv.log()[-3000:])

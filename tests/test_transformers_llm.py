@@ -1,5 +1,6 @@
 """The local transformers LLM on a tiny random-weight Llama chat model built here (tests/tiny_chat_model.py):
 token streaming through the real generate() path, and a real stop mid-generation."""
+import copy
 import time
 
 import pytest
@@ -68,3 +69,81 @@ def test_bfloat16_and_a_bad_model_path(tmp_path):
     assert str(h.model.dtype) == "torch.bfloat16" and "".join(h.stream(MESSAGES))
     with pytest.raises(Exception):
         s2s.TransformersLLMHandler(str(tmp_path / "missing"), "cpu", "float32", 0.7, 8, False).setup()
+
+
+def answer_and_prefill(h, messages):
+    """The answer's text, and how many tokens the model computed before its first new token."""
+    computed = []
+    hook = h.model.register_forward_pre_hook(
+        lambda module, args, kwargs: computed.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        text = "".join(h.stream(messages))
+    finally:
+        hook.remove()
+    return text, computed[0]
+
+
+def prompt_len(h, messages):
+    return len(h.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+@pytest.fixture
+def cached_and_plain(llm):
+    """The module's model twice: with an empty prefix cache, and with none."""
+    cached, plain = copy.copy(llm), copy.copy(llm)
+    cached.prefixes, plain.prefixes = s2s.PrefixCache(4), None
+    return cached, plain
+
+
+def test_a_later_turn_computes_only_its_new_tokens_and_answers_the_same(cached_and_plain):
+    cached, plain = cached_and_plain
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn, question in enumerate(["hello there", "what is the weather like", "and tomorrow?"]):
+        messages.append({"role": "user", "content": question})
+        text, computed = answer_and_prefill(cached, messages)
+        assert (text, prompt_len(plain, messages)) == answer_and_prefill(plain, messages)
+        if turn:  # the history was computed on the turn before: only the new question is left
+            assert computed <= prompt_len(plain, messages[-1:]) + 8 < prompt_len(plain, messages) / 2
+        messages.append({"role": "assistant", "content": text})
+
+
+def test_after_a_barge_in_the_next_turn_reuses_what_was_heard(cached_and_plain):
+    cached, plain = cached_and_plain
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "tell me a long story"}]
+    stream = cached.stream(messages)
+    heard = "".join(next(stream) for _ in range(3))
+    stream.close()  # the user cut in: the history keeps what was heard
+    messages += [{"role": "assistant", "content": heard + s2s.INTERRUPTED_MARK}, {"role": "user", "content": "stop"}]
+    text, computed = answer_and_prefill(cached, messages)
+    assert text == answer_and_prefill(plain, messages)[0]
+    assert computed <= prompt_len(plain, messages) - prompt_len(plain, messages[:2]) + 8  # the first prompt was reused
+
+
+def test_a_new_conversation_shares_the_system_prompt_without_disturbing_another(cached_and_plain):
+    cached, plain = cached_and_plain
+    system = {"role": "system", "content": "You are a helpful voice assistant. Answer in one short sentence."}
+    a = [system, {"role": "user", "content": "hello there"}]
+    a.append({"role": "assistant", "content": answer_and_prefill(cached, a)[0]})
+    b = [system, {"role": "user", "content": "good morning"}]
+    text_b, computed_b = answer_and_prefill(cached, b)  # starts from a copy of the system prompt's part
+    assert text_b == answer_and_prefill(plain, b)[0]
+    assert computed_b <= prompt_len(plain, b) - prompt_len(plain, [system]) + 8
+    a.append({"role": "user", "content": "and you?"})
+    text_a, computed_a = answer_and_prefill(cached, a)  # conversation a's own cache is whole
+    assert text_a == answer_and_prefill(plain, a)[0]
+    assert computed_a <= prompt_len(plain, a[-1:]) + 8
+
+
+def test_a_sliding_window_model_runs_without_the_prefix_cache(tmp_path):
+    """Its cache keeps only the last tokens of each layer, so it cannot be cut back to an earlier prefix."""
+    import transformers
+    d = build_tiny_chat_model(str(tmp_path / "m"))
+    c = transformers.AutoConfig.from_pretrained(d)
+    sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "bos_token_id", "eos_token_id"]
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **{k: getattr(c, k) for k in sizes}, use_sliding_window=True, sliding_window=8, max_window_layers=0)).save_pretrained(d)
+    h = s2s.TransformersLLMHandler(d, "cpu", "float32", 0.0, 12, False)
+    h.setup()
+    h.warmup()
+    assert h.prefixes is None and "".join(h.stream(MESSAGES)) == "".join(h.stream(MESSAGES))
