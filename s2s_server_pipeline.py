@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--allowed_origins", default="auto",
                      help="browser pages that may connect, comma-separated (https://app.example.com,http://localhost:3000); "
                           "auto: pages from the server's own host name, and clients that send no Origin; * allows any")
+    sec.add_argument("--trusted_proxies", default="127.0.0.1,::1",
+                     help="addresses of reverse proxies (nginx) whose X-Forwarded-For header names the client, comma-separated; "
+                          "the logs show that client instead of the proxy. Empty: trust none")
     sec.add_argument("--ssl_certfile", default=None, help="TLS certificate (PEM): serves wss:// and the browser client over https")
     sec.add_argument("--ssl_keyfile", default=None, help="TLS private key (PEM) of --ssl_certfile")
     sec.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
@@ -2003,11 +2006,25 @@ def query_uid(ws: ServerConnection) -> Optional[str]:
     return check_uid(values[0]) if values else None
 
 
+def client_address(ws: ServerConnection, trusted_proxies: frozenset) -> str:
+    """The client's IP address: the peer's, or, when the peer is a trusted proxy, the last address in
+    X-Forwarded-For that no trusted proxy added (the ones before it can be anything the client wrote)."""
+    address = ws.remote_address[0] if ws.remote_address else "?"
+    if address not in trusted_proxies:
+        return address
+    forwarded = [a.strip() for h in ws.request.headers.get_all("X-Forwarded-For") for a in h.split(",") if a.strip()]
+    for hop in reversed(forwarded):
+        address = hop
+        if hop not in trusted_proxies:
+            break
+    return address[:64]
+
+
 class ReceiverConnection:
     """One client on the receiver socket: its session (once it has named its uid) and its limits."""
 
-    def __init__(self, ws: ServerConnection, max_messages_per_s: float):
-        self.ws = ws
+    def __init__(self, ws: ServerConnection, address: str, max_messages_per_s: float):
+        self.ws, self.address = ws, address
         self.session: Optional[Session] = None
         self.rate = RateLimit(max_messages_per_s)
         self.last_refusal = -1.0  # when the last rate_limited error went out: one a second is enough
@@ -2030,6 +2047,7 @@ class VoiceAgentServer:
         self.asr_stage = Stage("asr", asr, args.asr_workers, self.llm_stage.put)
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
         self.access = AccessPolicy(args.auth_token, args.allowed_origins)
+        self.trusted_proxies = frozenset(a.strip() for a in args.trusted_proxies.split(",") if a.strip())
         self.connections: set = set()  # every open, admitted WebSocket, closed with a reason at shutdown
         self.max_samples = args.max_audio_ms_per_message * args.sample_rate // 1000  # per message, at the client's rate
         self.stopped: asyncio.Event = None
@@ -2081,14 +2099,14 @@ class VoiceAgentServer:
 
     # ---- sessions ----
 
-    def open_session(self, uid: str) -> Session:
+    def open_session(self, uid: str, address: str) -> Session:
         if uid in self.sessions:
             raise BadMessage("uid_in_use", f"uid {uid} already has a connected receiver")
         if not self.free_slots:
             raise BadMessage("server_full", f"server full: {self.args.max_sessions} sessions; try again later")
         session = Session(uid, self.free_slots.pop(0), self)
         self.sessions[uid] = session
-        logger.info("session %s opened (%d active)", uid, len(self.sessions))
+        logger.info("session %s opened from %s (%d active)", uid, address, len(self.sessions))
         return session
 
     def end_session(self, session: Session) -> None:
@@ -2103,12 +2121,12 @@ class VoiceAgentServer:
     async def handle_receiver(self, ws: ServerConnection) -> None:
         if not await self.admit(ws):
             return
-        conn = ReceiverConnection(ws, self.args.max_messages_per_s)
+        conn = ReceiverConnection(ws, client_address(ws, self.trusted_proxies), self.args.max_messages_per_s)
         idle_s = self.args.idle_timeout_s or None
         try:
             uid = query_uid(ws)
             if uid is not None:
-                conn.session = self.open_session(uid)
+                conn.session = self.open_session(uid, conn.address)
             while True:
                 try:
                     async with asyncio.timeout(idle_s):
@@ -2148,7 +2166,7 @@ class VoiceAgentServer:
         if refusal is None:
             self.connections.add(ws)
             return True
-        logger.warning("refused a connection from %s: %s", ws.remote_address[0] if ws.remote_address else "?", refusal[1])
+        logger.warning("refused a connection from %s: %s", client_address(ws, self.trusted_proxies), refusal[1])
         await ws.close(*refusal)
         return False
 
@@ -2173,7 +2191,7 @@ class VoiceAgentServer:
         if session is None:
             if "uid" not in data:
                 raise BadMessage("no_uid", "the first message must carry a string uid")
-            session = conn.session = self.open_session(check_uid(data["uid"]))
+            session = conn.session = self.open_session(check_uid(data["uid"]), conn.address)
         elif "uid" in data and data["uid"] != session.uid:
             raise BadMessage("uid_mismatch", "this connection belongs to another uid")
         for reply in await self.on_json(session, data):

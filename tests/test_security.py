@@ -7,11 +7,13 @@ import json
 import ssl
 import subprocess
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import websockets
 from websockets.asyncio.client import connect
+from websockets.datastructures import Headers
 
 from client import ExtendedClient
 from conftest import start_server
@@ -214,3 +216,28 @@ def test_bad_security_flags_stop_start_up_with_one_sentence(flags, message, caps
     with pytest.raises(SystemExit):
         s2s.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_behind_a_proxy_the_log_names_the_client_not_the_proxy(guarded):
+    """The test client is on 127.0.0.1, a trusted proxy by default: the log takes the client from X-Forwarded-For,
+    its last address that no trusted proxy added (the first one here is whatever the client claimed)."""
+    forwarded = {"additional_headers": {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}}
+
+    async def scenario():
+        async with ExtendedClient(guarded.recv_url, guarded.send_url, **AS_BROWSER, **forwarded) as c:
+            await typed_turn(c)
+        await refusal(f"{guarded.recv_url}/?uid=nobody", **forwarded)
+        return c
+
+    c = run(scenario())
+    assert f"session {c.uid} opened from 203.0.113.7" in guarded.log()
+    assert "refused a connection from 203.0.113.7: unauthorized" in guarded.log()
+
+
+def test_an_untrusted_peer_cannot_choose_its_logged_address():
+    request = SimpleNamespace(headers=Headers({"X-Forwarded-For": "203.0.113.7"}))
+    direct = SimpleNamespace(remote_address=("192.0.2.10", 50000), request=request)
+    assert s2s.client_address(direct, frozenset({"127.0.0.1"})) == "192.0.2.10"
+    via_proxy = SimpleNamespace(remote_address=("10.0.0.2", 50000), request=request)
+    assert s2s.client_address(via_proxy, frozenset({"10.0.0.2"})) == "203.0.113.7"
+    assert s2s.client_address(via_proxy, frozenset()) == "10.0.0.2"

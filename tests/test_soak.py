@@ -33,7 +33,7 @@ def open_sessions(lines: list) -> tuple:
     """(uids opened and not closed, the last "(N active)" count) from the server log."""
     opened, active = set(), None
     for line in lines:
-        m = re.search(r"s2s: session (\S+) (opened|closed) \((\d+) active\)", line)
+        m = re.search(r"s2s: session (\S+) (opened|closed)(?: from \S+)? \((\d+) active\)", line)
         if m:
             (opened.add if m.group(2) == "opened" else opened.discard)(m.group(1))
             active = int(m.group(3))
