@@ -18,11 +18,13 @@ Without tool calling (--no-rag_tools, --llm transformers or echo) the documents 
 answer (no LLM call: tens of ms) and the web too with --web_every_turn. A barge-in stops a look-up at once.
 Documents (--kb_dir: .txt, .md, .pdf) are split into passages and found by words (BM25, Chinese by character
 pairs) and by meaning (a sentence-transformers model), kept in one SQLite file that a restart re-reads;
-only added or changed files are embedded again.
+only added or changed files are embedded again. What a look-up found goes with the next questions too (bounded),
+for follow-ups. Web requests go through the proxy that HTTPS_PROXY / HTTP_PROXY name, unless NO_PROXY exempts.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -37,11 +39,13 @@ import re
 import socket
 import sqlite3
 import threading
+import urllib.request
+import weakref
 from collections import Counter, defaultdict
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import numpy as np
 
@@ -505,11 +509,60 @@ class HTTPReply:
     body: bytes
 
 
+# The sockets' own timeout runs this long past the deadline, as a backstop: the deadline is kept by settling `stop`
+# (LookupRun does, at the deadline), so a look-up cut off there reads "no answer within the budget", never a
+# socket timeout racing it to the same instant.
+SOCKET_GRACE_S = 0.5
+
+
+@dataclass
+class Proxy:
+    """The forward proxy a request goes through, from HTTP_PROXY / HTTPS_PROXY, NO_PROXY exempting hosts, as urllib
+    reads them (lower-case names too; on macOS and Windows also the system settings). The proxy is spoken to in
+    plain HTTP, as urllib does: an absolute URI for an http:// URL, a CONNECT tunnel for an https:// one."""
+    host: str
+    port: int
+    headers: dict  # {"Proxy-Authorization": "Basic ..."} when the proxy URL names a user, else {}
+
+    @classmethod
+    def for_url(cls, parts: SplitResult) -> Optional[Proxy]:
+        """The proxy for a URL; None when it is reached directly."""
+        url = urllib.request.getproxies().get(parts.scheme)
+        if not url or urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2]):
+            return None
+        proxy = urlsplit(url if "://" in url else f"http://{url}")
+        if proxy.scheme not in ("http", "https") or not proxy.hostname:
+            raise ValueError(f"{parts.scheme}_proxy is not an http:// proxy URL: {url[:100]}")
+        headers = {}
+        if proxy.username is not None:
+            user = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+        return cls(proxy.hostname, proxy.port or (443 if proxy.scheme == "https" else 80), headers)
+
+
+def connection_for(parts: SplitResult, timeout_s: float) -> tuple:
+    """(an unconnected HTTP(S) connection for the URL, directly or through its proxy; the request target to send
+    on it; headers the proxy wants)."""
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy = Proxy.for_url(parts)
+    if parts.scheme == "https":
+        if proxy is None:
+            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout_s), path, {}
+        conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout_s)
+        conn.set_tunnel(parts.hostname, parts.port, headers=proxy.headers)  # TLS runs to the site, through the tunnel
+        return conn, path, {}
+    if proxy is None:
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s), path, {}
+    origin = f"http://{parts.netloc.rpartition('@')[2]}"
+    return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout_s), origin + path, proxy.headers
+
+
 def http_request(url: str, deadline: float, stop: concurrent.futures.Future, body: Optional[bytes] = None,
                  headers: Optional[dict] = None, max_bytes: int = 1 << 20, redirects: int = 3) -> HTTPReply:
-    """One HTTP(S) request (POST with a body, else GET, following redirects), given up at `deadline` (monotonic
-    seconds) or as soon as `stop` resolves: its socket is shut down, so a blocked read returns at once and the
-    server sees the client go away."""
+    """One HTTP(S) request (POST with a body, else GET, following redirects), through the proxy the environment
+    names (Proxy), given up as soon as `stop` resolves: its socket is shut down, so a blocked read returns at once
+    and the server (or the proxy) sees the client go away. None starts after `deadline` (monotonic seconds), and a
+    socket waits at most SOCKET_GRACE_S past it."""
     for _ in range(redirects + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -517,14 +570,12 @@ def http_request(url: str, deadline: float, stop: concurrent.futures.Future, bod
         left = deadline - now()
         if left <= 0 or stop.done():
             raise LookupStopped()
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = kind(parts.hostname, parts.port, timeout=left)
+        conn, target, proxy_headers = connection_for(parts, left + SOCKET_GRACE_S)
         try:
             conn.connect()
             stop.add_done_callback(lambda _, conn=conn: shut_down(conn))  # runs at once if already stopped
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("POST" if body is not None else "GET", path, body=body,
-                         headers={"User-Agent": "s2s-voice-agent", **(headers or {})})
+            conn.request("POST" if body is not None else "GET", target, body=body,
+                         headers={"User-Agent": "s2s-voice-agent", **proxy_headers, **(headers or {})})
             reply = conn.getresponse()
             location = reply.getheader("Location")
             if reply.status in (301, 302, 303, 307, 308) and location and body is None:
@@ -655,6 +706,81 @@ class LookupRun:
 
 
 # ------------------------------------------------------------------------------------------------
+# What earlier look-ups found: carried into the next turns' requests, for follow-up questions.
+# ------------------------------------------------------------------------------------------------
+
+FOUND_CHARS_PER_TURN = 1000  # of what one turn's look-ups gave the model: its best-ranked sources, which come first
+FOUND_CHARS = 3000  # of all turns' findings together (about 750 tokens of English), the newest kept first
+FOUND_HEADING = "Found by look-ups earlier in this conversation (for follow-up questions):"
+
+
+def clip(text: str, max_chars: int) -> str:
+    """The text cut to at most max_chars, at a space when there is one in its second half (Chinese has none)."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars - 1]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip() + "…"
+
+
+@dataclass
+class Finding:
+    question: str  # the user's question the look-up was for, as the history holds it
+    text: str  # what the look-up gave the model (LookupResult.for_llm), clipped to FOUND_CHARS_PER_TURN
+
+
+class EarlierFindings:
+    """What each conversation's look-ups found, given again with its next questions, so that a follow-up ("and how
+    tall is it?") still has the facts the answer left out and need not look them up again.
+
+    The findings go into the new question's message, as the results do without tools ("Information found for the
+    question below"), not back into the history as tool calls and tool messages: every OpenAI-compatible server
+    and chat template takes a user message, also a server that refuses tools and the paths without tools
+    (--no-rag_tools, transformers); a turn cut off mid-answer cannot leave a tool call without its result; and
+    the request is unchanged up to the last question, so what servers cache of a conversation's prompt (and
+    the transformers prefix cache) still serves it. A finding lasts while its question is among the past
+    questions of the request (the core's --chat_size window; a new topic clears it); all of them together are
+    bounded by FOUND_CHARS."""
+
+    def __init__(self, turn_chars: int = FOUND_CHARS_PER_TURN, total_chars: int = FOUND_CHARS):
+        self.turn_chars, self.total_chars = turn_chars, total_chars
+        self.found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a session's ChatHistory -> [Finding], oldest first
+        self.lock = threading.Lock()  # the sessions are answered on several LLM threads
+
+    def add(self, conversation: s2s.ChatHistory, question: str, results: list) -> None:
+        given = "\n\n".join(r.for_llm() for r in results if r.sources)
+        if given:
+            with self.lock:
+                self.found.setdefault(conversation, []).append(Finding(question, clip(given, self.turn_chars)))
+
+    def note(self, conversation: s2s.ChatHistory, messages: list) -> str:
+        """The findings of the past questions `messages` holds (the request: prompt, past exchanges, the new
+        question), newest first up to total_chars, in the order asked; "" when none. The findings of questions
+        no longer in it are forgotten."""
+        past = {m["content"] for m in messages[:-1] if m["role"] == "user"}
+        with self.lock:
+            kept = [f for f in self.found.get(conversation, []) if f.question in past]
+            if conversation in self.found:
+                self.found[conversation] = kept
+        chosen, used = [], 0
+        for f in reversed(kept):
+            part = f"Asked: {f.question}\n{f.text}"
+            if used + len(part) > self.total_chars:
+                break
+            chosen.insert(0, part)
+            used += len(part)
+        return "\n\n".join([FOUND_HEADING, *chosen]) if chosen else ""
+
+
+def with_context(messages: list, context: list, question: str) -> list:
+    """`messages` with the new question (the last message) preceded by `context` (texts; "" skipped) in its message."""
+    context = [c for c in context if c]
+    if not context:
+        return messages
+    return messages[:-1] + [{"role": "user", "content": "\n\n".join([*context, f"Question: {question}"])}]
+
+
+# ------------------------------------------------------------------------------------------------
 # The LLM step with look-ups. Wraps the core's LLM handler: the model call is the core's, or, with tools,
 # the same OpenAI client with tools added.
 # ------------------------------------------------------------------------------------------------
@@ -678,6 +804,39 @@ TOOLS_PROMPT = " You can look things up with your tools when you need to. " + SP
 CONTEXT_PROMPT = " A question may come with information found for it; use it when it is relevant. " + SPOKEN_SOURCES
 TOOL_CALL = object()  # yielded by _chat when the model starts calling a tool
 FILLER_AFTER_S = 0.3  # without tools: a document search still running after this long gets the filler
+TOOLS_NAMED = re.compile(r"tool[_ ]?choice|\btools\b", re.IGNORECASE)  # in a server's reason for refusing a request
+
+
+def refuses_tools(exc: BaseException) -> bool:
+    """Whether a chat request failed because the server does not take its `tools` or `tool_choice`: HTTP 400 or
+    422 with a reason that names them. The core's APIError is raised from the client's error, which it keeps
+    as its context, with the status code."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if getattr(error, "status_code", None) in (400, 422):
+            return bool(TOOLS_NAMED.search(f"{s2s.short_error(error)} {exc}"))
+    return False
+
+
+class ToolChoiceSupport:
+    """Whether the chat server takes the tools again, with tool_choice="none", in the request that answers from
+    the look-up results: sent so that servers that want the tools declared when the messages hold tool calls
+    get them, and so that the model answers instead of calling another tool. Some servers refuse tool_choice
+    (400 or 422); learned once per process: from the first refusal on, that request goes without them."""
+
+    def __init__(self):
+        self.taken = True
+        self.lock = threading.Lock()  # sessions are answered on several LLM threads; the first refusal logs
+
+    def refused(self, exc: BaseException) -> bool:
+        """Whether `exc` is the server refusing them; the first time, stop sending them and say so."""
+        if not refuses_tools(exc):
+            return False
+        with self.lock:
+            first, self.taken = self.taken, False
+        if first:
+            logger.warning('the chat API does not take tools with tool_choice="none" (%s): answers after a look-up '
+                           "are asked for without them from now on", exc)
+        return True
 
 
 class RAGLLMHandler(s2s.LLMHandler):
@@ -695,6 +854,8 @@ class RAGLLMHandler(s2s.LLMHandler):
         super().__init__(**kwargs)
         self.llm, self.index, self.web = llm, index, web
         self.budget_s, self.web_every_turn, self.fillers = budget_s, web_every_turn, fillers
+        self.found = EarlierFindings()
+        self.tool_choice = ToolChoiceSupport()
         self.tools = {}
         if web is not None:
             self.tools["web_search"] = web.search
@@ -761,6 +922,7 @@ class RAGLLMHandler(s2s.LLMHandler):
         return spoken_text(answer(msg, turn, messages))
 
     def _answer_with_tools(self, msg: s2s.UserText, turn: s2s.Turn, messages: list) -> Iterator[str]:
+        messages = with_context(messages, [self.found.note(msg.session.history, messages)], msg.text)
         calls: dict = {}  # index -> {"id", "name", "arguments"}, as the stream spells them out
         said = []  # what the model wrote before (or instead of) calling tools
         for piece in self._chat(messages, calls, tools=[TOOL_SPECS[t] for t in self.tools]):
@@ -778,18 +940,36 @@ class RAGLLMHandler(s2s.LLMHandler):
         if results is None:
             return  # barge-in: the user said something new
         self._send_sources(msg, results)
+        self.found.add(msg.session.history, msg.text, results)
         followup = messages + [
             {"role": "assistant", "content": "".join(said) or None, "tool_calls": [
                 {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]},
             *({"role": "tool", "tool_call_id": c["id"], "content": r.for_llm()} for c, r in zip(calls, results))]
-        yield from self._chat(followup, None, tools=[TOOL_SPECS[t] for t in self.tools], tool_choice="none")
+        yield from self._answer_from_results(followup)
+
+    def _answer_from_results(self, followup: list) -> Iterator[str]:
+        """The answer to a request that holds the look-up results: with the tools and tool_choice="none" while the
+        server takes them; when it refuses them (before any text), the same request again without them."""
+        if self.tool_choice.taken:
+            answered = False
+            try:
+                with closing(self._chat(followup, None, tools=[TOOL_SPECS[t] for t in self.tools], tool_choice="none")) as pieces:
+                    for piece in pieces:
+                        answered = True
+                        yield piece
+                return
+            except s2s.APIError as exc:
+                if answered or not self.tool_choice.refused(exc):
+                    raise
+        yield from self._chat(followup, None)
 
     def _answer_with_context(self, msg: s2s.UserText, turn: s2s.Turn, messages: list) -> Iterator[str]:
         web = self.web is not None and self.web_every_turn
         calls = [(tool, msg.text) for tool in self.tools if web or tool == "search_documents"]
-        if not calls:  # web search only, and not every turn: nothing to do before this answer
+        if not calls:  # web search only, and not every turn: nothing is ever looked up
             yield from self.llm.stream(messages)
             return
+        earlier = self.found.note(msg.session.history, messages)
         run = LookupRun(self.pool, self.tools, calls, self.budget_s, turn)
         if web or not run.wait(FILLER_AFTER_S):  # a web search is slow; a document search usually is not
             yield self.filler(msg.text)
@@ -797,9 +977,10 @@ class RAGLLMHandler(s2s.LLMHandler):
         if results is None:
             return
         self._send_sources(msg, results)
+        self.found.add(msg.session.history, msg.text, results)
         found = "\n\n".join(r.for_llm() for r in results)
-        question = {"role": "user", "content": f"Information found for the question below:\n\n{found}\n\nQuestion: {msg.text}"}
-        yield from self.llm.stream(messages[:-1] + [question])
+        context = [earlier, f"Information found for the question below:\n\n{found}"]
+        yield from self.llm.stream(with_context(messages, context, msg.text))
 
     def _chat(self, messages: list, calls: Optional[dict], **request: Any) -> Iterator[Any]:
         """One streamed chat request through the core handler: yields the answer's text, and TOOL_CALL once when

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import select
 import socket
+import socketserver
 import threading
 import time
+from urllib.parse import urlsplit
 
 from fakes import FakeChatAPI, FakeAPI
 
@@ -72,14 +74,19 @@ def client_hangs_up(conn: socket.socket, within_s: float) -> bool:
 class ToolChatAPI(FakeChatAPI):
     """FakeChatAPI that may answer with a tool call. For a streamed request that offers tools (tool_choice not
     "none") and holds no tool results yet, `decide(messages, tool names)` returns a (tool, query) to call, or None
-    to answer with text as FakeChatAPI does (through `answer(messages)`)."""
+    to answer with text as FakeChatAPI does (through `answer(messages)`). `tool_choice_refusal = MESSAGE` answers
+    every request that sets tool_choice with HTTP 400 and that message, as some OpenAI-compatible servers do."""
 
     def __init__(self, decide=None, **kwargs):
         super().__init__(**kwargs)
         self.decide = decide or (lambda messages, tools: None)
+        self.tool_choice_refusal = None
 
     def handle(self, request, path, body):
         params = json.loads(body)
+        if self.tool_choice_refusal is not None and "tool_choice" in params:
+            return request.send_json(400, {"error": {"message": self.tool_choice_refusal, "type": "invalid_request_error",
+                                                     "param": "tool_choice"}})
         offered = [t["function"]["name"] for t in params.get("tools", [])]
         fresh = not any(m["role"] == "tool" for m in params.get("messages", []))
         call = (self.decide(params["messages"], offered)
@@ -113,3 +120,91 @@ class ToolChatAPI(FakeChatAPI):
 def tool_results(messages: list) -> str:
     """The text of the tool messages of a request, joined."""
     return "\n".join(m["content"] for m in messages if m["role"] == "tool")
+
+
+class ForwardProxy:
+    """An HTTP forward proxy on 127.0.0.1, as a corporate network has. A request with an absolute URI is passed on
+    to its server; CONNECT host:port opens a tunnel there (502 when it cannot). Either way bytes are then relayed
+    both ways until one side closes, and the other is closed too: the server sees a client that hangs up.
+    `hosts` maps a host name to the (address, port) to reach it at, as the proxy's own DNS would. Every request
+    is recorded in `requests` as (method, target, its Proxy-Authorization header or None)."""
+
+    def __init__(self):
+        self.requests: list = []
+        self.hosts: dict = {}
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                proxy.serve(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def serve(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(65536)
+            if not data:
+                return
+            head += data
+        head, _, rest = head.partition(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, target, version = request_line.split(" ", 2)
+        headers = [(name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in header_lines)]
+        auth = next((value for name, value in headers if name.lower() == "proxy-authorization"), None)
+        with self.lock:
+            self.requests.append((method, target, auth))
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            address, first = self.hosts.get(host, (host, int(port))), rest
+        else:
+            url = urlsplit(target)
+            address = self.hosts.get(url.hostname, (url.hostname, url.port or 80))
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            kept = [f"{name}: {value}" for name, value in headers
+                    if name.lower() not in ("proxy-authorization", "proxy-connection", "connection")]
+            first = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""]).encode("latin-1") + rest
+        try:
+            upstream = socket.create_connection(address, timeout=5)
+        except OSError:
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        if method == "CONNECT":
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        with upstream:
+            upstream.settimeout(None)
+            relay(client, upstream, first)
+
+
+def relay(client: socket.socket, upstream: socket.socket, first: bytes) -> None:
+    """Send `first` upstream, then copy bytes both ways until either side closes; then shut both down."""
+    try:
+        upstream.sendall(first)
+        peers = {client: upstream, upstream: client}
+        while True:
+            readable, _, _ = select.select(list(peers), [], [])
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                peers[sock].sendall(data)
+    except OSError:
+        return
+    finally:
+        for sock in (client, upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ import pytest
 
 from client import ExtendedClient
 from conftest import ROOT, fixture
-from fake_search import FakeSerper, ToolChatAPI, tool_results
+from fake_search import FakeSerper, ForwardProxy, ToolChatAPI, tool_results
 from rag_server import RAGServerProcess
 from tiny_embedder import build_tiny_embedder
 
@@ -30,6 +32,7 @@ import s2s_server_pipeline_rag as rag
 # ---- the user's documents: one fact per file, among passages that share no word with the questions ----
 
 FESTIVAL_FACT = "The Zorblat festival takes place every March in Kelmora, with drums in every street."
+BOOKING_FACT = "Visitors book rooms a year ahead."  # next to the festival's date, but not what its question asks
 CAT_FACT = "我家的猫名字叫雪球，它今年三岁了，最喜欢在窗边晒太阳。"
 LIGHTHOUSE_FACT = "The Brimwell lighthouse was painted green in 1911."
 
@@ -41,7 +44,7 @@ def filler_paragraph(topic: str) -> str:
 
 
 DOCUMENTS = {
-    "festivals.md": f"# Kelmora\n\n{FESTIVAL_FACT} Visitors book rooms a year ahead.\n\n"
+    "festivals.md": f"# Kelmora\n\n{FESTIVAL_FACT} {BOOKING_FACT}\n\n"
                     "The lantern festival of Orvale is held in late autumn, when nights grow long.\n\n"
                     + filler_paragraph("Kelmora markets"),
     "rivers.txt": "\n\n".join(filler_paragraph(t) for t in ("the Quenby river", "the Dask canals", "harbour boats")),
@@ -256,6 +259,64 @@ def test_a_cancelled_turn_stops_its_lookup_at_once():
         assert serper.hung_up.wait(2) and serper.hangups[0] - t0 < 1.0
 
 
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """No proxy settings from the environment the tests run in; the test sets its own."""
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_web_search_goes_through_the_proxy_the_environment_names(proxy_env):
+    with FakeSerper(web_results, PAGES) as serper, ForwardProxy() as proxy:
+        proxy_env.setenv("HTTP_PROXY", f"http://alice:s%40cret@127.0.0.1:{proxy.port}")
+        web = rag.WebSearch(serper.search_url, "serper-key", results=5, fetch_pages=2)
+        found = web.search("weather in Dask", s2s.now() + 5, concurrent.futures.Future())
+        assert WEATHER_FACT in found[0].text and serper.keys == ["serper-key"]
+        auth = "Basic " + base64.b64encode(b"alice:s@cret").decode()
+        assert proxy.requests[0] == ("POST", serper.search_url, auth)  # the search and both pages, through the proxy
+        assert sorted(proxy.requests[1:]) == [("GET", serper.page_url(name), auth) for name in ("dask-weather", "gone")]
+
+        proxy_env.setenv("NO_PROXY", "localhost,127.0.0.1")  # hosts that are reached directly
+        found = web.search("weather in Dask", s2s.now() + 5, concurrent.futures.Future())
+        assert WEATHER_FACT in found[0].text and len(proxy.requests) == 3 and len(serper.queries) == 2
+
+
+def test_an_https_search_tunnels_through_the_proxy(proxy_env):
+    with FakeSerper(web_results, PAGES) as serper, ForwardProxy() as proxy:
+        proxy.hosts["serper.test"] = ("127.0.0.1", int(serper.root.rsplit(":", 1)[1]))  # only the proxy can find it
+        proxy_env.setenv("HTTPS_PROXY", proxy.url)
+        web = rag.WebSearch("https://serper.test/search", "serper-key")
+        with pytest.raises(ssl.SSLError):  # TLS starts through the tunnel: the fake Serper answers in plain HTTP
+            web.search("weather in Dask", s2s.now() + 5, concurrent.futures.Future())
+    assert proxy.requests == [("CONNECT", "serper.test:443", None)]
+
+
+def test_a_search_through_the_proxy_is_still_given_up_at_the_budget(proxy_env):
+    with FakeSerper(web_results, PAGES, delay_s=10) as serper, ForwardProxy() as proxy:
+        proxy_env.setenv("HTTP_PROXY", proxy.url)
+        turn, t0 = s2s.Turn(1, spoken=False), time.monotonic()
+        results = lookup(serper, 0.5, turn)
+        assert results[0].error == "no answer within 0.5 s" and time.monotonic() - t0 < 1.0
+        assert serper.hung_up.wait(2) and serper.hangups[0] - t0 < 1.0  # the proxy passed the hang-up on
+        assert [method for method, _, _ in proxy.requests] == ["POST"]
+
+
+def test_findings_are_bounded_and_leave_with_their_question():
+    found, history = rag.EarlierFindings(turn_chars=200, total_chars=500), s2s.ChatHistory(2)
+    for n in range(4):
+        turn = s2s.Turn(n + 1, spoken=False, question=f"question {n}?")
+        history.add(turn)
+        found.add(history, turn.question, [rag.LookupResult("web_search", turn.question, [
+            rag.Source(f"page {n}", "https://example.com", f"fact {n}. " + "more words " * 50)])])
+    note = found.note(history, history.messages("system", "prompt", "and then?"))
+    assert "fact 3." in note and "fact 2." in note and "question 1?" not in note  # the two exchanges the request holds
+    assert note.count("words…") == 2 and len(note) < 500 + len(rag.FOUND_HEADING) + 10  # each clipped, all bounded
+    history.clear()  # a new topic
+    assert found.note(history, history.messages("system", "prompt", "and then?")) == ""
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: the real server, a WebSocket client, typed questions and spoken barge-in
 # ------------------------------------------------------------------------------------------------
@@ -264,9 +325,14 @@ FILLER = "Let me look that up."
 BUDGET_MS = 3000
 
 
+def question_of(messages: list) -> str:
+    """The user's new question, without what the agent put before it ("... Question: ...")."""
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user").rpartition("Question: ")[2]
+
+
 def decide(messages: list, tools: list):
     """The fake model's choice: the festival is in the documents, weather and news are on the web."""
-    question = messages[-1]["content"].lower()
+    question = question_of(messages).lower()
     if "festival" in question and "search_documents" in tools:
         return "search_documents", "Zorblat festival date"
     if ("weather" in question or "news" in question) and "web_search" in tools:
@@ -275,9 +341,11 @@ def decide(messages: list, tools: list):
 
 
 def answer(messages: list) -> str:
-    """Quotes what it was given that holds a known fact, with a link and a citation mark the agent must not say."""
+    """Quotes what it was given that answers the question (the festival's date and Dask's weather; to a question
+    on booking, the rooms), with a link and a citation mark the agent must not say."""
     given = tool_results(messages) or messages[-1]["content"]
-    facts = [s for s in re.split(r"(?<=[.])\s+", given) if "Zorblat festival takes" in s or "Today in Dask" in s]
+    wanted = ("Visitors book",) if "book" in question_of(messages) else ("Zorblat festival takes", "Today in Dask")
+    facts = [s for s in re.split(r"(?<=[.])\s+", given) if any(w in s for w in wanted)]
     if facts:
         return f"Here is what I found. {' '.join(facts)} More at https://example.com/more [1]."
     if "did not work" in given:
@@ -369,6 +437,21 @@ def test_tool_call_round_trip_speaks_the_document_fact(server, world):
     assert 0 < metrics["lookup_ms"] < 1000  # a local document search
 
 
+def test_a_follow_up_is_answered_from_what_the_lookup_found(server, world):
+    chat, before = world["chat"], len(world["chat"].chat_requests())
+
+    async def follow_up(c: ExtendedClient) -> None:
+        await c.wait_for(lambda r: r.kind == "answer" and r.data["end"] and r.data["turn"] == 1, timeout=30)
+        await c.send_text("Do visitors have to book early?")
+    c, _ = ask(server, "When is the Zorblat festival?", then=follow_up, last_turn=2)
+    first, second, follow = new_requests(chat, before)  # a look-up and its answer, then the follow-up alone
+    assert "every March" in answer_text(c, 1) and BOOKING_FACT not in answer_text(c, 1)  # found, not said
+    assert any(BOOKING_FACT in m["content"] for m in follow["messages"] if m["role"] != "assistant")
+    assert sum(len(m["content"] or "") for m in follow["messages"]) < 2000  # what is kept is bounded
+    spoken = answer_text(c, 2)
+    assert BOOKING_FACT in spoken and not spoken.strip().startswith(FILLER) and not c.events("sources", turn=2)
+
+
 def test_web_search_round_trip_reads_the_page_and_sends_its_link(server, world):
     chat, serper, before = world["chat"], world["serper"], len(world["chat"].chat_requests())
     c, _ = ask(server, "What is the weather in Dask today?")
@@ -427,6 +510,28 @@ def test_barge_in_during_a_lookup_cancels_it(server, world):
     requests = new_requests(chat, before)
     assert not any(m["role"] == "tool" for r in requests for m in r["messages"])  # no answer made from the lookup
     assert c.events("transcript", turn=2) and c.events("answer", turn=2)  # the new turn is answered
+
+
+def test_a_server_that_refuses_tool_choice_is_asked_without_it_from_then_on(world):
+    chat = world["chat"]
+    chat.tool_choice_refusal = "tool_choice 'none' is not supported by this model"
+    try:
+        with rag_server(world) as srv:
+            before = len(chat.chat_requests())
+            festival, _ = ask(srv, "When is the Zorblat festival?")
+            middle = len(chat.chat_requests())
+            weather, _ = ask(srv, "What is the weather in Dask today?")  # another session, the same server process
+            log = srv.log()
+    finally:
+        chat.tool_choice_refusal = None
+    requests = chat.chat_requests()
+    shape = [[(bool(r.get("tools")), r.get("tool_choice")) for r in turn]
+             for turn in (requests[before:middle], requests[middle:])]
+    assert shape == [[(True, None), (True, "none"), (False, None)],  # refused (400), then asked again without
+                     [(True, None), (False, None)]]  # remembered: no refused request any more
+    assert "every March in Kelmora" in answer_text(festival, 1) and "sunny, 21 degrees" in answer_text(weather, 1)
+    assert not festival.events("error") and not weather.events("error")
+    assert log.count('does not take tools with tool_choice="none"') == 1, log
 
 
 def test_without_tools_the_documents_and_the_web_go_before_every_question(world):
