@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--asr_language", default="auto", help="language: auto, zh, en, yue, ja or ko (SenseVoice); an ISO code or auto (--asr openai)")
     asr.add_argument("--asr_punc_model", default="", help="FunASR punctuation model for Paraformer, e.g. ct-punc (SenseVoice punctuates by itself)")
     asr.add_argument("--asr_workers", type=int, default=1,
-                     help="ASR worker threads; each serves its sessions in order. More than 1 needs a thread-safe model (remote APIs are)")
+                     help="ASR worker threads, shared by all sessions (each session's utterances in order). More than 1 needs a thread-safe model (remote APIs are)")
     asr.add_argument("--device", default="auto", help="torch device for local models: auto (cuda when present), cuda, cuda:1, cpu")
     asr.add_argument("--stt_dtype", choices=["float32", "float16"], default="float32", help="FunASR precision; float16 applies to Paraformer on CUDA")
     asr.add_argument("--asr_api_url", default="https://api.openai.com/v1", help="--asr openai: base URL of the transcription API")
@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--lm_timeout_s", type=float, default=30.0, help="seconds to wait for the API to connect or send the next token")
     llm.add_argument("--init_chat_role", default="system", help="role of the prompt that opens every conversation")
     llm.add_argument("--init_chat_prompt", default=DEFAULT_SYSTEM_PROMPT, help="prompt that opens every conversation")
-    llm.add_argument("--chat_size", type=int, default=8, help="user/assistant exchanges of history sent to the LLM")
+    llm.add_argument("--chat_size", type=int, default=8,
+                     help="most user/assistant exchanges of history sent to the LLM; when full, the older half is dropped at once, "
+                          "so the prompt's start stays the same for several turns and prompt caches keep serving it")
     llm.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16", help="--llm transformers: precision")
     llm.add_argument("--first_chunk_min_chars", type=int, default=6,
                      help="the first speakable chunk may end at a comma once it has this many characters (a Chinese character counts as two), so the first audio starts early")
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--tts_voice_en", default="en-us", help="espeak-ng voice for text without Chinese characters")
     tts.add_argument("--tts_voice_zh", default="cmn", help="espeak-ng voice for text with Chinese characters")
     tts.add_argument("--tts_speed", type=int, default=175, help="espeak-ng speaking rate in words per minute")
-    tts.add_argument("--tts_workers", type=int, default=2, help="TTS worker threads; each serves its sessions in order")
+    tts.add_argument("--tts_workers", type=int, default=2, help="TTS worker threads, shared by all sessions (each session's sentences in order); "
+                          "more let more sessions speak at once, if the model takes concurrent calls")
     tts.add_argument("--tts_api_url", default="https://api.openai.com/v1", help="--tts openai: base URL of the speech API")
     tts.add_argument("--tts_api_model", default="tts-1", help="--tts openai: model name (key from TTS_API_KEY, else LLM_API_KEY)")
     tts.add_argument("--tts_api_voice", default="alloy", help="--tts openai: voice name")
@@ -398,12 +401,17 @@ class ChatHistory:
 
     def __init__(self, max_exchanges: int):
         self.max_exchanges = max_exchanges
-        self.exchanges: deque = deque(maxlen=max(1, max_exchanges))  # Turn objects, oldest first
+        self.exchanges: list = []  # Turn objects, oldest first
         self.lock = threading.Lock()
 
     def add(self, turn: Turn) -> None:
         with self.lock:
             self.exchanges.append(turn)
+            if len(self.exchanges) > max(1, self.max_exchanges):
+                # Drop the older half at once, not one exchange a turn: the prompt then starts the same way for
+                # several turns, so what the model has cached of it (the local LLM's prefix cache, an API's prompt
+                # cache) still serves, and only one turn in max_exchanges/2 reads the whole history again.
+                del self.exchanges[:max(1, self.max_exchanges // 2)]
 
     def clear(self) -> None:
         with self.lock:
@@ -413,7 +421,7 @@ class ChatHistory:
         """OpenAI-style messages: the opening prompt, past exchanges, then the new question."""
         msgs = [{"role": role, "content": prompt}] if prompt else []
         with self.lock:
-            past = list(self.exchanges)[-self.max_exchanges:] if self.max_exchanges > 0 else []
+            past = list(self.exchanges) if self.max_exchanges > 0 else []
         for t in past:
             msgs.append({"role": "user", "content": t.question})
             answer = t.heard_text()
@@ -456,54 +464,71 @@ _STOP = object()
 
 
 class Stage:
-    """Worker threads feeding one handler. A session always lands on the same worker, so its messages keep
-    their order; other sessions run on other workers. Stale messages are dropped where they are taken and
+    """Worker threads feeding one handler. A session's messages are handled one at a time and in order, each by
+    whichever worker is free: a session never waits behind another one's model call while a worker idles.
+    Sessions with work waiting take turns, a message each. Stale messages are dropped where they are taken and
     checked again after every output, where the handler's generator is closed (its `finally` frees the model
     call). An exception in one message fails that turn only."""
 
     def __init__(self, name: str, handler: BaseHandler, workers: int, emit: Callable[[Any], None]):
         self.name, self.handler, self.emit = name, handler, emit
-        self.queues = [queue.Queue() for _ in range(max(1, workers))]
-        self.threads = [threading.Thread(target=self._run, args=(q,), name=f"{name}-{i}", daemon=True)
-                        for i, q in enumerate(self.queues)]
+        self.ready: queue.Queue = queue.Queue()  # sessions with a message waiting and no worker on them; _STOP
+        self.waiting: dict = {}  # session -> deque of its messages; a session is here while a worker holds it
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
 
     def start(self) -> None:
         for t in self.threads:
             t.start()
 
     def put(self, msg: Any) -> None:
-        self.queues[msg.session.slot % len(self.queues)].put(msg)
+        with self.lock:
+            held = msg.session in self.waiting
+            self.waiting.setdefault(msg.session, deque()).append(msg)
+        if not held:
+            self.ready.put(msg.session)
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        """Each worker stops after its current message; wait for them `timeout_s` in all. Their sessions are
-        closed by then, so what they make is thrown away; one stuck in a model call does not hold the process
-        (the threads are daemons)."""
-        for q in self.queues:
-            q.put(_STOP)
+        """Each worker stops after the work queued before; wait for them `timeout_s` in all. Their sessions are
+        closed by then, so their work is dropped as stale, and what a running call makes is thrown away; one
+        stuck in a model call does not hold the process (the threads are daemons)."""
+        for _ in self.threads:
+            self.ready.put(_STOP)
         deadline = time.monotonic() + timeout_s
         for t in self.threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _run(self, q: queue.Queue) -> None:
+    def _run(self) -> None:
         while True:
-            msg = q.get()
-            if msg is _STOP:
+            session = self.ready.get()
+            if session is _STOP:
                 return
-            session = msg.session
-            if not session.wants(msg.turn):
-                continue
-            outputs = self.handler.process(msg)
-            try:
-                for out in outputs:
-                    if not session.wants(msg.turn):
-                        break
-                    self.emit(out)
-            except Exception as exc:  # one failed model call fails its turn, never the stage
-                if session.wants(msg.turn):
-                    logger.exception("%s failed on session %s turn %d", self.name, session.uid, msg.turn)
-                    session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
-            finally:
-                outputs.close()
+            with self.lock:
+                msg = self.waiting[session].popleft()
+            self._process(msg)
+            with self.lock:
+                more = bool(self.waiting[session])
+                if not more:
+                    del self.waiting[session]
+            if more:  # to the back of the line: the sessions waiting get a worker first
+                self.ready.put(session)
+
+    def _process(self, msg: Any) -> None:
+        session = msg.session
+        if not session.wants(msg.turn):
+            return
+        outputs = self.handler.process(msg)
+        try:
+            for out in outputs:
+                if not session.wants(msg.turn):
+                    break
+                self.emit(out)
+        except Exception as exc:  # one failed model call fails its turn, never the stage
+            if session.wants(msg.turn):
+                logger.exception("%s failed on session %s turn %d", self.name, session.uid, msg.turn)
+                session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
+        finally:
+            outputs.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1170,9 +1195,15 @@ class TransformersLLMHandler(LLMHandler):
         transformers = require("transformers", "pip install transformers")
         torch = require("torch", "pip install torch")
         self.transformers, self.torch = transformers, torch
+        # transformers 4 (CosyVoice's requirements install 4.51) calls the precision torch_dtype, and its attention
+        # cache has another API: the prefix cache needs 5.
+        major = int(transformers.__version__.split(".")[0])
+        precision = {"dtype" if major >= 5 else "torch_dtype": getattr(torch, self.dtype)}
+        if self.prefixes and major < 5:
+            logger.info("LLM prefix cache off: it needs transformers 5 or later (this is %s)", transformers.__version__)
+            self.prefixes = None
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_name)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.model_name, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_name, **precision).to(self.device).eval()
         if self.compile:
             self.model.forward = torch.compile(self.model.forward)
 
@@ -1508,8 +1539,15 @@ class CosyVoiceTTSHandler(TTSHandler):
         flags = {"fp16": self.fp16, **({"load_jit": self.load_jit} if family != "CosyVoice3" else {})}
         self.model, self.family = getattr(cli, family)(self.model_dir, **flags), family
         self.rate = self.model.sample_rate
+        self.first_hop = getattr(self.model.model, "token_hop_len", None)  # CosyVoice2/3: speech tokens in the first chunk
         if self.reads_text_stream and family == "CosyVoice":
             raise SystemExit("--tts_text_stream needs CosyVoice2 or CosyVoice3; CosyVoice-300M reads whole sentences")
+        import transformers
+        if self.reads_text_stream and int(transformers.__version__.split(".")[0]) >= 5:
+            # Its text-stream LLM loop indexes the attention cache as transformers 4 did (cosyvoice/llm/llm.py,
+            # inference_bistream): with 5 it fails in CosyVoice's own thread, and the call waits forever.
+            raise SystemExit(f"--tts_text_stream needs transformers 4 (CosyVoice's requirements pin 4.51.3); this is "
+                             f"{transformers.__version__}: install CosyVoice's requirements, or leave --tts_text_stream off")
         # Older releases take the prompt as a 16 kHz tensor, newer ones as a wav path: ask the signature.
         takes_tensor = "prompt_speech_16k" in inspect.signature(self.model.inference_zero_shot).parameters
         for v in self.voices:
@@ -1543,6 +1581,8 @@ class CosyVoiceTTSHandler(TTSHandler):
     def _model_audio(self, text: Any, voice: Voice) -> Iterator[np.ndarray]:
         """CosyVoice's streamed chunks at its own rate, float32 mono."""
         with self.lock:
+            if self.first_hop is not None:  # the model doubles it after every chunk and never resets it: without
+                self.model.model.token_hop_len = self.first_hop  # this, every answer after the first starts with a 4 s chunk
             for out in self.model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.name, stream=True):
                 yield out["tts_speech"].float().cpu().numpy().reshape(-1)
 
@@ -2042,7 +2082,7 @@ class VoiceAgentServer:
         self.legacy_senders: set = set()
         self.recorder = TurnRecorder(args.save_data) if args.save_data else None
         self.tts_stage = Stage("tts", tts, args.tts_workers, lambda a: a.session.deliver(a))
-        # The LLM waits on the network, so every session gets its own worker: one slow stream holds no one else.
+        # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
         self.llm_stage = Stage("llm", llm, args.max_sessions, self.tts_stage.put)
         self.asr_stage = Stage("asr", asr, args.asr_workers, self.llm_stage.put)
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")

@@ -146,7 +146,8 @@ def tts_flags(args: argparse.Namespace) -> tuple:
     problem = cosyvoice_problem(args)
     if problem:
         return ["--tts", "espeak"], f"CosyVoice not run ({problem}): espeak-ng instead"
-    flags = ["--tts", "cosyvoice", "--tts_model_name", args.tts_model_name, "--ref_dir", args.ref_dir]
+    flags = ["--tts", "cosyvoice", "--tts_model_name", args.tts_model_name, "--ref_dir", args.ref_dir,
+             *(["--tts_text_stream"] if args.tts_text_stream else [])]
     return flags + (["--cosyvoice_dir", args.cosyvoice_dir] if args.cosyvoice_dir else []), ""
 
 
@@ -472,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tts_model_name", default=None, help="--tts cosyvoice: directory of the CosyVoice weights")
     p.add_argument("--cosyvoice_dir", default=None, help="--tts cosyvoice: a clone of the CosyVoice repository, added to the import path")
     p.add_argument("--ref_dir", default="ref_audio", help="--tts cosyvoice: folder of reference voices with ref.json")
+    p.add_argument("--tts_text_stream", action="store_true",
+                   help="--tts cosyvoice: feed the LLM's text as it is written (the server's --tts_text_stream); run with and "
+                        "without it to see which starts speaking sooner")
     p.add_argument("--turns", type=int, default=10, help="spoken turns through the server")
     p.add_argument("--answer_tokens", type=int, default=40,
                    help="most tokens in an answer, the server's --max_new_tokens (random weights always write this many); "

@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,6 +52,7 @@ TTS_RTF = 0.1
 SHORT_ANSWER = "Of course, I can help with that. Here is a short answer for you."  # ~4 s of speech
 LONG_ANSWER = " ".join([SHORT_ANSWER] + ["This sentence keeps the answer going for a while longer."] * 4)
 
+PARTS_RUN = ("latency", "barge_in", "capacity", "vad")
 OURS: list = []
 CLEANS2S = ["--min_silence_ms", "1200", "--interrupt_at", "speech_end", "--first_chunk", "sentence",
             "--playback_lead_ms", "0"]
@@ -257,20 +259,32 @@ class Bench:
         model = model_ms(6)
         rows, limit = [], None
         for n in sizes:
-            workers = str(min(n, 32))  # the fixed models only sleep: enough of them that no turn waits for one
-            srv = self.server("--max_sessions", str(n + 1), "--asr_workers", workers, "--tts_workers", workers)
-            try:
-                row = asyncio.run(self.capacity_run(srv, n, seconds, model))
-            finally:
-                srv.stop()
+            # A worker per session, as the LLM stage has: with fewer, a turn can wait for a free worker while all
+            # are busy with other sessions' model calls (a TTS answer keeps one ~0.7 s). That wait is model time,
+            # not the server's own cost; the fixed models only sleep, so the extra threads cost nothing.
+            workers = str(n)
+            for attempt in range(1 + self.args.capacity_retries):
+                wait_for_quiet_machine(self.args.quiet_wait_s)
+                srv = self.server("--max_sessions", str(n + 1), "--asr_workers", workers, "--tts_workers", workers)
+                try:
+                    row = asyncio.run(self.capacity_run(srv, n, seconds, model))
+                finally:
+                    srv.stop()
+                step_limit = limit if limit is not None else row["overhead_ms"]["p50"] + 50 if row["turns"] else None
+                if row["holds"] and step_limit is not None and row["overhead_ms"]["p95"] > step_limit:
+                    row["holds"], row["why"] = False, f"overhead p95 over {step_limit} ms"
+                row["attempt"] = attempt + 1
+                if row["holds"] or not row["load_note"]:
+                    break  # a step that breaks on a busy machine (not the server's doing) is tried again
+                print(f"  capacity N={n}: breaks ({row['why']}) while {row['load_note']}: again", flush=True)
             if limit is None and row["turns"]:
                 limit = row["overhead_ms"]["p50"] + 50
             row["overhead_limit_ms"] = limit
-            if row["holds"] and limit is not None and row["overhead_ms"]["p95"] > limit:
-                row["holds"], row["why"] = False, f"overhead p95 over {limit} ms"
             rows.append(row)
             print(f"  capacity N={n}: overhead p95 {row['overhead_ms']['p95']} ms, server CPU {row['server_cpu_pct']}%, "
-                  f"{'holds' if row['holds'] else 'breaks: ' + row['why']}", flush=True)
+                  f"machine CPU {row['machine_cpu_pct']}% of {row['machine_cpu_max_pct']}%, "
+                  f"{'holds' if row['holds'] else 'breaks: ' + row['why']}{'; ' + row['load_note'] if row['load_note'] else ''}",
+                  flush=True)
             if not row["holds"]:
                 break
         return rows
@@ -292,19 +306,39 @@ class Bench:
                     await asyncio.sleep(random.uniform(0.2, 1.0))
                 return c.mic.max_lag_ms
 
-        cpu0, mine0, t0 = sum(server_proc.cpu_times()[:2]), sum(me.cpu_times()[:2]), time.monotonic()
+        loop_lags = []  # how late this process's event loop wakes up: a loaded load generator shows here
+
+        async def loop_probe() -> None:
+            while True:
+                due = time.monotonic() + 0.01
+                await asyncio.sleep(0.01)
+                loop_lags.append((time.monotonic() - due) * 1000)
+
+        probe = asyncio.create_task(loop_probe())
+        machine = MachineCPU(server_proc, me)
         lags = await asyncio.gather(*(session(i) for i in range(n)))
-        wall = time.monotonic() - t0
-        server_cpu = (sum(server_proc.cpu_times()[:2]) - cpu0) / wall * 100
-        client_cpu = (sum(me.cpu_times()[:2]) - mine0) / wall * 100
+        probe.cancel()
+        cpu = machine.stop()
         overhead = [r.overhead_ms for r in results]
         underrun = max([r.underrun_ms for r in results], default=0.0)
         why = ("a turn timed out" if failures else "no turn finished" if not results
                else "audio behind real time" if underrun > 0 else "")
+        # The bench process (clients and the fake chat API) and anything else on the machine share its cores with
+        # the server: when they are busy the server waits for a core, and that is not the server's own limit.
+        notes = []
+        if cpu["client_cpu_pct"] > 80 or (pct(loop_lags, 99) or 0) > 20:
+            notes.append(f"load generator saturated (bench process {cpu['client_cpu_pct']}% of a core, "
+                         f"its loop {pct(loop_lags, 99)} ms late at p99)")
+        if cpu["busy_s_frac"] >= 0.2:
+            notes.append(f"machine saturated {round(cpu['busy_s_frac'] * 100)}% of the time, other processes using "
+                         f"{cpu['other_cpu_pct']}% of a core")
         return {"sessions": n, "turns": len(results), "failures": len(failures),
                 "overhead_ms": spread(overhead), "voice_to_voice_ms": spread([r.voice_to_voice_ms for r in results]),
-                "underrun_ms": underrun, "server_cpu_pct": round(server_cpu), "client_cpu_pct": round(client_cpu),
-                "client_max_lag_ms": round(max(lags), 1), "holds": not why, "why": why}
+                "server_ms": spread([r.server_ms for r in results]), "edge_ms": spread([r.edge_ms for r in results]),
+                "parts": {k: spread([r.metrics[k] for r in results]) for k in PARTS},
+                "underrun_ms": underrun, **cpu, "client_max_lag_ms": round(max(lags), 1),
+                "client_loop_lag_ms": {"p99": pct(loop_lags, 99), "max": round(max(loop_lags, default=0.0), 1)},
+                "holds": not why, "why": why, "load_note": "; ".join(notes)}
 
     def vad(self, seconds: float) -> list:
         """Each VAD through the server's own segmenter, one stream at a time: CPU per second of audio."""
@@ -322,6 +356,57 @@ class Bench:
             rows.append({"vad": name, "cpu_ms_per_audio_s": round(cpu / seconds * 1000, 2),
                          "streams_per_core": int(seconds / cpu)})
         return rows
+
+
+def wait_for_quiet_machine(max_wait_s: float, busy_pct: float = 25) -> float:
+    """Wait (at most max_wait_s) until other processes use under busy_pct % of one core over 2 s, so that a capacity
+    step measures the server, not whatever else shares the cores. Returns what they used at the end."""
+    me, deadline = psutil.Process(), time.monotonic() + max_wait_s
+    while True:
+        t0, mine0 = psutil.cpu_times(), sum(me.cpu_times()[:2])
+        time.sleep(2)
+        t1, mine1 = psutil.cpu_times(), sum(me.cpu_times()[:2])
+        busy = lambda t: sum(t) - t.idle - getattr(t, "iowait", 0.0)  # noqa: E731
+        others = max(0.0, (busy(t1) - busy(t0) - (mine1 - mine0)) / 2 * 100)
+        if others < busy_pct or time.monotonic() >= deadline:
+            if others >= busy_pct:
+                print(f"  (the machine is busy: other processes use {others:.0f}% of a core; measuring anyway)", flush=True)
+            return others
+
+
+class MachineCPU:
+    """CPU over a capacity step, in % of one core: the server, this process (the clients and the fake chat API),
+    the whole machine (/proc/stat) and so everything else; and how often, in 1 s samples, every core was busy."""
+
+    def __init__(self, server: psutil.Process, me: psutil.Process):
+        self.server, self.me = server, me
+        self.samples: list = []
+        self.done = threading.Event()
+        self.start = self.snap()
+        self.thread = threading.Thread(target=self._sample, name="bench-cpu", daemon=True)
+        self.thread.start()
+
+    def snap(self) -> tuple:
+        t = psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        return time.monotonic(), sum(self.server.cpu_times()[:2]), sum(self.me.cpu_times()[:2]), sum(t) - idle
+
+    def _sample(self) -> None:
+        last = self.start
+        while not self.done.wait(1.0):
+            now = self.snap()
+            self.samples.append((now[3] - last[3]) / (now[0] - last[0]) / (os.cpu_count() or 1))
+            last = now
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        end = self.snap()
+        wall = end[0] - self.start[0]
+        server, client, machine = ((end[i] - self.start[i]) / wall * 100 for i in (1, 2, 3))
+        return {"server_cpu_pct": round(server), "client_cpu_pct": round(client), "machine_cpu_pct": round(machine),
+                "machine_cpu_max_pct": 100 * (os.cpu_count() or 1), "other_cpu_pct": round(max(0.0, machine - server - client)),
+                "busy_s_frac": round(sum(s >= 0.95 for s in self.samples) / len(self.samples), 2) if self.samples else 0.0}
 
 
 class SileroJIT:
@@ -355,6 +440,19 @@ def table(rows: list, header: list) -> str:
 
 
 def report(r: dict) -> str:
+    out = []
+    if "ours" in r["latency"] and "ours" in r["barge_in"]:
+        out += latency_report(r)
+    if r.get("capacity"):
+        out += capacity_report(r)
+    if r.get("vad"):
+        out += ["VAD alone, one stream, through the server's segmenter:", "",
+                table([[v["vad"], v["cpu_ms_per_audio_s"], v["streams_per_core"]] for v in r["vad"]],
+                      ["VAD", "CPU ms per s of audio", "real-time streams per core"])]
+    return "\n".join(out)
+
+
+def latency_report(r: dict) -> list:
     ours, theirs = r["latency"]["ours"], r["latency"]["cleans2s"]
     rows = [[name, ours["parts"][k]["model"], ours["parts"][k]["p50"], ours["parts"][k]["p95"],
              theirs["parts"][k]["model"], theirs["parts"][k]["p50"], theirs["parts"][k]["p95"]] for k, name in PARTS.items()]
@@ -371,21 +469,24 @@ def report(r: dict) -> str:
                  bt["old_frames_after_interrupt"], ""])
     rows.append(["answer audio already sent but not played at `interrupt` (s)", "", bo["unplayed_audio_s"], "", "",
                  bt["unplayed_audio_s"], ""])
-    out = ["Latency, ms (model = the fixed latency of the test models; for barge-in, --min_speech_ms):", "",
-           table(rows, ["", "model", "ours p50", "ours p95", "model", "CleanS2S defaults p50", "p95"]), ""]
-    cap = [[c["sessions"], c["turns"], c["overhead_ms"]["p50"], c["overhead_ms"]["p95"], c["voice_to_voice_ms"]["p95"],
-            c["underrun_ms"], c["server_cpu_pct"], c["client_cpu_pct"], c["client_max_lag_ms"],
-            "yes" if c["holds"] else "no: " + c["why"]] for c in r["capacity"]]
+    return ["Latency, ms (model = the fixed latency of the test models; for barge-in, --min_speech_ms):", "",
+            table(rows, ["", "model", "ours p50", "ours p95", "model", "CleanS2S defaults p50", "p95"]), ""]
+
+
+def capacity_report(r: dict) -> list:
+    cap = [[c["sessions"], c["turns"], c["overhead_ms"]["p50"], c["overhead_ms"]["p95"], c["server_ms"]["p95"],
+            c["voice_to_voice_ms"]["p95"], c["underrun_ms"], c["server_cpu_pct"], c["client_cpu_pct"],
+            f"{c['machine_cpu_pct']} of {c['machine_cpu_max_pct']}", c["client_loop_lag_ms"]["p99"],
+            ("yes" if c["holds"] else "no: " + c["why"]) + (f" ({c['load_note']})" if c["load_note"] else "")]
+           for c in r["capacity"]]
     held = [c["sessions"] for c in r["capacity"] if c["holds"]]
-    limit = r["capacity"][0]["overhead_limit_ms"] if r["capacity"] else None
-    out += [f"Capacity, {r['capacity_frame_ms']} ms microphone frames (largest N that holds: {max(held) if held else 0}; "
-            f"holds = overhead p95 under {limit} ms, no audio behind real time, every turn answered):", "",
-            table(cap, ["sessions", "turns", "overhead p50", "overhead p95", "voice-to-voice p95", "underrun ms",
-                        "server CPU %", "bench client CPU %", "client max lag ms", "holds"]), ""]
-    out += ["VAD alone, one stream, through the server's segmenter:", "",
-            table([[v["vad"], v["cpu_ms_per_audio_s"], v["streams_per_core"]] for v in r["vad"]],
-                  ["VAD", "CPU ms per s of audio", "real-time streams per core"])]
-    return "\n".join(out)
+    limit = r["capacity"][0]["overhead_limit_ms"]
+    return [f"Capacity, {r['capacity_frame_ms']} ms microphone frames (largest N that holds: {max(held) if held else 0}; "
+            f"holds = overhead p95 under {limit} ms, no audio behind real time, every turn answered; "
+            f"CPU in % of one core):", "",
+            table(cap, ["sessions", "turns", "overhead p50", "overhead p95", "of which server p95", "voice-to-voice p95",
+                        "underrun ms", "server CPU", "bench process CPU", "machine CPU", "bench loop lag p99 ms",
+                        "holds"]), ""]
 
 
 def cpu_name() -> str:
@@ -411,11 +512,20 @@ def main(argv=None) -> dict:
     p.add_argument("--capacity_seconds", type=float, default=40, help="how long each capacity step runs")
     p.add_argument("--capacity_frame_ms", type=int, default=64,
                    help="microphone frame of the capacity clients (CleanS2S's browser client sends 64 ms)")
+    p.add_argument("--quiet_wait_s", type=float, default=120,
+                   help="before each capacity step, wait up to this long for other processes to leave the cores idle")
+    p.add_argument("--capacity_retries", type=int, default=1,
+                   help="times a capacity step that breaks while the machine or the load generator is saturated is rerun")
+    p.add_argument("--parts", default=",".join(PARTS_RUN), help=f"parts to run, comma-separated, of {','.join(PARTS_RUN)}")
     p.add_argument("--out", default=os.path.join("bench", "results", "latest.json"), help="JSON written here")
     args = p.parse_args(argv)
     if args.quick:
         args.turns, args.cuts, args.sessions, args.capacity_seconds = 2, 2, "1,4", 6
+        args.quiet_wait_s, args.capacity_retries = 0, 0
     sizes = [int(n) for n in args.sessions.split(",")]
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS_RUN):
+        p.error(f"--parts: choose from {','.join(PARTS_RUN)}")
     t0 = time.monotonic()
     with FakeChatAPI(first_token_delay_s=LLM_FIRST_TOKEN_MS / 1000, token_delay_s=LLM_WORD_MS / 1000) as api:
         bench = Bench(args, api)
@@ -425,14 +535,18 @@ def main(argv=None) -> dict:
                    "capacity_frame_ms": args.capacity_frame_ms,
                    "latency": {}, "barge_in": {}}
         for name, flags in (("ours", OURS), ("cleans2s", CLEANS2S)):
-            print(f"latency, {name} ...", flush=True)
-            results["latency"][name] = bench.latency(flags, args.turns)
-            print(f"barge-in, {name} ...", flush=True)
-            results["barge_in"][name] = bench.barge_in(flags, args.cuts)
-        print("capacity ...", flush=True)
-        results["capacity"] = bench.capacity(sizes, args.capacity_seconds)
-        print("VAD ...", flush=True)
-        results["vad"] = bench.vad(10 if args.quick else 60)
+            if "latency" in parts:
+                print(f"latency, {name} ...", flush=True)
+                results["latency"][name] = bench.latency(flags, args.turns)
+            if "barge_in" in parts:
+                print(f"barge-in, {name} ...", flush=True)
+                results["barge_in"][name] = bench.barge_in(flags, args.cuts)
+        if "capacity" in parts:
+            print("capacity ...", flush=True)
+            results["capacity"] = bench.capacity(sizes, args.capacity_seconds)
+        if "vad" in parts:
+            print("VAD ...", flush=True)
+            results["vad"] = bench.vad(10 if args.quick else 60)
     results["bench_seconds"] = round(time.monotonic() - t0)
     print(f"\n{results['date']}, {results['machine']}\n")
     print(report(results))

@@ -97,8 +97,15 @@ def build_parser():
     faults.add_argument("--tts_fail_on", default="", help="raise on a chunk of text containing this")
     faults.add_argument("--tts_stall_on", default="", help="take --stall_s longer on a chunk of text containing this")
     faults.add_argument("--stall_s", type=float, default=3.0, help="how long a stall lasts")
+    parser.add_argument("--transformers_version", default=None,
+                        help="the version transformers reports, as in CosyVoice's own environment (for the CosyVoice stand-in)")
     return parser
 
 
 if __name__ == "__main__":
-    s2s.main(parser=build_parser())
+    parser = build_parser()
+    pretend = parser.parse_known_args()[0].transformers_version
+    if pretend:
+        import transformers
+        transformers.__version__ = pretend
+    s2s.main(parser=parser)

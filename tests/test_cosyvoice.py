@@ -31,8 +31,9 @@ def handler(tmp_path, family_yaml="cosyvoice2.yaml", *flags):
 
 
 @pytest.fixture
-def cv():
-    from cosyvoice.cli import cosyvoice  # the stand-in, on sys.path through --cosyvoice_dir
+def cv(monkeypatch):
+    monkeypatch.syspath_prepend(STAND_INS)  # as --cosyvoice_dir does
+    from cosyvoice.cli import cosyvoice  # the stand-in
     cosyvoice.reset_calls()
     return cosyvoice
 
@@ -80,6 +81,19 @@ def test_stops_at_the_next_chunk_when_closed(tmp_path, cv):
     list(h.synthesize("The next turn still works.", h.voices[0]))  # the lock was released
 
 
+def test_every_answer_starts_with_a_short_first_chunk(tmp_path, cv):
+    """CosyVoice2/3 double the chunk length on the model after each chunk and never reset it; the handler does,
+    so a later answer's first audio is as quick as the first answer's (not a 4 s chunk)."""
+    h = handler(tmp_path)
+    text = "This answer is long enough for the chunks to grow to their longest, and then some more words. " * 3
+    firsts = []
+    for _ in range(3):
+        cv.reset_calls()
+        list(h.synthesize(text, h.voices[0]))
+        firsts.append(cv.calls("chunk")[0]["seconds"])
+    assert firsts[0] < 2.0 and firsts == [firsts[0]] * 3
+
+
 def test_each_session_keeps_its_voice(tmp_path, cv):
     h = handler(tmp_path, "cosyvoice2.yaml", "--tts_voice", "espeak_zh")
     assert h.choose_voice().name == "espeak_zh"
@@ -102,7 +116,14 @@ def test_each_session_keeps_its_voice(tmp_path, cv):
     assert [ids[0] for ids in per_session] == [s.voice.name for s in sessions]
 
 
-def test_text_stream_starts_speaking_before_the_text_is_complete(tmp_path, cv):
+@pytest.fixture
+def transformers_4(monkeypatch):
+    """CosyVoice's own environment: its requirements pin transformers 4.51.3, which its text-stream path needs."""
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "4.51.3")
+
+
+def test_text_stream_starts_speaking_before_the_text_is_complete(tmp_path, cv, transformers_4):
     h = handler(tmp_path, "cosyvoice2.yaml", "--tts_text_stream")
     assert h.reads_text_stream
     feed = s2s.TextFeed()
@@ -120,6 +141,15 @@ def test_text_stream_starts_speaking_before_the_text_is_complete(tmp_path, cv):
 def test_text_stream_is_refused_for_cosyvoice_300m(tmp_path):
     with pytest.raises(SystemExit, match="needs CosyVoice2 or CosyVoice3"):
         handler(tmp_path, "cosyvoice.yaml", "--tts_text_stream")
+
+
+def test_text_stream_is_refused_with_transformers_5(tmp_path):
+    """With transformers 5 the real text-stream path waits forever (its LLM thread fails): refuse it at start."""
+    import transformers
+    assert transformers.__version__.startswith("5.")
+    with pytest.raises(SystemExit, match="--tts_text_stream needs transformers 4 .*this is 5"):
+        handler(tmp_path, "cosyvoice2.yaml", "--tts_text_stream")
+    assert handler(tmp_path, "cosyvoice2.yaml").reads_text_stream is False  # sentence by sentence works with 5
 
 
 def test_clear_start_up_errors(tmp_path):
@@ -159,7 +189,7 @@ def test_server_speaks_with_cosyvoice(tmp_path, text_stream):
         srv = ServerProcess("--asr", "fixed", "--llm", "openai", "--lm_model_url", api.url,
                             "--tts", "cosyvoice", "--cosyvoice_dir", STAND_INS, "--ref_dir", REF_DIR,
                             "--tts_model_name", model_dir(tmp_path, "cosyvoice2.yaml"), "--tts_voice", "first",
-                            *(["--tts_text_stream"] if text_stream else []))
+                            *(["--tts_text_stream", "--transformers_version", "4.51.3"] if text_stream else []))
         try:
             async def scenario():
                 async with ExtendedClient(srv.recv_url, srv.send_url) as c:

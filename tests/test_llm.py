@@ -72,3 +72,17 @@ def test_echo_llm_answers_in_the_language_heard():
     h = s2s.EchoLLMHandler()
     assert "".join(h.stream([{"role": "user", "content": "hello there"}])) == "You said: hello there"
     assert "".join(h.stream([{"role": "user", "content": "你好"}])) == "你说的是：你好"
+
+
+def test_a_full_history_drops_its_older_half_at_once_so_the_prompt_start_holds():
+    history = s2s.ChatHistory(4)
+    firsts, sizes = [], []
+    for n in range(1, 12):
+        history.add(s2s.Turn(n, False, question=f"question {n}"))
+        past = [m["content"] for m in history.messages("system", "Be brief.", "next")[1:-1]]
+        firsts.append(past[0])
+        sizes.append(len(past))
+    assert sizes == [1, 2, 3, 4, 3, 4, 3, 4, 3, 4, 3]  # never more than 4, never fewer than 3 once full
+    # The prompt starts with the same question for two turns at a time, then moves on by two.
+    assert firsts == ["question 1"] * 4 + ["question 3"] * 2 + ["question 5"] * 2 + ["question 7"] * 2 + ["question 9"]
+    assert s2s.ChatHistory(0).messages("system", "p", "q") == [{"role": "system", "content": "p"}, {"role": "user", "content": "q"}]

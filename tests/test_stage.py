@@ -1,6 +1,7 @@
 """Stage plumbing: stale work is dropped, a failing model call fails only its own turn."""
 import queue
 import threading
+import time
 
 import s2s_server_pipeline as s2s
 
@@ -8,8 +9,8 @@ import s2s_server_pipeline as s2s
 class FakeSession:
     """Just what a Stage touches: uid, slot, wants(), fail_turn()."""
 
-    def __init__(self):
-        self.uid, self.slot, self.turn = "u", 0, 1
+    def __init__(self, slot=0):
+        self.uid, self.slot, self.turn = "u", slot, 1
         self.failures = []
 
     def wants(self, turn):
@@ -36,9 +37,9 @@ class Doubler(s2s.BaseHandler):
         yield msg.text * 2
 
 
-def run_stage(handler):
+def run_stage(handler, workers=1):
     out = queue.Queue()
-    stage = s2s.Stage("test", handler, 1, out.put)
+    stage = s2s.Stage("test", handler, workers, out.put)
     stage.start()
     return stage, out
 
@@ -76,6 +77,50 @@ def test_asr_workers_flag_sets_the_asr_stage_threads():
     args = s2s.parse_args(["--asr_workers", "3", "--llm", "echo", "--tts", "espeak", "--client_dir", ""])
     server = s2s.VoiceAgentServer(args, s2s.ASRHandler(), s2s.EchoLLMHandler(), s2s.EspeakTTSHandler("en-us", "cmn", 175), None)
     try:
-        assert len(server.asr_stage.queues) == 3
+        assert len(server.asr_stage.threads) == 3
     finally:
         server.vad_pool.shutdown()
+
+
+def test_a_free_worker_takes_the_next_session_while_another_is_busy():
+    handler = Doubler()
+    stage, out = run_stage(handler, workers=2)
+    stage.put(s2s.UserText(FakeSession(slot=0), 1, "slow"))
+    assert handler.started.wait(5)
+    stage.put(s2s.UserText(FakeSession(slot=2), 1, "ab"))  # slot 2: pinned to slot 0's worker, it would wait
+    try:
+        assert out.get(timeout=5) == "abab"
+    finally:
+        handler.release.set()
+        stage.stop()
+
+
+class Recorder(s2s.BaseHandler):
+    """Records the order of each session's messages and whether two of them ever ran at once."""
+
+    def __init__(self):
+        self.order, self.running, self.overlaps = {}, set(), 0
+        self.lock = threading.Lock()
+
+    def process(self, msg):
+        with self.lock:
+            self.overlaps += msg.session in self.running
+            self.running.add(msg.session)
+            self.order.setdefault(msg.session, []).append(int(msg.text))
+        time.sleep(0.001)  # the model's work: long enough for another worker to try the same session
+        with self.lock:
+            self.running.discard(msg.session)
+        yield msg.text
+
+
+def test_each_sessions_messages_run_in_order_and_one_at_a_time_on_many_workers():
+    handler = Recorder()
+    stage, out = run_stage(handler, workers=4)
+    sessions = [FakeSession(slot=i) for i in range(3)]
+    for i in range(60):
+        stage.put(s2s.UserText(sessions[i % 3], 1, str(i)))
+    for _ in range(60):
+        out.get(timeout=5)
+    stage.stop()
+    assert handler.overlaps == 0
+    assert [handler.order[s] for s in sessions] == [list(range(k, 60, 3)) for k in range(3)]

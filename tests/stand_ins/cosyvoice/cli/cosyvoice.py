@@ -16,8 +16,9 @@ Behaviour copied from the real code:
   * CosyVoice3 requires '<|endofprompt|>' in prompt_text + tts_text (in prompt_text alone when bistream).
   * stream=True chunking follows model.py. v1: 100-token hops at 50 tok/s (2 s each). v2/v3: 25 tok/s; the first hop is
     25 tokens plus padding that rounds the prompt's token count up to a multiple of 25. Each hop needs 3 lookahead tokens.
-    Hops then double up to 100 tokens (4 s). The hop length is stored on the MODEL INSTANCE and never reset, as in the
-    real code, so later calls start with larger hops. speed is applied only when stream=False.
+    Hops then double up to 100 tokens (4 s). The hop length is stored on the model object, `.model.token_hop_len`
+    (model.py's CosyVoice2Model), and never reset, as in the real code, so later calls start with larger hops unless
+    the caller resets it. speed is applied only when stream=False.
 Differences: the real code runs the LLM (which pulls from the text generator) in a background thread. The
 '<|endofprompt|>' assert and the v1-generator assert fail inside that thread and never reach the caller (with stream=True
 the caller then hangs). Here they raise AssertionError at the first next(). The wav asserts and KeyError for an unknown
@@ -26,6 +27,7 @@ spk id happen in the caller in both. Here the generator is pulled lazily in the 
 import math
 import os
 import re
+from types import SimpleNamespace
 from typing import Generator
 
 import numpy as np
@@ -110,7 +112,8 @@ class CosyVoice:
             flags.update({k: False for k in ('load_jit', 'load_trt', 'load_vllm', 'fp16') if k in flags})
         self._vllm = flags.get('load_vllm', False)
         self.frontend = _FrontEnd()
-        self._token_hop_len = 25  # v2/v3 model state: grows per chunk and is never reset (real model.py behaviour)
+        # v2/v3 model state (model.py's CosyVoice2Model.token_hop_len): grows per chunk and is never reset
+        self.model = SimpleNamespace(token_hop_len=25) if name != 'CosyVoice' else SimpleNamespace()
         self._phase = 0
         CALLS.append(('__init__', dict(cls=name, model_dir=model_dir, **flags)))
 
@@ -174,12 +177,12 @@ class CosyVoice:
                 CALLS.append(('text_piece', dict(text=piece)))
             tokens += len(piece) * SEC_PER_CHAR * self._token_rate
             while stream:
-                hop = 100 if v1 else self._token_hop_len + (pad if offset == 0 else 0)
+                hop = 100 if v1 else self.model.token_hop_len + (pad if offset == 0 else 0)
                 if tokens - offset < hop + (20 if v1 else 3):  # v1: token_overlap_len 20; v2/v3: pre_lookahead_len 3
                     break
                 offset += hop
                 if not v1:
-                    self._token_hop_len = min(100, self._token_hop_len * 2)
+                    self.model.token_hop_len = min(100, self.model.token_hop_len * 2)
                 yield self._chunk(hop)
         rest = int(tokens) - offset
         if rest > 0:
