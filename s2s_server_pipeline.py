@@ -1198,7 +1198,7 @@ class TransformersLLMHandler(LLMHandler):
         self.transformers, self.torch = transformers, torch
         # transformers 4 (CosyVoice's requirements install 4.51) calls the precision torch_dtype, and its attention
         # cache has another API: the prefix cache needs 5.
-        major = int(transformers.__version__.split(".")[0])
+        major = major_version(transformers)
         precision = {"dtype" if major >= 5 else "torch_dtype": getattr(torch, self.dtype)}
         if self.prefixes and major < 5:
             logger.info("LLM prefix cache off: it needs transformers 5 or later (this is %s)", transformers.__version__)
@@ -1544,7 +1544,7 @@ class CosyVoiceTTSHandler(TTSHandler):
         if self.reads_text_stream and family == "CosyVoice":
             raise SystemExit("--tts_text_stream needs CosyVoice2 or CosyVoice3; CosyVoice-300M reads whole sentences")
         import transformers
-        if self.reads_text_stream and int(transformers.__version__.split(".")[0]) >= 5:
+        if self.reads_text_stream and major_version(transformers) >= 5:
             # Its text-stream LLM loop indexes the attention cache as transformers 4 did (cosyvoice/llm/llm.py,
             # inference_bistream): with 5 it fails in CosyVoice's own thread, and the call waits forever.
             raise SystemExit(f"--tts_text_stream needs transformers 4 (CosyVoice's requirements pin 4.51.3); this is "
@@ -2366,6 +2366,11 @@ class VoiceAgentServer:
 # ------------------------------------------------------------------------------------------------
 # Main: build the handlers from the flags, load and warm them up, serve.
 # ------------------------------------------------------------------------------------------------
+
+def major_version(module: Any) -> int:
+    """5 for a module whose __version__ is "5.23.0"."""
+    return int(module.__version__.split(".")[0])
+
 
 def resolve_device(device: str) -> str:
     if device != "auto":

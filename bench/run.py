@@ -277,9 +277,7 @@ class Bench:
                 if row["holds"] or not row["load_note"]:
                     break  # a step that breaks on a busy machine (not the server's doing) is tried again
                 print(f"  capacity N={n}: breaks ({row['why']}) while {row['load_note']}: again", flush=True)
-            if limit is None and row["turns"]:
-                limit = row["overhead_ms"]["p50"] + 50
-            row["overhead_limit_ms"] = limit
+            limit = row["overhead_limit_ms"] = step_limit  # set by the first step with turns, then kept
             rows.append(row)
             print(f"  capacity N={n}: overhead p95 {row['overhead_ms']['p95']} ms, server CPU {row['server_cpu_pct']}%, "
                   f"machine CPU {row['machine_cpu_pct']}% of {row['machine_cpu_max_pct']}%, "
@@ -358,16 +356,21 @@ class Bench:
         return rows
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent busy since boot (neither idle nor waiting for I/O)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def wait_for_quiet_machine(max_wait_s: float, busy_pct: float = 25) -> float:
     """Wait (at most max_wait_s) until other processes use under busy_pct % of one core over 2 s, so that a capacity
     step measures the server, not whatever else shares the cores. Returns what they used at the end."""
     me, deadline = psutil.Process(), time.monotonic() + max_wait_s
     while True:
-        t0, mine0 = psutil.cpu_times(), sum(me.cpu_times()[:2])
+        t0, mine0 = machine_busy_s(), sum(me.cpu_times()[:2])
         time.sleep(2)
-        t1, mine1 = psutil.cpu_times(), sum(me.cpu_times()[:2])
-        busy = lambda t: sum(t) - t.idle - getattr(t, "iowait", 0.0)  # noqa: E731
-        others = max(0.0, (busy(t1) - busy(t0) - (mine1 - mine0)) / 2 * 100)
+        t1, mine1 = machine_busy_s(), sum(me.cpu_times()[:2])
+        others = max(0.0, (t1 - t0 - (mine1 - mine0)) / 2 * 100)
         if others < busy_pct or time.monotonic() >= deadline:
             if others >= busy_pct:
                 print(f"  (the machine is busy: other processes use {others:.0f}% of a core; measuring anyway)", flush=True)
@@ -387,9 +390,7 @@ class MachineCPU:
         self.thread.start()
 
     def snap(self) -> tuple:
-        t = psutil.cpu_times()
-        idle = t.idle + getattr(t, "iowait", 0.0)
-        return time.monotonic(), sum(self.server.cpu_times()[:2]), sum(self.me.cpu_times()[:2]), sum(t) - idle
+        return time.monotonic(), sum(self.server.cpu_times()[:2]), sum(self.me.cpu_times()[:2]), machine_busy_s()
 
     def _sample(self) -> None:
         last = self.start

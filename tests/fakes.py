@@ -83,12 +83,12 @@ class FakeAPI:
     def handle(self, request, path: str, body: bytes) -> None:
         raise NotImplementedError
 
-    def wait_for_request(self, predicate=lambda request: True, timeout: float = 10.0) -> dict:
-        """The first recorded request (old or new) for which predicate(request) is true."""
+    def wait_for_request(self, predicate=lambda request: True, timeout: float = 10.0, count: int = 1) -> dict:
+        """The count-th recorded request (old or new) for which predicate(request) is true."""
         with self.arrived:
-            if not self.arrived.wait_for(lambda: any(predicate(r) for r in self.requests), timeout):
-                raise TimeoutError(f"no such request within {timeout} s")
-            return next(r for r in self.requests if predicate(r))
+            if not self.arrived.wait_for(lambda: sum(1 for r in self.requests if predicate(r)) >= count, timeout):
+                raise TimeoutError(f"no {count} such requests within {timeout} s")
+            return [r for r in self.requests if predicate(r)][count - 1]
 
     def stop(self) -> None:
         """As if the process behind the API died: no more connections, and the open ones (kept alive) are cut."""

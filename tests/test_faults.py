@@ -358,11 +358,6 @@ def test_sigterm_during_a_turn_closes_sockets_and_keeps_what_was_saved(chat, tmp
     assert not glob.glob(os.path.join(tmp_path, "*.tmp"))
 
 
-def wait_for_requests(api: FakeChatAPI, predicate, count: int, timeout: float = 10.0) -> None:
-    with api.arrived:
-        assert api.arrived.wait_for(lambda: sum(map(predicate, api.requests)) >= count, timeout)
-
-
 def test_sigterm_with_model_calls_stuck_exits_within_seconds(chat):
     """Three sessions wait on an LLM's first token, one on a TTS that hangs: the server still exits at once,
     not after each stuck call in turn."""
@@ -378,7 +373,7 @@ def test_sigterm_with_model_calls_stuck_exits_within_seconds(chat):
                     await c.send_text("ponder this")
                 await clients[3].send_text("hang on")
                 await asyncio.to_thread(srv.wait_for_log, "test fault: stalling")
-                await asyncio.to_thread(wait_for_requests, chat, lambda r: b"ponder" in r["body"], 3)
+                await asyncio.to_thread(chat.wait_for_request, lambda r: b"ponder" in r["body"], count=3)
                 t0 = time.monotonic()
                 srv.proc.send_signal(signal.SIGTERM)
                 code = await asyncio.to_thread(srv.proc.wait, 30)
