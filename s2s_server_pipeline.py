@@ -28,11 +28,14 @@ import contextlib
 import copy
 import gc
 import dataclasses
+import functools
+import hashlib
 import hmac
 import http
 import importlib
 import inspect
 import io
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -40,7 +43,10 @@ import os
 import queue
 import random
 import re
+import resource
+import secrets
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -62,7 +68,7 @@ from websockets.http11 import Response
 logger = logging.getLogger("s2s")
 
 SAMPLE_RATE = 16000  # Hz; every stage works on 16 kHz mono, in and out
-PROTOCOL_VERSION = 1  # of the extended protocol, docs/protocol.md
+PROTOCOL_VERSION = 2  # of the extended protocol, docs/protocol.md
 
 
 def now() -> float:
@@ -206,13 +212,32 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max_messages_per_s", type=int, default=100,
                      help="messages per second per connection (a microphone sends about 31); the excess is dropped (error rate_limited)")
     sec.add_argument("--idle_timeout_s", type=float, default=300.0,
-                     help="close a receiver connection that sends nothing for this long (code 4408); 0 never does")
+                     help="close a receiver connection that sends nothing for this long, and a legacy sender that has no legacy "
+                          "session from its address for this long (code 4408); 0 never does")
+    sec.add_argument("--resume_s", type=float, default=30.0,
+                     help="keep a session this long after its receiver closes, so the client can come back to it with its session "
+                          "key; a new session that needs the slot ends it sooner")
+    sec.add_argument("--legacy_clients", choices=["auto", "allow", "refuse"], default="auto",
+                     help="CleanS2S's own client (no uid in its URLs; it hears every legacy session's answers and keeps its own): "
+                          "auto allows it only with no --auth_token and both sockets on localhost; refused ones get code 4426")
+    sec.add_argument("--max_connections_per_client", type=int, default=8,
+                     help="open connections from one client address (the forwarded one behind --trusted_proxies); the next is refused "
+                          "with 1013. Clients on the machine itself (loopback, an SSH tunnel) are not limited")
+    sec.add_argument("--max_pending_connections", type=int, default=512,
+                     help="connections still in their opening handshake, in all; past it (or past 16 from one address) the one "
+                          "waiting longest is dropped, so slow handshakes cannot keep a new client out")
+    sec.add_argument("--send_timeout_s", type=float, default=10.0,
+                     help="close a connection (code 4429) whose client has not taken a message within this many seconds")
+    sec.add_argument("--send_buffer_kb", type=int, default=4096,
+                     help="close a connection (code 4429) that has more than this many KiB waiting to be sent to its client")
     sec.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
     sec.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
 
     data = p.add_argument_group("data")
     data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
-                      help="store every turn (input wav, transcript, answer text, answer wav) in DIR; bare flag: s2s_data")
+                      help="store every turn (input wav, transcript, answer text, answer wav) in DIR, a folder per session; bare flag: s2s_data")
+    data.add_argument("--save_data_max_mb", type=float, default=1024,
+                      help="stop saving (one warning in the log) once DIR holds this many MiB; 0: no limit")
     data.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     return p
 
@@ -293,11 +318,17 @@ class ServerEvent:
 
 
 @dataclass
-class ReadyEvent(ServerEvent):
+class ReadyEvent(ServerEvent):  # on the sender socket: the session's events and audio follow
     event: ClassVar[str] = "ready"
     uid: str
     protocol: int = PROTOCOL_VERSION
     sample_rate: int = SAMPLE_RATE
+
+
+@dataclass
+class SessionReadyEvent(ReadyEvent):  # on the receiver socket: the session is open; its key opens the sender
+    session_key: str = ""
+    resumed: bool = False  # an earlier connection's session, kept for --resume_s, goes on
 
 
 @dataclass
@@ -419,17 +450,18 @@ class ChatHistory:
             self.exchanges.clear()
 
     def messages(self, role: str, prompt: str, question: str) -> list:
-        """OpenAI-style messages: the opening prompt, past exchanges, then the new question."""
+        """OpenAI-style messages: the opening prompt, past exchanges, then the new question. Roles alternate: an
+        exchange that got no answer (its model call failed) is left out, since many chat templates refuse two user
+        messages in a row."""
         msgs = [{"role": role, "content": prompt}] if prompt else []
         with self.lock:
             past = list(self.exchanges) if self.max_exchanges > 0 else []
         for t in past:
-            msgs.append({"role": "user", "content": t.question})
             answer = t.heard_text()
             if t.interrupted:
                 answer += INTERRUPTED_MARK
             if answer:
-                msgs.append({"role": "assistant", "content": answer})
+                msgs += [{"role": "user", "content": t.question}, {"role": "assistant", "content": answer}]
         msgs.append({"role": "user", "content": question})
         return msgs
 
@@ -526,7 +558,7 @@ class Stage:
                 self.emit(out)
         except Exception as exc:  # one failed model call fails its turn, never the stage
             if session.wants(msg.turn):
-                logger.exception("%s failed on session %s turn %d", self.name, session.uid, msg.turn)
+                logger.exception("%s failed on session %s turn %d", self.name, session.tag, msg.turn)
                 session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
         finally:
             outputs.close()
@@ -1043,11 +1075,11 @@ class LLMHandler(BaseHandler):
         except Exception as exc:  # the user hears what was generated, then an error
             if not session.is_current(msg.turn):
                 return
-            logger.warning("LLM failed on session %s turn %d: %s", session.uid, msg.turn, exc)
+            logger.warning("LLM failed on session %s turn %d: %s", session.tag, msg.turn, exc)
             session.send_event(ErrorEvent("llm_failed", f"LLM failed: {exc}", msg.turn))
         else:
             if turn.llm_first_token is None and session.is_current(msg.turn):  # e.g. a reply in the wrong format
-                logger.warning("LLM sent no text on session %s turn %d", session.uid, msg.turn)
+                logger.warning("LLM sent no text on session %s turn %d", session.tag, msg.turn)
                 session.send_event(ErrorEvent("llm_failed", "LLM failed: it sent no text (an empty or malformed reply)", msg.turn))
         finally:
             tokens.close()
@@ -1597,30 +1629,99 @@ TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler, "openai": OpenAITTSHandler, "c
 
 LEGACY_END_PCM = bytes(2 * SAMPLE_RATE // 50)  # 20 ms of silence: carries end_flag to a legacy client
 FAILED_SEQ = 2**31 - 1  # seq of the end marker of an answer whose stage failed
+CLOSE_TOO_SLOW = 4429
+
+
+class ClientWriter:
+    """Everything the server writes to one connection goes through here, so nothing ever waits for a client:
+    send() queues and returns at once, and a task of the connection's own writes. A client that falls behind (more
+    than --send_buffer_kb waiting, or one message not taken within --send_timeout_s) is closed with 4429: a slow or
+    stuck reader costs only itself, and what waits for it is bounded."""
+
+    def __init__(self, ws: ServerConnection, max_bytes: int, timeout_s: float, log: LogLimiter, address: str):
+        self.ws, self.max_bytes, self.timeout_s = ws, max_bytes, timeout_s
+        self.log, self.address = log, address
+        self.pending: deque = deque()  # str or bytes messages, oldest first
+        self.pending_bytes = 0
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="writer")
+
+    def send(self, message: Any) -> None:
+        if self.closed:
+            return
+        self.pending.append(message)
+        self.pending_bytes += len(message)
+        transport = self.ws.transport
+        unsent = self.pending_bytes + (transport.get_write_buffer_size() if transport else 0)
+        if unsent > self.max_bytes:
+            self.give_up(f"too slow: more than {self.max_bytes // 1024} KiB waiting to be sent")
+            return
+        self.wake.set()
+
+    async def _run(self) -> None:
+        while not self.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.pending and not self.closed:
+                message = self.pending.popleft()
+                self.pending_bytes -= len(message)
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        await self.ws.send(message)
+                except TimeoutError:
+                    self.give_up(f"too slow: a message waited more than {self.timeout_s:g} s to be taken")
+                except websockets.ConnectionClosed:
+                    self.closed = True
+
+    def give_up(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.wake.set()
+        self.log.warning("slow", f"closed a slow client from {self.address}: {reason}")
+        asyncio.get_running_loop().create_task(close_within(self.ws, CLOSE_TOO_SLOW, reason))
+
+    def stop(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+async def close_within(ws: ServerConnection, code: int, reason: str, timeout_s: float = 2.0) -> None:
+    """Close a connection with a code and a reason, or drop it if that takes longer than timeout_s: the library waits,
+    without a deadline, for a full send buffer to drain before its close can time out, and a client that does not
+    read never drains it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ws.close(code, reason)
+    except TimeoutError:
+        ws.transport.abort()
 
 
 class SenderConnection:
-    """One client on the sender socket. Extended clients name their session (?uid=); legacy ones do not,
-    hear every legacy session and keep only their own uid (as CleanS2S's client does)."""
+    """One client on the sender socket. An extended client's connection belongs to one session (it presented the
+    session's key); a legacy one (CleanS2S's client) hears every legacy session and keeps its own uid's messages."""
 
-    def __init__(self, ws: ServerConnection, uid: Optional[str]):
-        self.ws, self.uid = ws, uid
-        self.extended = uid is not None
+    def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, session: Optional[Session]):
+        self.ws, self.writer, self.address, self.session = ws, writer, address, session
+        self.extended = session is not None
 
-    async def send_event(self, event: ServerEvent) -> None:
+    def send_event(self, event: ServerEvent) -> None:
         if self.extended:
-            await self.ws.send(event.to_json())
+            self.writer.send(event.to_json())
 
-    async def send_audio(self, item: AnswerAudio, question: Optional[str], first: bool) -> None:
+    def send_audio(self, item: AnswerAudio, question: Optional[str], first: bool) -> None:
         if self.extended:
-            await self.ws.send(json.dumps({"event": "answer", "turn": item.turn, "seq": item.seq,
-                                           "text": item.text, "end": item.last}, ensure_ascii=False))
+            self.writer.send(json.dumps({"event": "answer", "turn": item.turn, "seq": item.seq,
+                                         "text": item.text, "end": item.last}, ensure_ascii=False))
             if item.pcm:
-                await self.ws.send(struct.pack("<II", item.turn, item.seq) + item.pcm)
+                self.writer.send(struct.pack("<II", item.turn, item.seq) + item.pcm)
             return
         # CleanS2S format. Its client shows question_text and answer_text when non-empty, and turns a
         # message without audio into a text bubble, so every message carries some audio.
-        await self.ws.send(json.dumps({
+        self.writer.send(json.dumps({
             "uid": item.session.uid, "user_input_count": item.turn,
             "question_text": question if first else None, "answer_text": item.text,
             "answer_audio": base64.b64encode(item.pcm or LEGACY_END_PCM).decode(), "end_flag": item.last,
@@ -1628,17 +1729,34 @@ class SenderConnection:
 
 
 # ------------------------------------------------------------------------------------------------
-# Sessions: one per client uid, with its own VAD state, history, turn counter and outbox.
+# Sessions: one per client, with its own VAD state, history, turn counter and outbox.
 # ------------------------------------------------------------------------------------------------
+
+PLAYING_GRACE_S = 5.0  # a client's "playing" report outlasts the answer's audio by at most this: it cannot hold a session open
+
+
+def uid_tag(uid: str) -> str:
+    """What the logs call a session: a short hash of its uid, so a log reader cannot act as the client."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:8]
+
 
 class Session:
     """Everything one client owns. Turn state changes on the event loop; worker threads read `turn`, fill
-    timings in Turn records and hand results back through send_event()/deliver() (thread-safe)."""
+    timings in Turn records and hand results back through send_event()/deliver() (thread-safe).
 
-    def __init__(self, uid: str, slot: int, server: VoiceAgentServer):
-        self.uid, self.slot, self.server = uid, slot, server
+    An extended session is reached only with its key, a secret the receiver's `ready` event hands to the client
+    that opened it: its sender connections presented the key, and so does a receiver that comes back to it. A
+    legacy session (CleanS2S's client, which knows no key) is heard by every legacy sender connection."""
+
+    def __init__(self, uid: str, extended: bool, address: str, server: VoiceAgentServer):
+        self.uid, self.extended, self.address, self.server = uid, extended, address, server
+        self.key = secrets.token_urlsafe(24)  # 192 random bits
+        self.tag = uid_tag(uid)
         self.loop = server.loop
         self.args = server.args
+        self.senders: set = set()  # an extended session's SenderConnections
+        self.receiver: Optional[ReceiverConnection] = None
+        self.detached_at: Optional[float] = None  # its receiver closed; it ends --resume_s later unless one comes back
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
         self.speech_turn = 0  # the turn the utterance under way started
         self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
@@ -1650,13 +1768,19 @@ class Session:
         if self.args.sample_rate != SAMPLE_RATE:
             import soxr
             self.resampler = soxr.ResampleStream(self.args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
+        # Filled by this session's own stages only: at most one answer (--max_new_tokens) waits here, however slow
+        # its clients, because the loop below hands every message on to their writers without waiting.
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.wake = asyncio.Event()  # set on interrupt: ends a pacing wait at once
-        self.client_playing = False
+        self.client_playing_turn: Optional[int] = None  # the turn the client last said it was playing
         self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
         self.play_start = 0.0  # loop clock when the current answer's audio would have started playing
+        self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
         self.closed = False
-        self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{uid}")
+        self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{self.tag}")
+
+    def recipients(self) -> list:
+        return list(self.senders if self.extended else self.server.legacy_senders)
 
     # ---- turn state (event loop) ----
 
@@ -1664,9 +1788,9 @@ class Session:
         return not self.closed and turn == self.turn
 
     def wants(self, turn: int) -> bool:
-        """Whether work for this turn is still wanted: it is current and no stage has failed it."""
+        """Whether work for this turn is still wanted: it is current, not cancelled, and no stage has failed it."""
         record = self.turns.get(turn)
-        return self.is_current(turn) and record is not None and not record.failed
+        return self.is_current(turn) and record is not None and not record.failed and not record.cancelled.done()
 
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
@@ -1675,12 +1799,14 @@ class Session:
         return self.turns.get(self.turn)
 
     def assistant_busy(self) -> bool:
-        """An answer is being made (the user's turn has ended) or is still playing."""
+        """An answer is being made (the user's turn has ended) or is still playing. The client's word that it is
+        playing counts only for the current answer, and only a little past the end of its audio."""
         t = self.current()
         if t is None or t.speech_end is None:
             return False
-        playing = now() < self.play_start + t.audio_sent_ms / 1000 or self.client_playing
-        return not t.finished or playing
+        audio_end = self.play_start + t.audio_sent_ms / 1000
+        client_playing = self.client_playing_turn == t.number and now() < audio_end + PLAYING_GRACE_S
+        return not t.finished or now() < audio_end or client_playing
 
     def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
         """A new turn makes the running one stale. Returns the new turn's record."""
@@ -1723,11 +1849,11 @@ class Session:
     def report_turn(self, t: Turn) -> None:
         """One log line, a metrics event, and the saved record of a turn."""
         m = t.metrics()
-        logger.info("turn uid=%s turn=%d %s", self.uid, t.number,
+        logger.info("turn session=%s turn=%d %s", self.tag, t.number,
                     " ".join(f"{k}={v}" for k, v in m.items() if v is not None))
         self.outbox.put_nowait(MetricsEvent(t.number, m))
         if self.server.recorder is not None:
-            self.server.recorder.save_turn(self.uid, t)
+            self.server.recorder.save_turn(self, t)
 
     def new_topic(self) -> None:
         self.start_turn(spoken=False).finished = True
@@ -1735,7 +1861,7 @@ class Session:
 
     def on_playback(self, turn: int, played_ms: Optional[float], playing: Optional[bool]) -> None:
         if playing is not None:
-            self.client_playing = playing
+            self.client_playing_turn = turn if playing else None
         if played_ms is not None and turn in self.turns:
             self.turns[turn].played_ms = played_ms
 
@@ -1766,12 +1892,10 @@ class Session:
                 if isinstance(item, AnswerAudio):
                     await self._send_audio(item)
                 else:
-                    for conn in self.server.senders_for(self.uid):
-                        await conn.send_event(item)
-            except websockets.ConnectionClosed:
-                pass  # that client is gone; the connection handler unregisters it
+                    for conn in self.recipients():
+                        conn.send_event(item)
             except Exception:
-                logger.exception("sender failed on session %s", self.uid)
+                logger.exception("sender failed on session %s", self.tag)
 
     async def _send_audio(self, item: AnswerAudio) -> None:
         if not self.is_current(item.turn):
@@ -1795,8 +1919,8 @@ class Session:
             self.play_start = moment - t.audio_sent_ms / 1000
         if item.text:
             t.answer_chunks.append((t.audio_sent_ms, item.text))
-        for conn in self.server.senders_for(self.uid):
-            await conn.send_audio(item, t.question if t.spoken else None, first)
+        for conn in self.recipients():
+            conn.send_audio(item, t.question if t.spoken else None, first)
         if item.pcm:
             t.answer_audio.append(item.pcm)
             t.audio_sent_ms += len(item.pcm) / 2 / SAMPLE_RATE * 1000
@@ -1816,15 +1940,19 @@ class Session:
             except asyncio.TimeoutError:
                 pass
 
-    def close(self) -> None:
-        """The client left: every queued and running piece of work for it becomes stale."""
-        self.closed = True
+    def stop_answer(self) -> None:
+        """The client is gone (for now): the turn under way becomes stale, and so does all its queued work."""
         t = self.current()
         if t is not None:
             t.cancel()
             if not t.finished:
                 t.interrupted = True
                 self.finish_turn(t)
+
+    def close(self) -> None:
+        """The session ends: every queued and running piece of work for it becomes stale."""
+        self.stop_answer()
+        self.closed = True
         self.outbox.put_nowait(None)
 
 
@@ -1833,23 +1961,62 @@ class Session:
 # ------------------------------------------------------------------------------------------------
 
 class TurnRecorder:
-    def __init__(self, directory: str):
-        self.dir = directory
+    """Writes each session's turns into a folder of its own, DIR/<start time>-<uid hash>-<random>/, a name no other
+    session gets: no later session, with the same uid or any other, can write over them. Files appear whole (written to a temp
+    file, then renamed); a failed write removes its temp file, and start-up removes those a crash left. Saving stops,
+    with one warning, when DIR holds --save_data_max_mb; the queue of files to write is bounded too."""
+
+    TMP = ".tmp"
+    MAX_QUEUED = 256  # files waiting to be written; past it a file is dropped (and counted in the log)
+
+    def __init__(self, directory: str, max_bytes: float, log: LogLimiter):
+        self.dir, self.max_bytes, self.log = directory, max_bytes, log
         os.makedirs(directory, exist_ok=True)
-        self.queue: queue.Queue = queue.Queue()
+        self.used = self._clean_and_measure()
+        self.queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
+        self.full_warned = False
+        self.dropped = 0
         self.thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self.thread.start()
 
-    def save_input(self, uid: str, turn: int, audio: np.ndarray) -> None:
-        self.queue.put((f"{uid}_{turn}_input.wav", wav_bytes(to_pcm16(audio))))
+    def _clean_and_measure(self) -> int:
+        """Remove temp files left by a crash; return the bytes DIR holds."""
+        used = 0
+        for root, _, files in os.walk(self.dir):
+            for name in files:
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    if name.endswith(self.TMP):
+                        os.remove(path)
+                    else:
+                        used += os.path.getsize(path)
+        return used
 
-    def save_turn(self, uid: str, t: Turn) -> None:
-        record = {"uid": uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
+    def session_dir(self, session: Session) -> str:
+        """The session's own folder, made on its first saved file."""
+        if session.save_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            session.save_dir = os.path.join(self.dir, f"{stamp}-{session.tag}-{secrets.token_hex(4)}")
+        return session.save_dir
+
+    def save_input(self, session: Session, turn: int, audio: np.ndarray) -> None:
+        self._put(self.session_dir(session), f"turn{turn:05d}_input.wav", wav_bytes(to_pcm16(audio)))
+
+    def save_turn(self, session: Session, t: Turn) -> None:
+        record = {"uid": session.uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
                   "answer": t.heard_text(), "interrupted": t.interrupted, "metrics": t.metrics()}
         text = json.dumps(record, ensure_ascii=False, indent=1)
-        self.queue.put((f"{uid}_{t.number}.json", text.encode("utf-8", "backslashreplace")))  # a lone surrogate stays readable
+        folder = self.session_dir(session)
+        self._put(folder, f"turn{t.number:05d}.json", text.encode("utf-8", "backslashreplace"))  # a lone surrogate stays readable
         if t.answer_audio:
-            self.queue.put((f"{uid}_{t.number}_answer.wav", wav_bytes(b"".join(t.answer_audio))))
+            self._put(folder, f"turn{t.number:05d}_answer.wav", wav_bytes(b"".join(t.answer_audio)))
+
+    def _put(self, folder: str, name: str, data: bytes) -> None:
+        try:
+            self.queue.put_nowait((folder, name, data))
+        except queue.Full:
+            self.dropped += 1
+            self.log.warning("save_queue_full", f"--save_data: the disk is slower than the turns; {self.dropped} files not saved so far")
 
     def close(self) -> None:
         self.queue.put(None)
@@ -1860,14 +2027,30 @@ class TurnRecorder:
             item = self.queue.get()
             if item is None:
                 return
-            name, data = item
-            path = os.path.join(self.dir, name)
+            folder, name, data = item
+            if self.max_bytes and self.used + len(data) > self.max_bytes:
+                if not self.full_warned:
+                    self.full_warned = True
+                    logger.warning("--save_data: %s holds its budget of %.0f MiB (--save_data_max_mb); no more turns are saved "
+                                   "until it is emptied and the server restarted", self.dir, self.max_bytes / 2**20)
+                continue
+            self._write(folder, name, data)
+
+    def _write(self, folder: str, name: str, data: bytes) -> None:
+        path = os.path.join(folder, name)
+        try:
+            os.makedirs(folder, exist_ok=True)
             try:  # write then rename: a reader never sees half a file
-                with open(path + ".tmp", "wb") as f:
+                with open(path + self.TMP, "wb") as f:
                     f.write(data)
-                os.replace(path + ".tmp", path)
+                os.replace(path + self.TMP, path)
             except OSError:
-                logger.exception("could not save %s", path)
+                with contextlib.suppress(OSError):
+                    os.remove(path + self.TMP)  # a full disk stays no fuller than it was
+                raise
+            self.used += len(data)
+        except OSError as exc:
+            self.log.warning("save_failed", f"--save_data: could not save {path}: {exc}")
 
 
 def wav_bytes(pcm: bytes) -> bytes:
@@ -1925,47 +2108,111 @@ def check_audio(audio: np.ndarray) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
+class Refused(Exception):
+    """A connection that may not stay: closed with `code` and `reason`, which the client can show."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+CLOSE_UNKNOWN_SESSION = Refused(4404, "unknown session or wrong session key")  # the same for any uid: it tells nothing
+
+
+class LogLimiter:
+    """At most one warning per cause per interval, so no client can flood the log; the next line counts the ones
+    held back."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self.last: dict = {}  # cause -> when its last line was written
+        self.held: dict = {}  # cause -> lines held back since
+        self.lock = threading.Lock()  # the recorder thread logs through it too
+
+    def warning(self, cause: str, message: str) -> None:
+        with self.lock:
+            t = now()
+            if t - self.last.get(cause, -self.interval_s) < self.interval_s:
+                self.held[cause] = self.held.get(cause, 0) + 1
+                return
+            self.last[cause] = t
+            held = self.held.pop(cause, 0)
+        logger.warning("%s%s", message, f" (and {held} more like it in the last {self.interval_s:g} s)" if held else "")
+
+
 class AccessPolicy:
     """Who may open a socket: the shared token (--auth_token) and the page origin (--allowed_origins). Checked
     before a connection gets anything else; a refusal closes it with a code and a reason the client can show."""
 
     SUBPROTOCOL = "s2s"  # a browser that offers subprotocols must get one back, or it drops the connection
     TOKEN_PREFIX = "s2s.token."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
+    KEY_PREFIX = "s2s.key."  # and so does the session key
     LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
     def __init__(self, token: Optional[str], allowed_origins: str):
         self.token = token.encode() if token else None
         self.origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
 
-    def refusal(self, request: Any) -> Optional[tuple]:
-        """(close code, reason) for a connection that may not stay, or None."""
-        if self.token is not None and not hmac.compare_digest(self.presented_token(request), self.token):
-            return 4401, "unauthorized: missing or wrong token"
+    def refusal(self, request: Any, secure: bool) -> Optional[Refused]:
+        """`secure`: the client's connection came over TLS (to this server, or to a trusted proxy that says so)."""
+        if self.token is not None and not hmac.compare_digest(self.presented(request, self.TOKEN_PREFIX, "token").encode(), self.token):
+            return Refused(4401, "unauthorized: missing or wrong token")
         origin = request.headers.get("Origin")
-        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", "")):
-            return 4403, f"origin not allowed: {origin[:100]}"
+        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", ""), secure):
+            return Refused(4403, f"origin not allowed: {origin[:100]}")
         return None
 
-    def presented_token(self, request: Any) -> bytes:
+    @staticmethod
+    def presented(request: Any, prefix: str, query_name: str) -> str:
+        """A secret the client presents as the subprotocol PREFIX+value, or as ?query_name= in the URL; "" if none."""
         for offered in request.headers.get_all("Sec-WebSocket-Protocol"):
             for name in offered.split(","):
-                if name.strip().startswith(self.TOKEN_PREFIX):
-                    return name.strip()[len(self.TOKEN_PREFIX):].encode()
-        values = parse_qs(urlparse(request.path).query).get("token")
-        return values[0].encode() if values else b""
+                if name.strip().startswith(prefix):
+                    return name.strip()[len(prefix):]
+        values = parse_qs(urlparse(request.path).query).get(query_name)
+        return values[0] if values else ""
 
-    def origin_allowed(self, origin: str, host: str) -> bool:
+    def origin_allowed(self, origin: str, host: str, secure: bool = False) -> bool:
+        """auto admits pages from the names the server is really reached by. A page's own host name equal to the
+        Host header is not proof of that: a DNS-rebinding page (evil.example resolving to this server) sets both.
+        It cannot when the name is an IP address, a loopback name, or a name whose certificate this server holds
+        (TLS); any other name must be listed."""
         if "*" in self.origins or origin.rstrip("/") in self.origins:
             return True
         if "auto" not in self.origins:
             return False
         page = urlparse(origin).hostname or ""
         server = urlparse(f"//{host}").hostname or ""
-        return page == server or (page in self.LOOPBACK and server in self.LOOPBACK)
+        if page in self.LOOPBACK and server in self.LOOPBACK:
+            return True
+        return page == server and (secure or is_ip_address(page))
 
     @classmethod
     def select_subprotocol(cls, ws: ServerConnection, offered: list) -> Optional[str]:
         return cls.SUBPROTOCOL if cls.SUBPROTOCOL in offered else None
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def bad_request(ws: ServerConnection, request: Any) -> Optional[Response]:
+    """400 for a handshake no honest client sends, before anything reads it: several Host or Origin headers."""
+    for name in ("Host", "Origin", "Sec-WebSocket-Key"):
+        if len(request.headers.get_all(name)) > 1:
+            return ClientFiles.response(400, "text/plain", f"more than one {name} header\n".encode())
+    return None
 
 
 class RateLimit:
@@ -1997,8 +2244,10 @@ class ClientFiles:
 
     def find(self, url_path: str) -> Optional[str]:
         """The file a URL path (without its query) names: /x -> x, x.html or x/index.html; None outside the root
-        or missing."""
-        rel = unquote(url_path).lstrip("/")
+        or missing. Raises ValueError for a path no file can have (a NUL byte)."""
+        rel = unquote(url_path, errors="strict").lstrip("/")
+        if "\0" in rel:
+            raise ValueError("NUL in path")
         base = os.path.realpath(os.path.join(self.root, rel))
         if base != self.root and not base.startswith(self.root + os.sep):
             return None
@@ -2013,10 +2262,16 @@ class ClientFiles:
         path = request.path.split("?", 1)[0]
         if path == self.CONFIG_PATH:
             return self.response(200, "application/json", self.config)
-        file = self.find(path)
+        try:
+            file = self.find(path)
+        except ValueError:  # also UnicodeDecodeError: percent-escapes that are not UTF-8
+            return self.response(400, "text/plain", b"bad path\n")
         if file is None:
             return self.response(404, "text/plain", b"not found\n")
-        body = await asyncio.to_thread(self.read, file)
+        try:
+            body = await asyncio.to_thread(self.read, file)
+        except OSError:  # removed or unreadable since find()
+            return self.response(404, "text/plain", b"not found\n")
         content_type = mimetypes.guess_type(file)[0] or "application/octet-stream"
         # Next.js puts content-hashed names under _next/static, so those never change.
         cache = "public, max-age=31536000, immutable" if "/_next/static/" in path else "no-cache"
@@ -2061,15 +2316,72 @@ def client_address(ws: ServerConnection, trusted_proxies: frozenset) -> str:
     return address[:64]
 
 
+class HandshakeGate:
+    """Bounds the connections still in their opening handshake: --max_pending_connections in all, and PER_PEER from
+    one address (a trusted proxy excepted: it sends whole requests at once). Past a bound, the oldest of them is
+    dropped: an honest handshake takes a millisecond, so what waits longest is a client that sends its request
+    slowly or never. A flood of slow handshakes thus cannot use up the process's descriptors, nor keep a newcomer out."""
+
+    PER_PEER = 16
+
+    def __init__(self, limit: int, trusted_proxies: frozenset, log: LogLimiter):
+        self.limit, self.trusted_proxies, self.log = limit, trusted_proxies, log
+        self.pending: dict = {}  # GatedConnection -> its peer's address, oldest first
+
+    def enter(self, conn: GatedConnection, peer: str) -> None:
+        self.pending[conn] = peer
+        if len(self.pending) > self.limit:
+            self.drop(next(iter(self.pending)))
+        if peer not in self.trusted_proxies:
+            same_peer = [c for c, p in self.pending.items() if p == peer]  # at most `limit` to look through
+            if len(same_peer) > self.PER_PEER:
+                self.drop(same_peer[0])
+
+    def drop(self, conn: GatedConnection) -> None:
+        peer = self.pending.pop(conn)
+        conn.transport.abort()
+        self.log.warning("handshakes", f"dropped a connection from {peer}: too many opening handshakes in progress")
+
+    def leave(self, conn: GatedConnection) -> None:
+        self.pending.pop(conn, None)
+
+
+class GatedConnection(ServerConnection):
+    """A server connection that waits at the HandshakeGate from its accept to its request (or its end), and whose
+    kernel send buffer is fixed: left to itself, Linux grows it to 4 MiB for a client that does not read, and
+    ClientWriter would see the client fall behind only after that much."""
+
+    KERNEL_SEND_BUFFER = 256 * 1024  # bytes; 6 s of 16 kHz int16 audio, and far above what a 300 ms link needs
+
+    def __init__(self, gate: HandshakeGate, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.KERNEL_SEND_BUFFER)
+        self.gate.enter(self, (transport.get_extra_info("peername") or ("?",))[0])
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None:  # the request has arrived: its handshake no longer waits on the client
+            self.gate.leave(self)
+        super().process_event(event)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.gate.leave(self)
+        super().connection_lost(exc)
+
+
 class ReceiverConnection:
     """One client on the receiver socket: its session (once it has named its uid) and its limits."""
 
-    def __init__(self, ws: ServerConnection, address: str, max_messages_per_s: float):
-        self.ws, self.address = ws, address
+    def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, max_messages_per_s: float):
+        self.ws, self.writer, self.address = ws, writer, address
         self.session: Optional[Session] = None
         self.rate = RateLimit(max_messages_per_s)
         self.last_refusal = -1.0  # when the last rate_limited error went out: one a second is enough
-        self.last_warning = -1.0  # when the last bad message was logged: a hostile client cannot flood the log
 
 
 class VoiceAgentServer:
@@ -2077,11 +2389,12 @@ class VoiceAgentServer:
         self.args = args
         self.vad_model = vad_model
         self.loop: asyncio.AbstractEventLoop = None
-        self.sessions: dict = {}
-        self.free_slots = list(range(args.max_sessions))
-        self.extended_senders: dict = {}  # uid -> set of SenderConnection
+        self.log = LogLimiter()
+        self.sessions: dict = {}  # session key -> Session
+        self.legacy_sessions: dict = {}  # uid -> Session, for CleanS2S's client, whose uid is its only name
         self.legacy_senders: set = set()
-        self.recorder = TurnRecorder(args.save_data) if args.save_data else None
+        self.legacy_allowed = legacy_clients_allowed(args)
+        self.recorder = TurnRecorder(args.save_data, args.save_data_max_mb * 2**20, self.log) if args.save_data else None
         self.tts_stage = Stage("tts", tts, args.tts_workers, lambda a: a.session.deliver(a))
         # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
         self.llm_stage = Stage("llm", llm, args.max_sessions, self.tts_stage.put)
@@ -2089,15 +2402,14 @@ class VoiceAgentServer:
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
         self.access = AccessPolicy(args.auth_token, args.allowed_origins)
         self.trusted_proxies = frozenset(a.strip() for a in args.trusted_proxies.split(",") if a.strip())
-        self.connections: set = set()  # every open, admitted WebSocket, closed with a reason at shutdown
+        self.connections: dict = {}  # every open, admitted WebSocket -> its client's address; closed at shutdown
+        self.per_address: dict = {}  # client address -> its open connections
         self.max_samples = args.max_audio_ms_per_message * args.sample_rate // 1000  # per message, at the client's rate
         self.stopped: asyncio.Event = None
 
-    def senders_for(self, uid: str) -> list:
-        return list(self.extended_senders.get(uid) or self.legacy_senders)
-
     async def run(self, ready: Optional[Callable[[], None]] = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(self.on_loop_error)
         self.stopped = asyncio.Event()
         for stage in (self.asr_stage, self.llm_stage, self.tts_stage):
             stage.start()
@@ -2113,61 +2425,145 @@ class VoiceAgentServer:
         if a.ssl_certfile:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
+        gate = HandshakeGate(a.max_pending_connections, self.trusted_proxies, self.log)
+
+        async def receiver_request(ws: ServerConnection, request: Any) -> Any:
+            return bad_request(ws, request) or (await files.process_request(ws, request) if files else None)
+
         # close_timeout: a refused client whose messages we no longer read cannot answer our close (the library
         # stops reading the socket when its queue is full), so the close ends after 2 s, not websockets' 10.
+        # compression=None: PCM does not compress, and permessage-deflate would let a 500-byte frame inflate to the
+        # whole --max_message_kb, a thousandfold, before any limit applies.
         common = dict(ssl=tls, max_size=a.max_message_kb * 1024, ping_interval=a.ping_interval_s or None,
-                      ping_timeout=a.ping_timeout_s or None, close_timeout=2,
-                      select_subprotocol=AccessPolicy.select_subprotocol)
-        async with serve(self.handle_receiver, a.recv_host, a.recv_port, **common,
-                         process_request=files.process_request if files else None), \
-                serve(self.handle_sender, a.send_host, a.send_port, **common):
+                      ping_timeout=a.ping_timeout_s or None, close_timeout=2, compression=None,
+                      select_subprotocol=AccessPolicy.select_subprotocol, create_connection=functools.partial(GatedConnection, gate))
+        async with serve(self.handle_receiver, a.recv_host, a.recv_port, **common, process_request=receiver_request), \
+                serve(self.handle_sender, a.send_host, a.send_port, **common, process_request=bad_request):
             ws_scheme, http_scheme = ("wss", "https") if tls else ("ws", "http")
             if files:
                 logger.info("browser client: %s://%s:%d/ (from %s)", http_scheme, a.recv_host, a.recv_port, a.client_dir)
-            logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s", ws_scheme, a.recv_host, a.recv_port,
-                        ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "")
+            logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s%s", ws_scheme, a.recv_host, a.recv_port,
+                        ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "",
+                        "" if self.legacy_allowed else " (legacy clients refused)")
             if ready:
                 ready()
             await self.stopped.wait()
             logger.info("shutting down: closing %d connections", len(self.connections))
-            await asyncio.gather(*(ws.close(1001, "server shutting down") for ws in list(self.connections)))
-        for session in list(self.sessions.values()):
+            await asyncio.gather(*(close_within(ws, 1001, "server shutting down") for ws in list(self.connections)))
+        for session in list(self.sessions.values()) + list(self.legacy_sessions.values()):
             self.end_session(session)
         await asyncio.gather(*(asyncio.to_thread(stage.stop) for stage in (self.asr_stage, self.llm_stage, self.tts_stage)))
         self.vad_pool.shutdown(wait=False)
         if self.recorder:  # every turn record queued so far is written before the process exits
             await asyncio.to_thread(self.recorder.close)
 
+    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own errors. Out of descriptors, it logs a traceback for every accept it retries (megabytes a minute
+        under a flood): one line per interval is enough."""
+        if "accept" in context.get("message", ""):
+            self.log.warning("accept", f"{context['message']}: {context.get('exception')}")
+            return
+        loop.default_exception_handler(context)
+
     # ---- sessions ----
 
-    def open_session(self, uid: str, address: str) -> Session:
-        if uid in self.sessions:
-            raise BadMessage("uid_in_use", f"uid {uid} already has a connected receiver")
-        if not self.free_slots:
-            raise BadMessage("server_full", f"server full: {self.args.max_sessions} sessions; try again later")
-        session = Session(uid, self.free_slots.pop(0), self)
-        self.sessions[uid] = session
-        logger.info("session %s opened from %s (%d active)", uid, address, len(self.sessions))
+    def open_session(self, uid: str, conn: ReceiverConnection, extended: bool) -> Session:
+        if not extended and uid in self.legacy_sessions:
+            raise Refused(1008, f"uid {uid} already has a connected receiver")
+        if len(self.sessions) + len(self.legacy_sessions) >= self.args.max_sessions:
+            detached = [s for s in self.sessions.values() if s.receiver is None]
+            if not detached:
+                raise Refused(1013, f"server full: {self.args.max_sessions} sessions; try again later")
+            self.end_session(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
+        session = Session(uid, extended, conn.address, self)
+        (self.sessions if extended else self.legacy_sessions)[session.key if extended else uid] = session
+        logger.info("session %s opened from %s (%d active)", session.tag, conn.address, len(self.sessions) + len(self.legacy_sessions))
         return session
 
+    def resume_session(self, uid: str, key: str, conn: ReceiverConnection) -> Session:
+        """The extended session whose key the client presents; its old receiver, if still open, gives way."""
+        session = self.sessions.get(key)
+        if session is None or not hmac.compare_digest(session.uid.encode(), uid.encode()):
+            raise CLOSE_UNKNOWN_SESSION
+        old = session.receiver
+        if old is not None:
+            old.session = None
+            self.loop.create_task(close_within(old.ws, 4409, "replaced by a newer connection to this session"))
+        session.detached_at = None
+        logger.info("session %s resumed from %s", session.tag, conn.address)
+        return session
+
+    def detach(self, session: Session, conn: ReceiverConnection) -> None:
+        """The session's receiver closed. An extended session waits --resume_s for its client to come back; a legacy
+        one ends."""
+        if session.receiver is not conn:
+            return
+        session.receiver = None
+        if not session.extended or self.args.resume_s <= 0:
+            self.end_session(session)
+            return
+        session.stop_answer()
+        session.vad.reset()  # an utterance cut off with the connection is not continued by the next one's audio
+        session.detached_at = now()
+        logger.info("session %s left; kept %g s for its client to come back", session.tag, self.args.resume_s)
+        self.loop.call_later(self.args.resume_s, self.expire, session, session.detached_at)
+
+    def expire(self, session: Session, detached_at: float) -> None:
+        if session.detached_at == detached_at:  # not come back since
+            self.end_session(session)
+
     def end_session(self, session: Session) -> None:
-        if self.sessions.get(session.uid) is session:
-            del self.sessions[session.uid]
-            self.free_slots.append(session.slot)
+        registry = self.sessions if session.extended else self.legacy_sessions
+        if registry.get(session.key if session.extended else session.uid) is not session:
+            return
+        del registry[session.key if session.extended else session.uid]
         session.close()
-        logger.info("session %s closed (%d active)", session.uid, len(self.sessions))
+        for conn in list(session.senders):
+            self.loop.create_task(close_within(conn.ws, 1000, "session ended"))
+        logger.info("session %s closed (%d active)", session.tag, len(self.sessions) + len(self.legacy_sessions))
+
+    # ---- connections: admission, per-address limits ----
+
+    async def admit(self, ws: ServerConnection) -> Optional[ClientWriter]:
+        """Close a connection the access policy refuses, or one too many, before it costs anything else; else its writer."""
+        address = client_address(ws, self.trusted_proxies)
+        via_proxy = ws.remote_address is not None and ws.remote_address[0] in self.trusted_proxies
+        secure = bool(self.args.ssl_certfile) or (via_proxy and ws.request.headers.get_all("X-Forwarded-Proto")[-1:] == ["https"])
+        refusal = self.access.refusal(ws.request, secure)
+        if refusal is None and len(self.connections) >= 3 * self.args.max_sessions:  # a receiver and a sender each, and spares
+            refusal = Refused(1013, "server full: too many connections; try again later")
+        if (refusal is None and self.per_address.get(address, 0) >= self.args.max_connections_per_client
+                and not is_loopback(address)):  # the machine itself (an SSH tunnel, a local test) is one user
+            refusal = Refused(1013, f"too many connections from your address ({self.args.max_connections_per_client}); try again later")
+        if refusal is not None:
+            await self.refuse(ws, refusal, address)
+            return None
+        self.connections[ws] = address
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, self.log, address)
+
+    async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
+        self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")
+        await ws.close(refusal.code, refusal.reason)
+
+    def release(self, ws: ServerConnection, writer: ClientWriter) -> None:
+        writer.stop()
+        address = self.connections.pop(ws, None)
+        if address is not None:
+            self.per_address[address] -= 1
+            if not self.per_address[address]:
+                del self.per_address[address]
 
     # ---- receiver socket: client -> server ----
 
     async def handle_receiver(self, ws: ServerConnection) -> None:
-        if not await self.admit(ws):
+        writer = await self.admit(ws)
+        if writer is None:
             return
-        conn = ReceiverConnection(ws, client_address(ws, self.trusted_proxies), self.args.max_messages_per_s)
+        conn = ReceiverConnection(ws, writer, self.connections[ws], self.args.max_messages_per_s)
         idle_s = self.args.idle_timeout_s or None
         try:
-            uid = query_uid(ws)
-            if uid is not None:
-                conn.session = self.open_session(uid, conn.address)
+            await self.open_receiver(conn)
             while True:
                 try:
                     async with asyncio.timeout(idle_s):
@@ -2185,31 +2581,32 @@ class VoiceAgentServer:
                 try:
                     await self.on_message(conn, message)
                 except BadMessage as exc:
-                    if exc.code in ("server_full", "uid_in_use", "bad_uid") and conn.session is None:
-                        raise  # no session could be opened: the connection is refused below
                     self.report(conn, exc.code, str(exc))
                     if isinstance(message, str):
-                        await ws.send(PLACEHOLDER)
-        except BadMessage as exc:  # no session for this connection: a bad uid, one in use, or a full server
-            await ws.close(1013 if exc.code == "server_full" else 1008, str(exc))
+                        writer.send(PLACEHOLDER)
+        except BadMessage as exc:  # a bad uid in the URL
+            await self.refuse(ws, Refused(1008, str(exc)), conn.address)
+        except Refused as refusal:  # no session for this connection
+            await self.refuse(ws, refusal, conn.address)
         except websockets.ConnectionClosed:
             pass
         finally:
-            self.connections.discard(ws)
+            self.release(ws, writer)
             if conn.session is not None:
-                self.end_session(conn.session)
+                self.detach(conn.session, conn)
 
-    async def admit(self, ws: ServerConnection) -> bool:
-        """Close a connection the access policy refuses, or one too many, before it costs anything else."""
-        refusal = self.access.refusal(ws.request)
-        if refusal is None and len(self.connections) >= 3 * self.args.max_sessions:  # a receiver and a sender each, and spares
-            refusal = 1013, "server full: too many connections; try again later"
-        if refusal is None:
-            self.connections.add(ws)
-            return True
-        logger.warning("refused a connection from %s: %s", client_address(ws, self.trusted_proxies), refusal[1])
-        await ws.close(*refusal)
-        return False
+    async def open_receiver(self, conn: ReceiverConnection) -> None:
+        """An extended client names its uid in the URL: it gets a new session, or, presenting a key, its own back, and
+        the session's key in a ready event. A legacy client names its uid in its first message (see on_message)."""
+        uid = query_uid(conn.ws)
+        if uid is None:
+            if not self.legacy_allowed:
+                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
+            return
+        key = AccessPolicy.presented(conn.ws.request, AccessPolicy.KEY_PREFIX, "key")
+        session = self.resume_session(uid, key, conn) if key else self.open_session(uid, conn, extended=True)
+        session.receiver, conn.session = conn, session
+        conn.writer.send(SessionReadyEvent(uid, session_key=session.key, resumed=bool(key)).to_json())
 
     async def on_message(self, conn: ReceiverConnection, message: Any) -> None:
         """Check one message from the receiver socket and act on it."""
@@ -2232,18 +2629,21 @@ class VoiceAgentServer:
         if session is None:
             if "uid" not in data:
                 raise BadMessage("no_uid", "the first message must carry a string uid")
-            session = conn.session = self.open_session(check_uid(data["uid"]), conn.address)
+            try:
+                uid = check_uid(data["uid"])
+            except BadMessage as exc:
+                raise Refused(1008, str(exc)) from None
+            session = self.open_session(uid, conn, extended=False)
+            session.receiver, conn.session = conn, session
         elif "uid" in data and data["uid"] != session.uid:
             raise BadMessage("uid_mismatch", "this connection belongs to another uid")
         for reply in await self.on_json(session, data):
-            await conn.ws.send(reply)
+            conn.writer.send(reply)
 
     def report(self, conn: ReceiverConnection, code: str, message: str) -> None:
-        """A bad message: an error event to the session's clients, and a log line (at most one a second)."""
+        """A bad message: an error event to the session's clients, and a log line (at most one per code and interval)."""
         session = conn.session
-        if now() - conn.last_warning >= 1:
-            conn.last_warning = now()
-            logger.warning("bad message from %s: %s", session.uid if session else "a client without a session", message)
+        self.log.warning(f"bad {code}", f"bad message from {conn.address}: {message}")
         if session is not None:
             session.outbox.put_nowait(ErrorEvent(code, message))
 
@@ -2257,7 +2657,7 @@ class VoiceAgentServer:
                 if isinstance(data["is_playing"], (str, bool)) else None
             if playing is None:
                 raise BadMessage("bad_message", 'is_playing must be "true" or "false"')
-            session.client_playing = playing
+            session.client_playing_turn = session.turn if playing else None
         if kind == "audio_input":
             started = await self.on_audio(session, decode_float32_audio(data.get("audio"), self.max_samples))
             return [VAD_DETECTED] * started or [PLACEHOLDER]
@@ -2309,7 +2709,7 @@ class VoiceAgentServer:
                 t = session.current()  # (typed text in the middle of speech would have taken over the turn)
                 t.speech_end, t.eot_wait_ms = now(), ev.silence_ms
                 if self.recorder:
-                    self.recorder.save_input(session.uid, t.number, ev.audio)
+                    self.recorder.save_input(session, t.number, ev.audio)
                 self.asr_stage.put(Utterance(session, t.number, ev.untaken if streaming else ev.audio))
         if streaming and not late and session.is_current(session.speech_turn):
             piece = session.vad.take_new(self.asr_stage.handler.piece_samples)
@@ -2334,33 +2734,64 @@ class VoiceAgentServer:
     # ---- sender socket: server -> client ----
 
     async def handle_sender(self, ws: ServerConnection) -> None:
-        if not await self.admit(ws):
+        writer = await self.admit(ws)
+        if writer is None:
             return
+        address, conn = self.connections[ws], None
         try:
-            conn = SenderConnection(ws, query_uid(ws))
-        except BadMessage as exc:
-            self.connections.discard(ws)
-            await ws.close(1008, str(exc))
-            return
-        if conn.extended:
-            self.extended_senders.setdefault(conn.uid, set()).add(conn)
-        else:
-            self.legacy_senders.add(conn)
-        try:
-            if conn.extended:
-                await conn.send_event(ReadyEvent(conn.uid))
-            async for _ in ws:  # clients do not write here; reading notices the close
-                pass
+            conn = self.open_sender(ws, writer, address)
+            await self.serve_sender(conn)
+        except BadMessage as exc:  # a bad uid in the URL
+            await self.refuse(ws, Refused(1008, str(exc)), address)
+        except Refused as refusal:
+            await self.refuse(ws, refusal, address)
         except websockets.ConnectionClosed:
             pass
         finally:
-            if conn.extended:
-                self.extended_senders[conn.uid].discard(conn)
-                if not self.extended_senders[conn.uid]:
-                    del self.extended_senders[conn.uid]
-            else:
-                self.legacy_senders.discard(conn)
-            self.connections.discard(ws)
+            if conn is not None:
+                (conn.session.senders if conn.extended else self.legacy_senders).discard(conn)
+            self.release(ws, writer)
+
+    def open_sender(self, ws: ServerConnection, writer: ClientWriter, address: str) -> SenderConnection:
+        """An extended client presents its session's key (from the receiver's ready event) and hears that session
+        only; a client without a uid is CleanS2S's and hears every legacy session, never an extended one."""
+        uid = query_uid(ws)
+        if uid is None:
+            if not self.legacy_allowed:
+                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
+            conn = SenderConnection(ws, writer, address, None)
+            self.legacy_senders.add(conn)
+            return conn
+        key = AccessPolicy.presented(ws.request, AccessPolicy.KEY_PREFIX, "key")
+        session = self.sessions.get(key) if key else None
+        if session is None or not hmac.compare_digest(session.uid.encode(), uid.encode()):
+            raise CLOSE_UNKNOWN_SESSION
+        conn = SenderConnection(ws, writer, address, session)
+        session.senders.add(conn)
+        conn.send_event(ReadyEvent(uid))
+        return conn
+
+    async def serve_sender(self, conn: SenderConnection) -> None:
+        """Clients do not write here; reading notices the close. A legacy sender is idle while no legacy session is
+        open from its address: after --idle_timeout_s of that it is closed. An extended one ends with its session."""
+        idle_s = None if conn.extended else self.args.idle_timeout_s or None
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    await conn.ws.recv()
+            except TimeoutError:
+                if not any(s.address == conn.address for s in self.legacy_sessions.values()):
+                    await conn.ws.close(4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
+                    return
+
+
+def legacy_clients_allowed(args: argparse.Namespace) -> bool:
+    """--legacy_clients auto: CleanS2S's client, which cannot keep its session private, only on a server that no
+    other machine reaches and that wants no token."""
+    if args.legacy_clients != "auto":
+        return args.legacy_clients == "allow"
+    local = all(host in AccessPolicy.LOOPBACK or host.startswith("127.") for host in (args.recv_host, args.send_host))
+    return local and not args.auth_token
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2420,6 +2851,17 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
     return args
 
 
+def raise_descriptor_limit() -> None:
+    """Every connection is a file descriptor, and systemd's default soft limit is 1024: take the hard limit (often
+    524288), so the limits on connections, not the process's descriptors, decide who gets in."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def load(name: str, component: Any) -> None:
     """Load and warm up one model, and say in one line what it is and what it cost. A failure stops
     start-up with one sentence (the traceback is logged at DEBUG)."""
@@ -2444,8 +2886,9 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     and its own `handlers`, which builds the (ASR, LLM, TTS) handlers from the parsed flags."""
     args = parse_args(argv, parser)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # At DEBUG the websockets library logs every handshake header, the token among them.
-    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLogger().level))
+    # The websockets library logs two lines for every connection at INFO, which a flood of connections turns into a
+    # flood of log (the server logs sessions itself), and every handshake header at DEBUG, the token among them.
+    logging.getLogger("websockets").setLevel(logging.INFO if args.log_level == "DEBUG" else logging.WARNING)
     if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
         logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
     asr, llm, tts = handlers(args)
@@ -2459,6 +2902,7 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     # now and put them out of the collector's sight, so later collections see only what turns allocate.
     gc.collect()
     gc.freeze()
+    raise_descriptor_limit()
     asyncio.run(server.run())
 
 

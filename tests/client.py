@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import struct
 import time
@@ -15,6 +16,11 @@ from websockets.asyncio.client import connect
 
 SAMPLE_RATE = 16000
 CHUNK = 1024  # samples per message (64 ms), as CleanS2S's browser client sends
+
+
+def uid_tag(uid: str) -> str:
+    """How the server's log names the session of a uid (s2s_server_pipeline.uid_tag)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:8]
 
 
 def load_wav(path: str) -> np.ndarray:
@@ -45,7 +51,8 @@ class Client:
 
     async def __aenter__(self) -> Client:
         self.recv = await connect(self._recv_url(), max_size=None, **self.connect_kwargs)
-        self.send = await connect(self._send_url(), max_size=None, **self.connect_kwargs)
+        await self.on_receiver_open()
+        self.send = await connect(self._send_url(), max_size=None, **self.sender_kwargs())
         self.readers = [asyncio.create_task(self._read_sender()), asyncio.create_task(self._read_replies())]
         return self
 
@@ -62,6 +69,12 @@ class Client:
 
     def on_reply(self, reply: dict) -> None:
         pass
+
+    async def on_receiver_open(self) -> None:
+        pass
+
+    def sender_kwargs(self) -> dict:
+        return self.connect_kwargs
 
     async def _read_sender(self) -> None:
         async for msg in self.send:
@@ -101,7 +114,16 @@ class Client:
 
 
 class ExtendedClient(Client):
-    """Speaks the extended protocol: ?uid= on both sockets, binary int16 frames both ways."""
+    """Speaks the extended protocol: ?uid= on both sockets, binary int16 frames both ways. The receiver opens
+    first; its ready event holds the session key, which the sender presents as a subprotocol."""
+
+    async def on_receiver_open(self) -> None:
+        self.ready = json.loads(await asyncio.wait_for(self.recv.recv(), 10))
+        assert self.ready["event"] == "ready", self.ready
+        self.key = self.ready["session_key"]
+
+    def sender_kwargs(self) -> dict:
+        return {**self.connect_kwargs, "subprotocols": with_key(self.connect_kwargs.get("subprotocols"), self.key)}
 
     def _recv_url(self) -> str:
         return f"{self.recv_url}/?uid={self.uid}"
@@ -124,6 +146,12 @@ class ExtendedClient(Client):
 
     def events(self, kind: str, turn: int | None = None) -> list:
         return [r for r in self.received if r.kind == kind and (turn is None or r.data.get("turn") == turn)]
+
+
+def with_key(subprotocols: list | None, key: str) -> list:
+    """The subprotocols a client offers to present a session key (and "s2s", which the server selects)."""
+    offered = [p for p in (subprotocols or ["s2s"]) if not p.startswith("s2s.key.")]
+    return (offered if "s2s" in offered else ["s2s", *offered]) + [f"s2s.key.{key}"]
 
 
 class LegacyClient(Client):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -10,12 +11,20 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from client import uid_tag  # noqa: E402
 from fakes import FakeChatAPI  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 
 def fixture(name: str) -> str:
     return os.path.join(FIXTURES, name)
+
+
+def saved_file(directory, uid: str, name: str) -> str:
+    """The path of a file --save_data wrote for the one session of `uid`: DIR/<time>-<uid hash>-<random>/NAME."""
+    folders = glob.glob(os.path.join(directory, f"*-{uid_tag(uid)}-*"))
+    assert len(folders) == 1, (folders, os.listdir(directory))
+    return os.path.join(folders[0], name)
 
 
 LONG_ANSWER = ("You asked me something, and here is a long answer. It has several sentences so that it keeps "

@@ -65,3 +65,26 @@ def test_real_models_benchmark_runs_tiny(tmp_path):
         # The overhead is what the stages do not explain: the socket and the edge (VAD decision, mic frame, network).
         assert abs(t["overhead_ms"] - (m["send_ms"] + t["edge_ms"])) < 1
     assert "## Real models, CPU" in run.stdout and "| **voice-to-voice**" in run.stdout
+
+
+def test_hostile_benchmark_runs_every_row(tmp_path):
+    """bench/hostile.py --quick: every attack beside a victim, and what the server does to each."""
+    out = tmp_path / "hostile.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "hostile.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["key", "stuck", "deflate", "one_address", "handshakes", "token"]
+    for row in rows.values():
+        assert not row["traceback_in_log"]
+        assert row["beside_p50_s"] < row["alone_p50_s"] + 1.0  # the victim is answered as it was alone
+    assert rows["key"]["codes"] == {"4404": 20} and rows["key"]["bytes_heard"] == 0
+    assert rows["stuck"]["closed_logged_s"] is not None
+    assert rows["deflate"]["codes"] == {"1002": 3} and rows["deflate"]["extensions_answered"] == ["None"]
+    admitted = rows["one_address"]["max_connections_per_client"]  # the server's default, 8 when this was written
+    assert rows["one_address"]["codes"] == {"4408": admitted, "1013": 20 - admitted}
+    held = rows["handshakes"]["held"]
+    assert held["127.0.0.2"] == 16 and sum(held.values()) <= rows["handshakes"]["max_pending_connections"]
+    assert rows["handshakes"]["beside"]["get_page_status"] == "HTTP/1.1 200"
+    assert rows["token"]["codes"] == {"4401": 60} and rows["token"]["refusal_log_lines"] <= 2
+    assert "| attack | what the server does |" in run.stdout

@@ -1,10 +1,10 @@
 """The browser client (frontend_nextjs/) in headless Chromium against the real server, which serves the
 built page itself (--client_dir). A fake microphone (a WAV file) asks a question, then cuts into the
-answer; then the test types, starts a new topic and drops the connection. With a server that wants a token
-(--auth_token), the page takes it from its URL, or is refused and stops until the token is set in its
-settings. Against a stand-in server that names its sources, the page links them. It checks what the page
-shows, what it plays and what it sends, through test hooks on the page's audio output and sockets
-(tests/browser/audio_tap.js); tests/browser/voice_page.mjs drives the page.
+answer; then the test types, starts a new topic and drops the connection, and the page resumes its session.
+With a server that wants a token (--auth_token), the page takes it from its URL, or is refused and stops until
+the token is set in its settings. Against a stand-in server that names its sources, the page links them. It
+checks what the page shows, what it plays and what it sends, through test hooks on the page's audio output and
+sockets (tests/browser/audio_tap.js); tests/browser/voice_page.mjs drives the page.
 
 Needs Node.js, Chromium (CHROMIUM_PATH, default /usr/bin/chromium) and the built client with its
 devDependencies: scripts/setup.sh --dev installs all three."""
@@ -16,6 +16,7 @@ import http.server
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import threading
@@ -99,6 +100,29 @@ def check_ran(page: dict, server_log: str = "") -> None:
     assert "Traceback" not in server_log, server_log
 
 
+def receiver_readies(page: dict) -> list:
+    """The receiver socket's `ready` events, one per connection made: only they carry the session key."""
+    return [e for e in page["events"] if e["event"] == "ready" and "session_key" in e]
+
+
+def offered(sockets: list, send_port: int, token: str = "") -> list:
+    """Which socket each one was and the session key it offered (None: none). On the way, checks that each offers
+    "s2s", then the key and the token (if any) as subprotocols, or nothing when it has neither, and that no socket
+    URL carries a secret."""
+    found = []
+    for socket in sockets:
+        protocols = list(socket["protocols"])
+        if token:
+            assert protocols[-1:] == [f"s2s.token.{token}"], socket
+            protocols.pop()
+        key = protocols.pop()[len("s2s.key."):] if protocols[-1:] and protocols[-1].startswith("s2s.key.") else None
+        assert protocols == (["s2s"] if key or token else []), socket
+        assert "token" not in socket["url"] and "key" not in socket["url"], socket
+        assert key is None or (re.fullmatch(r"[A-Za-z0-9_-]{16,}", key) and key not in socket["url"]), socket
+        found.append(("sender" if urlparse(socket["url"]).port == send_port else "receiver", key))
+    return found
+
+
 def sound_between(quanta: np.ndarray, start: float, end: float) -> np.ndarray:
     """Start times of the audible render quanta in [start, end) on the audio clock."""
     times, peaks = quanta[:, 0], quanta[:, 1]
@@ -155,9 +179,9 @@ def test_talk_listen_and_cut_in(chat_api, long_answers, tmp_path, capsys):
     assert played_s <= sent_s + quantum_s, (played_s, sent_s)
     # The page reported what it played, and that it stopped, so the server's history keeps only that. The
     # player counts the samples it played: had it run dry between chunks (a gap), it would count fewer
-    # than the time from the answer's first sound to its last.
-    reconnected_at = [e["t"] for e in events if e["event"] == "ready"][1]  # turns count from 1 again then
-    reports = [m for m in page["sent"] if m.get("type") == "playback" and m["turn"] == 1 and m["t"] < reconnected_at]
+    # than the time from the answer's first sound to its last. (Turn numbers never restart: the page resumes
+    # its session after the dropped connection below.)
+    reports = [m for m in page["sent"] if m.get("type") == "playback" and m["turn"] == 1]
     assert reports and reports[-1]["playing"] is False, reports[-3:]
     assert abs(reports[-1]["played_ms"] / 1000 - played_s) < 0.1, (reports[-1], played_s)
 
@@ -175,10 +199,23 @@ def test_talk_listen_and_cut_in(chat_api, long_answers, tmp_path, capsys):
     new_topic_request = next(request["messages"] for request in chat_api.chat_requests()
                              if request["messages"][-1]["content"] == "hello again")
     assert [m["role"] for m in new_topic_request] == ["system", "user"], new_topic_request
-    # After the connection dropped, the page came back by itself, under the same uid, and goes on.
-    ready = [e for e in events if e["event"] == "ready"]
-    assert len(ready) >= 2 and len({e["uid"] for e in ready}) == 1, ready
-    assert page["reconnected"][-1]["answer"].startswith("About are you back:"), page["reconnected"]
+    # After the connection dropped, the page came back by itself, under the same uid, to the same session...
+    ready = receiver_readies(page)
+    key = ready[0]["session_key"]
+    assert [(e["session_key"], e["resumed"]) for e in ready] == [(key, False), (key, True)], ready
+    assert len({e["uid"] for e in events if e["event"] == "ready"}) == 1
+    # ...with the key the server gave it, which opened the sender socket, in a subprotocol and never in a URL.
+    assert offered(page["sockets"], srv.send_port) == [("receiver", None), ("sender", key), ("receiver", key),
+                                                       ("sender", key)], page["sockets"]
+    # The conversation went on: still on screen, the turns counting on, and the agent remembers it.
+    before, after = page["newTopic"], page["reconnected"]
+    assert [(x["turn"], x["user"]) for x in after[:-1]] == [(x["turn"], x["user"]) for x in before], (before, after)
+    assert after[-1]["turn"] == before[-1]["turn"] + 1, (before, after)
+    assert after[-1]["answer"].startswith("About are you back:"), after
+    resumed_request = next(request["messages"] for request in chat_api.chat_requests()
+                           if request["messages"][-1]["content"] == "are you back")
+    assert {"role": "user", "content": "hello again"} in resumed_request, resumed_request
+    assert not [n for n in page["notices"] if "new conversation" in n], page["notices"]
 
 
 # ---- a server that wants a token ----
@@ -207,10 +244,12 @@ def test_token_from_the_page_url(token_server, tmp_path):
     # reload, without the token in the URL, the page connects and talks again.
     assert page["pageUrl"] == base and page["reloadedUrl"] == base, (page["pageUrl"], page["reloadedUrl"])
     assert page["afterReload"][-1]["answer"].startswith("About still there:"), page["afterReload"]
-    # It went to the server in a subprotocol, not in a socket URL (which proxies log), and not to the console.
-    sockets = page["socketsBeforeReload"] + page["sockets"]
-    assert len(sockets) >= 4, sockets  # two sockets before the reload and two after
-    assert all(s["protocols"] == ["s2s", f"s2s.token.{TOKEN}"] and "token" not in s["url"] for s in sockets), sockets
+    # It went to the server in a subprotocol, not in a socket URL (which proxies log), and not to the console;
+    # so did the session key, to the sender socket. The page's second life (the reload) is a new session.
+    before, after = (offered(page[name], token_server.send_port, TOKEN) for name in ("socketsBeforeReload", "sockets"))
+    assert [name for name, _ in before] == [name for name, _ in after] == ["receiver", "sender"], (before, after)
+    assert before[0][1] is None and after[0][1] is None and before[1][1] != after[1][1], (before, after)
+    assert after[1][1] == receiver_readies(page)[0]["session_key"], (after, page["events"])
     assert not [m for m in page["console"] if TOKEN in m], page["console"]
     assert REFUSED not in token_server.log()
 
@@ -246,6 +285,9 @@ def test_wrong_token_stops_until_set_in_settings(token_server, tmp_path):
     assert idle["refusals"] == 0 and idle["notices"] == [], idle
     assert idle["exchanges"] and idle["exchanges"][-1]["answer"].startswith("About let me in:"), idle
     assert len({e["uid"] for e in page["events"] if e["event"] == "ready"}) == 1
+    # It came back to the same session, with its key.
+    first, *later = receiver_readies(page)
+    assert later and all(e["resumed"] and e["session_key"] == first["session_key"] for e in later), (first, later)
 
 
 # ---- sources, from a stand-in server ----
@@ -264,14 +306,16 @@ SOURCES_DURING = [  # sent while it streams: one already given, and more than fi
 
 
 class SourcesServer:
-    """Both sockets of the extended protocol, as a server that looks things up before it answers speaks them:
-    `ready` on the sender socket; for each typed question, a `sources` event before the answer and another
-    while it streams (with a source already given, markup in a title, a document path, a script URL, and more
-    sources than the page shows). It records what the receiver socket gets."""
+    """Both sockets of the extended protocol (version 2), as a server that looks things up before it answers
+    speaks them: `ready` with a session key on the receiver socket, then on the sender socket that presents the
+    key; for each typed question, a `sources` event before the answer and another while it streams (with a
+    source already given, markup in a title, a document path, a script URL, and more sources than the page
+    shows). It records what the receiver socket gets."""
 
     def __init__(self):
         self.received: list = []  # the receiver's JSON messages
         self.audio_frames = 0
+        self.keys: dict = {}  # session key -> uid
         self.senders: dict = {}  # uid -> sender socket
         self.turns = 0
         self.loop = asyncio.new_event_loop()
@@ -282,7 +326,9 @@ class SourcesServer:
 
     async def serve(self, started: threading.Event) -> None:
         self.stopped = asyncio.Event()
-        async with serve(self.receiver, "127.0.0.1", 0) as recv, serve(self.sender, "127.0.0.1", 0) as send:
+        pick = self.select_subprotocol
+        async with (serve(self.receiver, "127.0.0.1", 0, select_subprotocol=pick) as recv,
+                    serve(self.sender, "127.0.0.1", 0, select_subprotocol=pick) as send):
             self.recv_port, self.send_port = (s.sockets[0].getsockname()[1] for s in (recv, send))
             started.set()
             await self.stopped.wait()
@@ -292,15 +338,32 @@ class SourcesServer:
         self.thread.join(10)
 
     @staticmethod
+    def select_subprotocol(ws, offered: list):
+        """A browser drops a connection whose server selects none of the subprotocols it offered."""
+        return "s2s" if "s2s" in offered else None
+
+    @staticmethod
     def uid(ws) -> str:
         return parse_qs(urlparse(ws.request.path).query)["uid"][0]
 
+    @staticmethod
+    def key(ws) -> str:
+        offered = [p.strip() for h in ws.request.headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
+        return next((p[len("s2s.key."):] for p in offered if p.startswith("s2s.key.")), "")
+
     async def sender(self, ws) -> None:
+        if self.keys.get(self.key(ws)) != self.uid(ws):
+            await ws.close(4404, "unknown session or wrong session key")
+            return
         self.senders[self.uid(ws)] = ws
-        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "protocol": 1, "sample_rate": 16000}))
+        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "protocol": 2, "sample_rate": 16000}))
         await ws.wait_closed()
 
     async def receiver(self, ws) -> None:
+        key = secrets.token_urlsafe(24)
+        self.keys[key] = self.uid(ws)
+        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "session_key": key, "protocol": 2,
+                                  "sample_rate": 16000, "resumed": False}))
         async for message in ws:
             if isinstance(message, bytes):
                 self.audio_frames += 1

@@ -55,7 +55,7 @@ def test_pages_and_assets_are_served(site_server):
 def test_config_tells_the_page_where_the_sender_is(site_server):
     status, headers, body = get(site_server.recv_port, "/s2s-config.json")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"protocol": 1, "sample_rate": 16000,
+    assert json.loads(body) == {"protocol": 2, "sample_rate": 16000,
                                 "receiver_port": site_server.recv_port, "sender_port": site_server.send_port}
 
 

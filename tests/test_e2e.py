@@ -14,7 +14,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from client import ExtendedClient, LegacyClient, load_wav
-from conftest import LONG_ANSWER, fixture, start_server
+from conftest import LONG_ANSWER, fixture, saved_file, start_server
 
 import s2s_server_pipeline as s2s
 
@@ -58,7 +58,7 @@ def test_spoken_turn_arrives_in_order_with_metrics(server, chat_api):
     for key in ("asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "first_audio_ms"):
         assert m[key] is not None and m[key] >= 0, m
     assert m["asr_ms"] >= 50  # the fixed ASR latency is inside the measured figure
-    assert "turn uid=" in server.log()
+    assert "turn session=" in server.log()
 
 
 def test_barge_in_stops_audio_and_truncates_history(server, chat_api, long_answers):
@@ -216,11 +216,18 @@ def test_llm_failure_is_reported_and_session_goes_on(chat_api):
                 chat_api.fail_with = None
                 await c.send_text("hello again")
                 await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 2 and r.data["end"])
+                await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 2)
+                await c.send_text("and a third")
+                await c.wait_for(lambda r: r.kind == "answer" and r.data["turn"] == 3 and r.data["end"])
                 return err, c
 
         err, c = run(scenario())
         assert err.data["code"] == "llm_failed" and "500" in err.data["message"] and err.data["turn"] == 1
         assert c.events("audio", turn=2)
+        # The failed turn is left out of the history: roles alternate, as many chat templates require.
+        messages = chat_api.chat_requests()[-1]["messages"]
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"], messages
+        assert [messages[1]["content"], messages[3]["content"]] == ["hello again", "and a third"]
     finally:
         chat_api.fail_with = None
         srv.stop()
@@ -289,11 +296,11 @@ def test_max_sessions_refuses_with_clear_reason_and_saves_turns(chat_api, tmp_pa
         assert closed.rcvd.code == 1013 and "server full" in closed.rcvd.reason
         srv.stop()
         uid = c.uid
-        record = json.load(open(os.path.join(tmp_path, f"{uid}_1.json")))
-        assert record["question"].startswith("heard ") and record["answer"].endswith("the end.")
-        assert len(load_wav(os.path.join(tmp_path, f"{uid}_1_input.wav"))) > 16000 * 5
-        assert len(load_wav(os.path.join(tmp_path, f"{uid}_1_answer.wav"))) > 16000 * 2
-        assert not glob.glob(os.path.join(tmp_path, "*.tmp"))
+        record = json.load(open(saved_file(tmp_path, uid, "turn00001.json")))
+        assert record["uid"] == uid and record["question"].startswith("heard ") and record["answer"].endswith("the end.")
+        assert len(load_wav(saved_file(tmp_path, uid, "turn00001_input.wav"))) > 16000 * 5
+        assert len(load_wav(saved_file(tmp_path, uid, "turn00001_answer.wav"))) > 16000 * 2
+        assert not glob.glob(os.path.join(tmp_path, "**", "*.tmp"), recursive=True)
     finally:
         srv.stop()
 

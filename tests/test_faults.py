@@ -16,8 +16,8 @@ import wave
 
 import pytest
 
-from client import ExtendedClient
-from conftest import fixture, long_answer, short_answer
+from client import ExtendedClient, uid_tag
+from conftest import fixture, long_answer, saved_file, short_answer
 from fakes import FakeChatAPI
 from server_process import ServerProcess
 
@@ -279,7 +279,7 @@ def test_client_vanishing_at_each_stage_leaves_others_untouched(stalling, chat, 
                 await bystander.send_text("a question")  # answered while the other client vanishes
                 vanish(gone)
                 await turn_over(bystander, 1)
-                await asyncio.to_thread(stalling.wait_for_log, f"session {gone.uid} closed")
+                await asyncio.to_thread(stalling.wait_for_log, f"session {uid_tag(gone.uid)} left")  # its work stopped
                 async with ExtendedClient(stalling.recv_url, stalling.send_url) as newcomer:
                     if stage == "asr":  # the ASR, which was busy with the vanished client, serves the next one
                         await newcomer.stream_wav(fixture("en_question.wav"))
@@ -300,7 +300,7 @@ def test_client_vanishing_at_each_stage_leaves_others_untouched(stalling, chat, 
         if stage == "llm":  # its LLM stream was closed, not read to the end
             stream = next(s for s in chat.streams if s["messages"][-1]["content"] == "wait for it")
             assert stream["done"].wait(10) and stream["client_closed"] and stream["tokens_sent"] < stream["tokens_total"]
-        assert f"session {gone.uid} closed" in stalling.log() and stalling.alive()
+        assert f"session {uid_tag(gone.uid)} left" in stalling.log() and stalling.alive()
     finally:
         chat.first_token_delay_s = 0.1
 
@@ -321,7 +321,7 @@ def test_sigterm_during_a_turn_closes_sockets_and_keeps_what_was_saved(chat, tmp
                     ExtendedClient(srv.recv_url, srv.send_url) as idle:
                 await idle.wait_for(lambda r: r.kind == "ready")
                 await ask(c, "first question", 1)
-                await asyncio.to_thread(srv.wait_for_log, f"turn uid={c.uid} turn=1")
+                await asyncio.to_thread(srv.wait_for_log, f"turn session={uid_tag(c.uid)} turn=1")
                 await c.stream_wav(fixture("en_question.wav"), trailing_silence_s=0.8)
                 await turn_over(c, 2)
                 await c.send_text("now something long")  # turn 3, its answer streaming when the server is stopped
@@ -343,7 +343,7 @@ def test_sigterm_during_a_turn_closes_sockets_and_keeps_what_was_saved(chat, tmp
     assert [code for code, _ in closes] == [1001] * 4 and all(reason for _, reason in closes), closes  # "going away", why
     assert "Traceback" not in srv.log(), srv.log()
     records = {}
-    for path in glob.glob(os.path.join(tmp_path, f"{c.uid}_*.json")):
+    for path in glob.glob(saved_file(tmp_path, c.uid, "turn?????.json")):
         with open(path) as f:
             record = json.load(f)
         records[record["turn"]] = record
@@ -353,9 +353,9 @@ def test_sigterm_during_a_turn_closes_sockets_and_keeps_what_was_saved(chat, tmp
     assert records[3]["interrupted"] and records[3]["answer"] and heard_text(c, 3).startswith(records[3]["answer"])
     for turn in (1, 2, 3):  # the answer audio saved is the audio the client received, up to the last moment
         received = sum(len(r.pcm) for r in c.events("audio", turn)) / 2 / 16000
-        assert 1 < wav_seconds(os.path.join(tmp_path, f"{c.uid}_{turn}_answer.wav")) == pytest.approx(received, abs=0.25)
-    assert wav_seconds(os.path.join(tmp_path, f"{c.uid}_2_input.wav")) > 2.5
-    assert not glob.glob(os.path.join(tmp_path, "*.tmp"))
+        assert 1 < wav_seconds(saved_file(tmp_path, c.uid, f"turn{turn:05d}_answer.wav")) == pytest.approx(received, abs=0.25)
+    assert wav_seconds(saved_file(tmp_path, c.uid, "turn00002_input.wav")) > 2.5
+    assert not glob.glob(os.path.join(tmp_path, "**", "*.tmp"), recursive=True)
 
 
 def test_sigterm_with_model_calls_stuck_exits_within_seconds(chat):

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
-from client import ExtendedClient
+from client import ExtendedClient, with_key
 from conftest import ROOT, fixture
 from fakes import FakeChatAPI
 from test_faults import answer, ask, assert_answered, start, turn_over
@@ -39,7 +39,7 @@ FRESH_BATCH = 12
 OWN = "\x00own uid"  # stands for the uid of the connection a message is sent on
 PROBE = json.dumps({"type": "keepalive"})  # valid on any connection: ignored, answered with the placeholder
 REPLIES = ({"placeholder": ""}, {"return_info": "VAD detected"})
-SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}_\d+(_input|_answer)?\.(json|wav)")
+SAFE_NAME = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}-[0-9a-f]{8}/turn\d{5}(_input|_answer)?\.(json|wav)")
 HOSTILE_UIDS = ["../escape", "../../escape", "a/b", "/tmp/abs", "..", ".", ".hidden", "x" * 65, "nul\x00byte",
                 "back\\slash", "sp ace", "ümlaut", "", "\ud800", "ok-uid_1.2", "CON", "-"]
 
@@ -196,8 +196,9 @@ class Connection:
         query = f"/?uid={self.uid}" if self.uid else ""
         self.recv = await connect(self.srv.recv_url + query, max_size=None)
         self.sockets = [(self.recv, self.replies)]
-        if self.uid:
-            self.send = await connect(self.srv.send_url + query, max_size=None)
+        if self.uid:  # the receiver's ready event carries the key its sender presents
+            key = json.loads(await self.recv.recv())["session_key"]
+            self.send = await connect(self.srv.send_url + query, max_size=None, subprotocols=with_key(None, key))
             self.sockets.append((self.send, self.events))
         self.tasks = [asyncio.create_task(self._collect(ws, into)) for ws, into in self.sockets]
         return self
@@ -375,9 +376,10 @@ def test_hostile_messages_leave_the_server_serving(fuzz_server):
     assert_answered(typing, 1, "what happened")
     assert_answered(speaking, 1, "heard 3.")
     assert srv.alive() and "Traceback" not in srv.log(), srv.log()[-5000:]
-    # No uid wrote a file outside --save_data, or under a name that is not its own.
+    # No uid wrote a file outside --save_data, and every file lies in a session folder named by the server.
     assert os.listdir(outside) == ["data"]
-    saved = os.listdir(outside / "data")
+    saved = [os.path.relpath(os.path.join(folder, name), outside / "data")
+             for folder, _, names in os.walk(outside / "data") for name in names]
     assert saved and all(SAFE_NAME.fullmatch(name) for name in saved), [n for n in saved if not SAFE_NAME.fullmatch(n)]
 
 

@@ -78,11 +78,21 @@ def test_a_full_history_drops_its_older_half_at_once_so_the_prompt_start_holds()
     history = s2s.ChatHistory(4)
     firsts, sizes = [], []
     for n in range(1, 12):
-        history.add(s2s.Turn(n, False, question=f"question {n}"))
+        history.add(s2s.Turn(n, False, question=f"question {n}", answer_chunks=[(0.0, f"answer {n}")]))
         past = [m["content"] for m in history.messages("system", "Be brief.", "next")[1:-1]]
         firsts.append(past[0])
-        sizes.append(len(past))
+        sizes.append(len(past) // 2)  # a question and its answer each
     assert sizes == [1, 2, 3, 4, 3, 4, 3, 4, 3, 4, 3]  # never more than 4, never fewer than 3 once full
     # The prompt starts with the same question for two turns at a time, then moves on by two.
     assert firsts == ["question 1"] * 4 + ["question 3"] * 2 + ["question 5"] * 2 + ["question 7"] * 2 + ["question 9"]
     assert s2s.ChatHistory(0).messages("system", "p", "q") == [{"role": "system", "content": "p"}, {"role": "user", "content": "q"}]
+
+
+def test_an_exchange_without_an_answer_is_left_out_so_roles_alternate():
+    history = s2s.ChatHistory(8)
+    history.add(s2s.Turn(1, False, question="failed", failed=True))  # its model call raised: nothing was said
+    history.add(s2s.Turn(2, False, question="cut off", interrupted=True))  # cut off before a word: the mark remains
+    history.add(s2s.Turn(3, False, question="answered", answer_chunks=[(0.0, "an answer")]))
+    roles = [m["role"] for m in history.messages("system", "p", "next")]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "failed" not in [m["content"] for m in history.messages("system", "p", "next")]

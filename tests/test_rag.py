@@ -306,7 +306,7 @@ def test_a_search_through_the_proxy_is_still_given_up_at_the_budget(proxy_env):
 def test_findings_are_bounded_and_leave_with_their_question():
     found, history = rag.EarlierFindings(turn_chars=200, total_chars=500), s2s.ChatHistory(2)
     for n in range(4):
-        turn = s2s.Turn(n + 1, spoken=False, question=f"question {n}?")
+        turn = s2s.Turn(n + 1, spoken=False, question=f"question {n}?", answer_chunks=[(0.0, f"answer {n}.")])
         history.add(turn)
         found.add(history, turn.question, [rag.LookupResult("web_search", turn.question, [
             rag.Source(f"page {n}", "https://example.com", f"fact {n}. " + "more words " * 50)])])

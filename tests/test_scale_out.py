@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
-from client import ExtendedClient, LegacyClient
+from client import ExtendedClient, LegacyClient, uid_tag
 from conftest import ROOT, fixture, start_server
 from server_process import free_port, stop_process
 
@@ -36,8 +36,9 @@ SITE_CONF = os.path.join(ROOT, "deploy", "nginx.conf")
 SERVER_FLAGS = ("--max_sessions", "32", "--playback_lead_ms", "60000")
 
 
-def render_site(a_ports: tuple, b_ports: tuple, front_ports: tuple) -> str:
-    """deploy/nginx.conf with the test's ports for its example ones: process 1 is A, process 2 is B."""
+def render_site(a_ports: tuple, b_ports: tuple, front_ports: tuple, log_dir) -> str:
+    """deploy/nginx.conf with the test's ports for its example ones (process 1 is A, process 2 is B), and its access
+    log in log_dir."""
     text = "\n".join(line.split("#", 1)[0].rstrip() for line in open(SITE_CONF).read().splitlines())  # no comments
     (a_recv, a_send), (b_recv, b_send), (front_recv, front_send) = a_ports, b_ports, front_ports
     for old, new in (("127.0.0.1:9101", f"127.0.0.1:{a_recv}"), ("127.0.0.1:9201", f"127.0.0.1:{a_send}"),
@@ -48,7 +49,7 @@ def render_site(a_ports: tuple, b_ports: tuple, front_ports: tuple) -> str:
                       f'"receiver_port": {front_recv}, "sender_port": {front_send}')):
         assert text.count(old) == 1, f"deploy/nginx.conf should have {old!r} once"
         text = text.replace(old, new)
-    return text
+    return text.replace("/var/log/nginx/s2s_access.log", os.path.join(str(log_dir), "s2s_access.log"))
 
 
 class Nginx:
@@ -124,7 +125,7 @@ class Cluster:
             self.a, self.b = servers["A"], servers["B"]
             self.old_b: list = []  # B before its restarts, for their logs
             front = (free_port(), free_port())
-            site = render_site((self.a.recv_port, self.a.send_port), (self.b.recv_port, self.b.send_port), front)
+            site = render_site((self.a.recv_port, self.a.send_port), (self.b.recv_port, self.b.send_port), front, tmp_dir)
             self.nginx = Nginx(tmp_dir, site, front)
         except BaseException:
             for server in servers.values():
@@ -146,7 +147,7 @@ class Cluster:
 
     def where(self, uid: str, timeout: float = 5.0) -> str:
         """Which process opened the session: "A" or "B" (the current B). Fails if none or both did."""
-        opened = f"session {uid} opened"
+        opened = f"session {uid_tag(uid)} opened"
         deadline = time.monotonic() + timeout
         while True:  # bounded: the log line is written before the answer the caller already has
             found = [name for name, s in (("A", self.a), ("B", self.b)) if opened in s.log()]
@@ -250,7 +251,7 @@ def test_page_and_its_config_through_nginx(cluster):
     assert get("/") == (200, b"<html>s2s page</html>")
     status, body = get("/s2s-config.json")
     # The page opens its sockets on the ports named here: nginx's, not one process's own.
-    assert status == 200 and json.loads(body) == {"protocol": 1, "sample_rate": 16000,
+    assert status == 200 and json.loads(body) == {"protocol": 2, "sample_rate": 16000,
                                                  "receiver_port": cluster.front_recv, "sender_port": cluster.front_send}
 
 
@@ -272,7 +273,7 @@ def test_restarting_one_process_leaves_the_other_alone(cluster):
                 async with connect(f"{url}/?uid={uid}"):
                     pass
             assert refusal.value.response.status_code == 502
-        assert f"session {uid} opened" not in cluster.a.log()
+        assert f"session {uid_tag(uid)} opened" not in cluster.a.log()
 
     async def scenario():
         on_a = await session_on("A", "keep")
@@ -297,4 +298,4 @@ def test_restarting_one_process_leaves_the_other_alone(cluster):
 
     on_a, on_b = run(scenario())
     assert cluster.where(on_b.uid) == "B"
-    assert cluster.a.log().count(f"session {on_a.uid} opened") == 1  # one session on A throughout
+    assert cluster.a.log().count(f"session {uid_tag(on_a.uid)} opened") == 1  # one session on A throughout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import ssl
 import subprocess
 import urllib.request
@@ -15,7 +16,7 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
 
-from client import ExtendedClient
+from client import ExtendedClient, uid_tag
 from conftest import start_server
 
 import s2s_server_pipeline as s2s
@@ -66,7 +67,7 @@ def test_missing_or_wrong_token_is_refused_on_both_sockets(guarded):
 
     for close in run(scenario()):
         assert (close.code, close.reason) == (4401, "unauthorized: missing or wrong token")
-    assert "session nobody opened" not in guarded.log()
+    assert f"session {uid_tag('nobody')} opened" not in guarded.log()
 
 
 def test_token_as_query_or_subprotocol_gets_a_normal_session_and_never_reaches_the_log(guarded):
@@ -144,10 +145,12 @@ def test_limits_answer_with_error_codes_and_keep_the_connection(guarded):
 def test_oversized_frame_closes_with_1009_and_idle_connection_with_4408(guarded):
     async def scenario():
         async with connect(f"{guarded.recv_url}/?uid=big1&token={TOKEN}", max_size=None) as ws:
+            assert json.loads(await ws.recv())["event"] == "ready"
             await ws.send(b"\0" * (65 * 1024))  # over --max_message_kb 64
             with pytest.raises(websockets.ConnectionClosed) as big:
                 await asyncio.wait_for(ws.recv(), 5)
         async with connect(f"{guarded.recv_url}/?uid=idle1&token={TOKEN}") as ws:
+            assert json.loads(await ws.recv())["event"] == "ready"
             with pytest.raises(websockets.ConnectionClosed) as idle:
                 await asyncio.wait_for(ws.recv(), 10)  # --idle_timeout_s 2
         return big.value.rcvd, idle.value.rcvd
@@ -157,11 +160,11 @@ def test_oversized_frame_closes_with_1009_and_idle_connection_with_4408(guarded)
     assert idle.code == 4408 and idle.reason == "idle: no message for 2 s"
 
 
-def test_bad_uids_are_refused(guarded):
+def test_bad_uids_are_refused(guarded, server):
     async def scenario():
         in_url = await refusal(f"{guarded.recv_url}/?uid=../../etc&token={TOKEN}")
         sender = await refusal(f"{guarded.send_url}/?uid=.hidden&token={TOKEN}")
-        async with connect(f"{guarded.recv_url}/?token={TOKEN}") as ws:
+        async with connect(server.recv_url) as ws:  # a legacy client names its uid in its first message
             await ws.send(json.dumps({"type": "user_input", "uid": "a/b", "text": "hi"}))
             with pytest.raises(websockets.ConnectionClosed) as first:
                 await asyncio.wait_for(ws.recv(), 5)
@@ -169,6 +172,37 @@ def test_bad_uids_are_refused(guarded):
 
     for close in run(scenario()):
         assert close.code == 1008 and close.reason.startswith("uid must be 1-64 letters")
+
+
+def test_legacy_clients_are_refused_when_a_token_is_set(guarded):
+    """CleanS2S's client cannot keep its session private (every legacy sender hears every legacy session), so a
+    server that wants a token refuses it by default (--legacy_clients auto), on both sockets, with 4426."""
+    async def scenario():
+        return [await refusal(f"{base}/?token={TOKEN}") for base in (guarded.recv_url, guarded.send_url)]
+
+    for close in run(scenario()):
+        assert close.code == 4426 and close.reason.startswith("legacy clients are not allowed here")
+
+
+def test_a_dns_rebinding_page_is_refused(guarded):
+    """A page on evil.example whose name the attacker has pointed at this server sends Host and Origin of its own
+    name, which agree: auto admits a page only from an IP address, a loopback name, a listed origin, or (with TLS) a
+    name this server's certificate proves."""
+    port = int(guarded.recv_url.rsplit(":", 1)[1])
+
+    async def scenario():
+        sock = socket.create_connection(("127.0.0.1", port))  # where evil.example now resolves
+        return await refusal(f"ws://evil.example:{port}/?uid=rebound", sock=sock, origin=f"http://evil.example:{port}",
+                             **AS_BROWSER)
+
+    close = run(scenario())
+    assert (close.code, close.reason) == (4403, f"origin not allowed: http://evil.example:{port}")
+    policy = s2s.AccessPolicy(None, "auto")
+    assert not policy.origin_allowed("http://evil.example:9001", "evil.example:9001")
+    assert policy.origin_allowed("http://192.0.2.10:9001", "192.0.2.10:9001")
+    assert policy.origin_allowed("http://localhost:3000", "127.0.0.1:9001")
+    assert not policy.origin_allowed("http://localhost:3000", "192.0.2.10:9001")
+    assert policy.origin_allowed("https://gpu-box:9001", "gpu-box:9001", secure=True)  # the certificate proves the name
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +264,7 @@ def test_behind_a_proxy_the_log_names_the_client_not_the_proxy(guarded):
         return c
 
     c = run(scenario())
-    assert f"session {c.uid} opened from 203.0.113.7" in guarded.log()
+    assert f"session {uid_tag(c.uid)} opened from 203.0.113.7" in guarded.log()
     assert "refused a connection from 203.0.113.7: unauthorized" in guarded.log()
 
 

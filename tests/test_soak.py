@@ -69,7 +69,7 @@ def settle(srv, cycles_before: int, cycles: int) -> None:
 
 def test_connect_interrupt_leave_cycles_return_threads_and_memory_to_baseline():
     with FakeChatAPI(answer=answer, first_token_delay_s=0.05, token_delay_s=0.01) as chat:
-        srv = start(chat, "--playback_lead_ms", "0", "--tts_latency_ms", "20", "--tts_rtf", "0.02")
+        srv = start(chat, "--playback_lead_ms", "0", "--tts_latency_ms", "20", "--tts_rtf", "0.02", "--resume_s", "1")
         try:
             proc = psutil.Process(srv.proc.pid)
 

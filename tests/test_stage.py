@@ -7,10 +7,10 @@ import s2s_server_pipeline as s2s
 
 
 class FakeSession:
-    """Just what a Stage touches: uid, slot, wants(), fail_turn()."""
+    """Just what a Stage touches: tag (for its log), wants(), fail_turn()."""
 
     def __init__(self, slot=0):
-        self.uid, self.slot, self.turn = "u", slot, 1
+        self.tag, self.slot, self.turn = "u", slot, 1
         self.failures = []
 
     def wants(self, turn):

@@ -54,10 +54,14 @@ export class VoiceAgent {
     this.connection.open();
   }
 
-  /** Moves to other server addresses or another token; the audio keeps running. */
+  /**
+   * Moves to other server addresses or another token; the audio keeps running, and so does the conversation
+   * when the server is the same (the new connection resumes the session with its key).
+   */
   reconnect(target: ServerTarget): void {
+    const key = this.connection.key;
     this.connection.close();
-    this.connection = this.newConnection(target);
+    this.connection = this.newConnection(target, key);
     this.connection.open();
   }
 
@@ -97,12 +101,17 @@ export class VoiceAgent {
     void this.context.close();
   }
 
-  private newConnection(target: ServerTarget): AgentConnection {
-    return new AgentConnection(target, this.uid, {
-      onState: (state) => this.events.onConnection(state),
-      onEvent: (event) => this.onServerEvent(event),
-      onAudio: (audio) => this.onAudio(audio),
-    });
+  private newConnection(target: ServerTarget, sessionKey: string | null = null): AgentConnection {
+    return new AgentConnection(
+      target,
+      this.uid,
+      {
+        onState: (state) => this.events.onConnection(state),
+        onEvent: (event) => this.onServerEvent(event),
+        onAudio: (audio) => this.onAudio(audio),
+      },
+      sessionKey,
+    );
   }
 
   private onServerEvent(event: ServerEvent): void {
@@ -111,7 +120,13 @@ export class VoiceAgent {
         if (event.protocol !== PROTOCOL_VERSION) {
           this.events.onNotice(`The server speaks protocol ${event.protocol}; this page speaks ${PROTOCOL_VERSION}.`);
         }
-        this.startSession();
+        if (event.resumed === true) {
+          // The session goes on (its turns count on), but the server cut off the answer under way when the
+          // connection dropped: what is left of it would not match what the server kept.
+          this.stopThrough(this.latestTurn);
+        } else {
+          this.startSession();
+        }
         break;
       case "speech_start":
         // The user speaks: a new turn, which silences every older answer. Their voice from here on
@@ -154,8 +169,11 @@ export class VoiceAgent {
     }
   }
 
-  /** A new server session (first connection or reconnection): turns count from 1 again. */
+  /** A new server session (the first, or one that replaces a session lost): turns count from 1 again. */
   private startSession(): void {
+    if (this.player !== null) {
+      this.events.onNotice("A new conversation started on the server: the agent does not remember the earlier one.");
+    }
     this.player?.close();
     this.latestTurn = this.stoppedThrough = 0;
     this.speechEnds.clear();

@@ -8,6 +8,7 @@
  * The token, for a server started with --auth_token, comes from `?token=` in the page URL (taken out of the
  * address bar at once) or from the settings panel, and is kept for the tab only (sessionStorage).
  */
+import { PROTOCOL_VERSION } from "./protocol";
 
 export interface ServerAddress {
   receiverUrl: string;
@@ -142,7 +143,7 @@ async function fetchServerConfig(page: Location): Promise<ServerConfig | null> {
     if (!response.ok) return null;
     const config = (await response.json()) as Partial<ServerConfig>;
     const portsOk = Number.isInteger(config.receiver_port) && Number.isInteger(config.sender_port);
-    return config.protocol === 1 && portsOk ? (config as ServerConfig) : null;
+    return config.protocol === PROTOCOL_VERSION && portsOk ? (config as ServerConfig) : null;
   } catch {
     return null; // not served by the Python server (e.g. `npm run dev`), or not reachable
   } finally {

@@ -10,7 +10,7 @@ export const MAX_SOURCES = 5;
 export interface Exchange {
   /** Unique in the page, for React. */
   key: number;
-  /** The server session it belongs to: turn numbers restart with each one (see Conversation.session). */
+  /** The server session it belongs to: turn numbers restart with each new one (see Conversation.session). */
   session: number;
   /** The server's turn; null for typed text the server has not answered yet. */
   turn: number | null;
@@ -32,7 +32,10 @@ export interface Exchange {
 export interface Conversation {
   exchanges: Exchange[];
   nextKey: number;
-  /** Counts the server's `ready` events: each connection is a new session on the server. */
+  /**
+   * Counts the server's new sessions: `ready` events, except those of a session resumed after a dropped
+   * connection, whose turns go on.
+   */
   session: number;
   /** The view was cleared after this turn of the session: later events of those turns are not shown. */
   clearedThrough: number;
@@ -114,11 +117,25 @@ function addSources(known: Source[], more: Source[]): Source[] {
   return all;
 }
 
+/**
+ * What was under way when the connection dropped ended there: the server cut off the answer (a resumed session
+ * goes on without it), and its end was sent to no one. Typed text still waiting for a turn got none either.
+ */
+function endUnfinished(state: Conversation): Conversation {
+  const end = (x: Exchange): Exchange =>
+    x.turn === null ? { ...x, failed: true, answerDone: true } : { ...x, interrupted: true, answerDone: true };
+  const unfinished = (x: Exchange) => x.session === state.session && !x.answerDone && !x.failed;
+  return { ...state, exchanges: state.exchanges.map((x) => (unfinished(x) ? end(x) : x)) };
+}
+
 /** Errors about typed text the server turned away without starting a turn for it. */
 const TEXT_REFUSALS: ReadonlySet<string> = new Set(["text_too_long", "bad_text"]);
 
 function applyEvent(state: Conversation, event: ServerEvent): Conversation {
-  if (event.event === "ready") return { ...state, session: state.session + 1, clearedThrough: 0 };
+  if (event.event === "ready") {
+    const ended = endUnfinished(state);
+    return event.resumed === true ? ended : { ...ended, session: ended.session + 1, clearedThrough: 0 };
+  }
   // A cleared turn can still report (its metrics, the interrupt that ends its audio): not shown.
   if (event.turn !== null && event.turn <= state.clearedThrough) return state;
   switch (event.event) {

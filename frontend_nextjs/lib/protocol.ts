@@ -1,12 +1,13 @@
 /**
- * The server's wire protocol, "extended" version 1 (docs/protocol.md in the repository).
+ * The server's wire protocol, "extended" version 2 (docs/protocol.md in the repository).
  *
  * Two WebSockets, both opened with `?uid=U`:
- * - receiver (client → server): binary int16 PCM microphone frames and JSON messages;
+ * - receiver (client → server): binary int16 PCM microphone frames and JSON messages; the server answers its
+ *   opening with a `ready` event that carries the session's key (lib/connection.ts tells the order);
  * - sender (server → client): JSON events and binary answer audio with an 8-byte header.
  */
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /** Hz. Every sample on the wire, in both directions, is 16 kHz mono int16 little-endian PCM. */
 export const WIRE_SAMPLE_RATE = 16000;
@@ -32,7 +33,16 @@ export interface TurnMetrics {
 }
 
 export type ServerEvent =
-  | { event: "ready"; uid: string; protocol: number; sample_rate: number }
+  | {
+      event: "ready";
+      uid: string;
+      protocol: number;
+      sample_rate: number;
+      /** Only on the receiver's: what opens the sender, and resumes the session after a drop. A secret. */
+      session_key?: string;
+      /** On the receiver's: whether this is the session we had before a drop, which goes on. */
+      resumed?: boolean;
+    }
   | { event: "speech_start"; turn: number }
   | { event: "interrupt"; turn: number }
   | { event: "transcript"; turn: number; text: string; final: boolean }
@@ -51,6 +61,8 @@ export interface Source {
 }
 
 export type ServerEventName = ServerEvent["event"];
+
+export type ReadyEvent = Extract<ServerEvent, { event: "ready" }>;
 
 /** A binary frame of answer audio from the sender socket. */
 export interface AnswerAudio {
@@ -77,8 +89,9 @@ const KNOWN_EVENTS: ReadonlySet<string> = new Set<ServerEventName>([
 ]);
 
 /**
- * Parses a JSON text frame from the sender socket. Returns null for anything that is not a known
- * event, so a newer server's additional events are ignored rather than breaking the client.
+ * Parses a JSON text frame from the sender socket (or the receiver's, for its `ready`). Returns null for
+ * anything that is not a known event, so a newer server's additional events are ignored rather than
+ * breaking the client.
  */
 export function parseServerEvent(text: string): ServerEvent | null {
   let data: unknown;

@@ -5,8 +5,9 @@
 // - AudioNode.prototype.connect: whatever the page connects to the speakers also feeds a tap worklet,
 //   which reports the peak level of every render quantum (128 frames) with its audio-clock start time.
 // - WebSocket: notes each socket the page opens (its URL and the subprotocols it offers), each server event
-//   and audio frame on arrival, each JSON message the page sends and each close (code and reason), with
-//   the audio clock's time, and counts the microphone frames it sends (and their peak level).
+//   (from either socket: the receiver's `ready`, which carries the session key, too) and audio frame on
+//   arrival, each JSON message the page sends and each close (code and reason), with the audio clock's
+//   time, and counts the microphone frames it sends (and their peak level).
 //   window.__s2sTestDropSockets() closes the page's sockets, as a network failure would.
 (() => {
   const record = {

@@ -6,12 +6,13 @@
 //
 // - talk: the fake microphone asks a question, then cuts into the answer (MIC_WAV plays once). Once the next
 //   answer plays, the script takes a screenshot, then types a message, starts a new topic and types again,
-//   drops the connection (the page must reconnect by itself) and types once more.
+//   drops the connection (the page must reconnect by itself, to the same session) and types once more.
 // - token: the page was opened with ?token=…; it connects, a typed message is answered, a message over the
 //   server's --max_text_chars is turned away, and after a reload (the token no longer in the URL) it
 //   connects again.
 // - refused: the page was opened with a wrong ?token=; the script watches it stop, then sets TOKEN in the
-//   settings panel, talks, mutes the microphone and waits for the server to close the idle receiver.
+//   settings panel, talks, mutes the microphone and waits for the server to close the idle receiver (and for
+//   the page to come back).
 // - sources: a typed question to a server that names its sources; then, muted, the script moves the page's
 //   clock on by half a minute (the keepalive's interval).
 //
@@ -84,6 +85,11 @@ async function connected() {
   await page.getByRole("status").filter({ hasText: "Connected" }).waitFor({ timeout: STEP_TIMEOUT_MS });
 }
 
+/** The receiver's `ready` events so far (the sender's carry no session key): one per connection made. */
+function receiverReadyCount() {
+  return window.__s2sTest.events.filter((e) => "session_key" in e).length;
+}
+
 function exchanges() {
   return page.locator(".exchange").evaluateAll(describeExchanges);
 }
@@ -117,8 +123,9 @@ async function talk() {
   result.afterNewTopic = await exchanges();
   await typeMessage("hello again");
   result.newTopic = await exchanges();
+  const sessionsBefore = await page.evaluate(receiverReadyCount);
   await page.evaluate(() => window.__s2sTestDropSockets());
-  await waitFor(() => window.__s2sTest.events.filter((e) => e.event === "ready").length >= 2);
+  await waitFor((before) => window.__s2sTest.events.filter((e) => "session_key" in e).length > before, sessionsBefore);
   await connected();
   await typeMessage("are you back");
   result.reconnected = await exchanges();
@@ -172,13 +179,12 @@ async function refused() {
   result.answered = await exchanges();
 
   // Muted, the page sends nothing; the server (--idle_timeout_s) closes the idle receiver.
-  const ready = () => window.__s2sTest.events.filter((e) => e.event === "ready").length;
-  const readyBefore = await page.evaluate(ready);
+  const readyBefore = await page.evaluate(receiverReadyCount);
   await page.getByRole("button", { name: "Mute" }).click();
   await waitFor(
     (before) =>
       window.__s2sTest.closes.some((c) => c.code === 4408) &&
-      window.__s2sTest.events.filter((e) => e.event === "ready").length > before,
+      window.__s2sTest.events.filter((e) => "session_key" in e).length > before,
     readyBefore,
   );
   await connected();
