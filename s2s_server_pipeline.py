@@ -1682,17 +1682,17 @@ class ClientWriter:
         self.pending_bytes = 0
         self.wake.set()
         self.log.warning("slow", f"closed a slow client from {self.address}: {reason}")
-        asyncio.get_running_loop().create_task(close_within(self.ws, CLOSE_TOO_SLOW, reason))
+        asyncio.get_running_loop().create_task(close_within(self.ws, CLOSE_TOO_SLOW, reason, timeout_s=2.0))
 
     def stop(self) -> None:
         self.closed = True
         self.wake.set()
 
 
-async def close_within(ws: ServerConnection, code: int, reason: str, timeout_s: float = 2.0) -> None:
-    """Close a connection with a code and a reason, or drop it if that takes longer than timeout_s: the library waits,
-    without a deadline, for a full send buffer to drain before its close can time out, and a client that does not
-    read never drains it."""
+async def close_within(ws: ServerConnection, code: int, reason: str, timeout_s: float = 3.0) -> None:
+    """Close a connection with a code and a reason, or drop it if that takes longer than timeout_s (a little more than
+    the library's own close_timeout of 2 s): the library waits, without a deadline, for a full send buffer to drain
+    before its close can time out, and a client that does not read never drains it."""
     try:
         async with asyncio.timeout(timeout_s):
             await ws.close(code, reason)
@@ -2544,7 +2544,7 @@ class VoiceAgentServer:
 
     async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
         self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")
-        await ws.close(refusal.code, refusal.reason)
+        await close_within(ws, refusal.code, refusal.reason)
 
     def release(self, ws: ServerConnection, writer: ClientWriter) -> None:
         writer.stop()
@@ -2571,7 +2571,7 @@ class VoiceAgentServer:
                 except TimeoutError:
                     if conn.session is not None and conn.session.assistant_busy():
                         continue  # listening to an answer is not idle
-                    await ws.close(4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
+                    await close_within(ws, 4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
                     return
                 if not conn.rate.allow():
                     if now() - conn.last_refusal >= 1:
@@ -2781,7 +2781,7 @@ class VoiceAgentServer:
                     await conn.ws.recv()
             except TimeoutError:
                 if not any(s.address == conn.address for s in self.legacy_sessions.values()):
-                    await conn.ws.close(4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
+                    await close_within(conn.ws, 4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
                     return
 
 

@@ -46,7 +46,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import LLM_FIRST_TOKEN_MS, LLM_WORD_MS, LONG_ANSWER, MODEL_FLAGS, machine, spread, table  # noqa: E402
+from run import LLM_FIRST_TOKEN_MS, LLM_WORD_MS, LONG_ANSWER, MODEL_FLAGS, machine, spread, table, write_results  # noqa: E402
 import s2s_server_pipeline as s2s  # noqa: E402  (run put the root and tests/ on the path)
 from client import ExtendedClient, LegacyClient  # noqa: E402
 from fakes import FakeChatAPI  # noqa: E402
@@ -369,10 +369,7 @@ def main(argv=None) -> dict:
     for name, r in results["rows"].items():
         raw = {k: v for k, v in r.items() if k not in ("attack", "does", "figures")}
         print(f"\n{name}: {json.dumps(raw)}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nJSON: {args.out} ({results['bench_seconds']} s)")
+    write_results(results, args.out)
     return results
 
 

@@ -551,11 +551,16 @@ def main(argv=None) -> dict:
     results["bench_seconds"] = round(time.monotonic() - t0)
     print(f"\n{results['date']}, {results['machine']}\n")
     print(report(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nJSON: {args.out} ({results['bench_seconds']} s)")
+    write_results(results, args.out)
     return results
+
+
+def write_results(results: dict, path: str) -> None:
+    """The JSON of a run, and where it went."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nJSON: {path} ({results['bench_seconds']} s)")
 
 
 if __name__ == "__main__":
