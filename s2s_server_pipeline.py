@@ -32,6 +32,7 @@ import functools
 import hashlib
 import hmac
 import http
+import http.server
 import importlib
 import inspect
 import io
@@ -239,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--save_data_max_mb", type=float, default=1024,
                       help="stop saving (one warning in the log) once DIR holds this many MiB; 0: no limit")
     data.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    data.add_argument("--log_format", choices=["text", "json"], default="text",
+                      help="json: one JSON object per line (time, level, logger, message, and a turn line's figures as fields)")
+
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--ops_port", type=int, default=0,
+                     help="also serve /metrics (Prometheus) and /healthz on this port of --recv_host, from before the models load, "
+                          "so /healthz says 503 until they are ready; 0: only on the receiver port, which listens once they are")
     return p
 
 
@@ -817,6 +825,52 @@ class ASRHandler(BaseHandler):
         yield UserText(utt.session, utt.turn, text)
 
 
+@contextlib.contextmanager
+def third_party_output() -> Iterator[io.StringIO]:
+    """What a library prints while it loads, kept out of the server's output and handed to the caller (at --log_level
+    DEBUG it is logged), but for progress bars, which tqdm redraws with a carriage return: a first download shows
+    how far it has come."""
+    printed = io.StringIO()
+    out = ProgressOnly(sys.stderr, printed)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield printed
+    finally:
+        if printed.getvalue().strip():
+            logger.debug("printed by a library while loading:\n%s", printed.getvalue().rstrip())
+
+
+class ProgressOnly(io.TextIOBase):
+    """A stream that keeps everything written to it and passes on only progress bars (text with a carriage return)."""
+
+    def __init__(self, stream: Any, kept: io.StringIO):
+        self.stream, self.kept = stream, kept
+
+    def write(self, text: str) -> int:
+        self.kept.write(text)
+        if "\r" in text:
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:  # a bar draws itself in place on a terminal
+        return self.stream.isatty()
+
+
+def download_failure(reason: str) -> str:
+    """A download error, as the one cause a user can act on."""
+    if re.search(r"No space left|Errno 28", reason):
+        return "the disk is full"
+    if re.search(r"not a valid model identifier|\b404\b|not exist|NotExist|not found", reason, re.I):
+        return "no model has that id"
+    if re.search(r"NameResolution|Failed to resolve|Name or service not known|Connection refused|timed out|Network|"
+                 r"couldn't connect", reason, re.I):
+        return "there is no network (the model hub cannot be reached)"
+    return reason[:200]
+
+
 class FunASRHandler(ASRHandler):
     """FunASR AutoModel: SenseVoiceSmall (multilingual, emotion tags stripped) or Paraformer (Chinese)."""
 
@@ -834,17 +888,31 @@ class FunASRHandler(ASRHandler):
         return f"funasr {self.model_name} ({type(self.model.model).__name__}) on {self.device}, {self.dtype}"
 
     def setup(self) -> None:
-        local = self.model_name.startswith(("/", "./", "../")) or os.path.exists(self.model_name)
+        local = self.model_name.startswith(("/", "./", "../", "~")) or os.path.exists(self.model_name)
+        if local and not os.path.isdir(self.model_name):
+            raise SystemExit(f"ASR model {self.model_name} does not exist: give --stt_model_name an existing FunASR model "
+                             f"folder, or a model id such as iic/SenseVoiceSmall to download")
         if local and not os.path.isfile(os.path.join(self.model_name, "config.yaml")):
             raise SystemExit(f"--stt_model_name {self.model_name}: no FunASR model there (a model directory holds config.yaml)")
         level = logging.getLogger().level
-        AutoModel = require("funasr", "pip install funasr kaldi-native-fbank").AutoModel
-        from funasr.utils.postprocess_utils import rich_transcription_postprocess
+        with third_party_output():  # importing funasr prints notices and every optional import of its that failed
+            AutoModel = require("funasr", "pip install funasr kaldi-native-fbank").AutoModel
+            from funasr.utils.postprocess_utils import rich_transcription_postprocess
         logging.getLogger().setLevel(level)  # importing funasr resets the root logger's level
         self.postprocess = rich_transcription_postprocess
         punc = {"punc_model": self.punc_model} if self.punc_model else {}
-        self.model = AutoModel(model=self.model_name, device=self.device, disable_update=True, disable_pbar=True,
-                               log_level="ERROR", **punc)
+        with third_party_output() as printed:  # and the model's download, if it is not here yet
+            try:
+                self.model = AutoModel(model=self.model_name, device=self.device, disable_update=True, disable_pbar=True,
+                                       log_level="ERROR", **punc)
+            except Exception as exc:
+                failed = re.search(r"Download: \S+ failed!: (.*)", printed.getvalue())
+                if local or failed is None:
+                    raise
+                raise SystemExit(f"ASR model {self.model_name} could not be downloaded from ModelScope: "
+                                 f"{download_failure(failed.group(1))}. Download it where there is a network "
+                                 f"(modelscope download --model {self.model_name} --local_dir DIR) and start with "
+                                 f"--stt_model_name DIR, or transcribe through an API with --asr openai") from exc
         kind = type(self.model.model).__name__
         self.is_sensevoice = "sensevoice" in kind.lower()
         if self.dtype == "float16":
@@ -1228,6 +1296,8 @@ class TransformersLLMHandler(LLMHandler):
         transformers = require("transformers", "pip install transformers")
         torch = require("torch", "pip install torch")
         self.transformers, self.torch = transformers, torch
+        if logging.getLogger().level > logging.DEBUG:  # a warning for every retry of a failed download, on its own handler too
+            logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         # transformers 4 (CosyVoice's requirements install 4.51) calls the precision torch_dtype, and its attention
         # cache has another API: the prefix cache needs 5.
         major = major_version(transformers)
@@ -1235,7 +1305,19 @@ class TransformersLLMHandler(LLMHandler):
         if self.prefixes and major < 5:
             logger.info("LLM prefix cache off: it needs transformers 5 or later (this is %s)", transformers.__version__)
             self.prefixes = None
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_name)
+        local = self.model_name.startswith(("/", "./", "../", "~")) or os.path.exists(self.model_name)
+        if local and not os.path.isdir(self.model_name):
+            raise SystemExit(f"LLM model {self.model_name} does not exist: give --lm_model_name an existing model folder, "
+                             f"or a Hugging Face model id such as Qwen/Qwen2.5-0.5B-Instruct to download")
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_name)
+        except OSError as exc:
+            if local:
+                raise
+            cause = download_failure(f"{exc} {exc.__cause__ or ''}")
+            raise SystemExit(f"LLM model {self.model_name} could not be downloaded from the Hugging Face Hub: {cause}. "
+                             f"Download it where there is a network (hf download {self.model_name} --local-dir DIR) and "
+                             f"start with --lm_model_name DIR, or use a chat API with --llm openai") from exc
         self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_name, **precision).to(self.device).eval()
         if self.compile:
             self.model.forward = torch.compile(self.model.forward)
@@ -1638,9 +1720,8 @@ class ClientWriter:
     than --send_buffer_kb waiting, or one message not taken within --send_timeout_s) is closed with 4429: a slow or
     stuck reader costs only itself, and what waits for it is bounded."""
 
-    def __init__(self, ws: ServerConnection, max_bytes: int, timeout_s: float, log: LogLimiter, address: str):
-        self.ws, self.max_bytes, self.timeout_s = ws, max_bytes, timeout_s
-        self.log, self.address = log, address
+    def __init__(self, ws: ServerConnection, max_bytes: int, timeout_s: float, on_give_up: Callable[[str], None]):
+        self.ws, self.max_bytes, self.timeout_s, self.on_give_up = ws, max_bytes, timeout_s, on_give_up
         self.pending: deque = deque()  # str or bytes messages, oldest first
         self.pending_bytes = 0
         self.wake = asyncio.Event()
@@ -1681,7 +1762,7 @@ class ClientWriter:
         self.pending.clear()
         self.pending_bytes = 0
         self.wake.set()
-        self.log.warning("slow", f"closed a slow client from {self.address}: {reason}")
+        self.on_give_up(reason)
         asyncio.get_running_loop().create_task(close_within(self.ws, CLOSE_TOO_SLOW, reason, timeout_s=2.0))
 
     def stop(self) -> None:
@@ -1828,7 +1909,7 @@ class Session:
         self.outbox.put_nowait(InterruptEvent(old.number))
         old.barge_in_ms = round((now() - heard_at) * 1000, 1)
         if old.finished:  # all sent but still playing: report again, now with the barge-in
-            self.report_turn(old)
+            self.report_turn(old, again=True)
         else:
             self.finish_turn(old)
 
@@ -1846,11 +1927,13 @@ class Session:
             t.finished = True
             self.report_turn(t)
 
-    def report_turn(self, t: Turn) -> None:
-        """One log line, a metrics event, and the saved record of a turn."""
+    def report_turn(self, t: Turn, again: bool = False) -> None:
+        """One log line, a metrics event, and the saved record of a turn; `again` when its audio was all sent and the
+        user cut in while it still played (its figures are counted once, its barge-in then)."""
         m = t.metrics()
-        logger.info("turn session=%s turn=%d %s", self.tag, t.number,
-                    " ".join(f"{k}={v}" for k, v in m.items() if v is not None))
+        logger.info("turn session=%s turn=%d %s", self.tag, t.number, " ".join(f"{k}={v}" for k, v in m.items() if v is not None),
+                    extra={"fields": {"session": self.tag, "turn": t.number, **m}})
+        self.server.metrics.observe_turn(m, again)
         self.outbox.put_nowait(MetricsEvent(t.number, m))
         if self.server.recorder is not None:
             self.server.recorder.save_turn(self, t)
@@ -1892,6 +1975,8 @@ class Session:
                 if isinstance(item, AnswerAudio):
                     await self._send_audio(item)
                 else:
+                    if isinstance(item, ErrorEvent):
+                        self.server.metrics.errors.labels(item.code).inc()
                     for conn in self.recipients():
                         conn.send_event(item)
             except Exception:
@@ -2324,8 +2409,8 @@ class HandshakeGate:
 
     PER_PEER = 16
 
-    def __init__(self, limit: int, trusted_proxies: frozenset, log: LogLimiter):
-        self.limit, self.trusted_proxies, self.log = limit, trusted_proxies, log
+    def __init__(self, limit: int, trusted_proxies: frozenset, on_drop: Callable[[str], None]):
+        self.limit, self.trusted_proxies, self.on_drop = limit, trusted_proxies, on_drop
         self.pending: dict = {}  # GatedConnection -> its peer's address, oldest first
 
     def enter(self, conn: GatedConnection, peer: str) -> None:
@@ -2340,7 +2425,7 @@ class HandshakeGate:
     def drop(self, conn: GatedConnection) -> None:
         peer = self.pending.pop(conn)
         conn.transport.abort()
-        self.log.warning("handshakes", f"dropped a connection from {peer}: too many opening handshakes in progress")
+        self.on_drop(peer)
 
     def leave(self, conn: GatedConnection) -> None:
         self.pending.pop(conn, None)
@@ -2385,9 +2470,12 @@ class ReceiverConnection:
 
 
 class VoiceAgentServer:
-    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any):
+    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any,
+                 ops: Optional[OpsEndpoints] = None):
         self.args = args
         self.vad_model = vad_model
+        self.ops = ops or OpsEndpoints(args.auth_token)  # main() makes it before the models load, for --ops_port
+        self.metrics = self.ops.metrics
         self.loop: asyncio.AbstractEventLoop = None
         self.log = LogLimiter()
         self.sessions: dict = {}  # session key -> Session
@@ -2425,10 +2513,14 @@ class VoiceAgentServer:
         if a.ssl_certfile:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
-        gate = HandshakeGate(a.max_pending_connections, self.trusted_proxies, self.log)
+        def dropped(peer: str) -> None:
+            self.log.warning("handshakes", f"dropped a connection from {peer}: too many opening handshakes in progress")
+            self.metrics.handshakes_dropped.inc()
+        gate = HandshakeGate(a.max_pending_connections, self.trusted_proxies, dropped)
 
         async def receiver_request(ws: ServerConnection, request: Any) -> Any:
-            return bad_request(ws, request) or (await files.process_request(ws, request) if files else None)
+            return (bad_request(ws, request) or self.ops.response(request.path, request.headers)
+                    or (await files.process_request(ws, request) if files else None))
 
         # close_timeout: a refused client whose messages we no longer read cannot answer our close (the library
         # stops reading the socket when its queue is full), so the close ends after 2 s, not websockets' 10.
@@ -2445,9 +2537,11 @@ class VoiceAgentServer:
             logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s%s", ws_scheme, a.recv_host, a.recv_port,
                         ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "",
                         "" if self.legacy_allowed else " (legacy clients refused)")
+            self.ops.live = self.stages_running
             if ready:
                 ready()
             await self.stopped.wait()
+            self.ops.live = None  # /healthz: 503 while shutting down
             logger.info("shutting down: closing %d connections", len(self.connections))
             await asyncio.gather(*(close_within(ws, 1001, "server shutting down") for ws in list(self.connections)))
         for session in list(self.sessions.values()) + list(self.legacy_sessions.values()):
@@ -2456,6 +2550,9 @@ class VoiceAgentServer:
         self.vad_pool.shutdown(wait=False)
         if self.recorder:  # every turn record queued so far is written before the process exits
             await asyncio.to_thread(self.recorder.close)
+
+    def stages_running(self) -> bool:
+        return all(t.is_alive() for stage in (self.asr_stage, self.llm_stage, self.tts_stage) for t in stage.threads)
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """asyncio's own errors. Out of descriptors, it logs a traceback for every accept it retries (megabytes a minute
@@ -2477,6 +2574,7 @@ class VoiceAgentServer:
             self.end_session(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
         session = Session(uid, extended, conn.address, self)
         (self.sessions if extended else self.legacy_sessions)[session.key if extended else uid] = session
+        self.metrics.sessions.inc()
         logger.info("session %s opened from %s (%d active)", session.tag, conn.address, len(self.sessions) + len(self.legacy_sessions))
         return session
 
@@ -2517,6 +2615,7 @@ class VoiceAgentServer:
         if registry.get(session.key if session.extended else session.uid) is not session:
             return
         del registry[session.key if session.extended else session.uid]
+        self.metrics.sessions.dec()
         session.close()
         for conn in list(session.senders):
             self.loop.create_task(close_within(conn.ws, 1000, "session ended"))
@@ -2540,10 +2639,14 @@ class VoiceAgentServer:
             return None
         self.connections[ws] = address
         self.per_address[address] = self.per_address.get(address, 0) + 1
-        return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, self.log, address)
+        def too_slow(reason: str) -> None:
+            self.log.warning("slow", f"closed a slow client from {address}: {reason}")
+            self.metrics.closed.labels(str(CLOSE_TOO_SLOW)).inc()
+        return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, too_slow)
 
     async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
         self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")
+        self.metrics.refused.labels(str(refusal.code)).inc()
         await close_within(ws, refusal.code, refusal.reason)
 
     def release(self, ws: ServerConnection, writer: ClientWriter) -> None:
@@ -2795,6 +2898,107 @@ def legacy_clients_allowed(args: argparse.Namespace) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# Operations: Prometheus metrics, a health check for nginx and Kubernetes probes, logs a machine can read.
+# ------------------------------------------------------------------------------------------------
+
+TURN_FIGURES = ("eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
+                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms")  # the per-turn metrics, and voice-to-voice
+MS_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
+
+
+class ServerMetrics:
+    """What the server counts for Prometheus, in a registry of its own."""
+
+    def __init__(self):
+        pc = require("prometheus_client", "pip install -r requirements.txt")
+        self.registry = pc.CollectorRegistry()
+        self.exposition = functools.partial(pc.generate_latest, self.registry)
+        r = {"registry": self.registry}
+        self.sessions = pc.Gauge("s2s_sessions", "Sessions open, those waiting --resume_s for their client included", **r)
+        self.refused = pc.Counter("s2s_connections_refused", "Connections refused, by close code (docs/protocol.md)", ["code"], **r)
+        self.closed = pc.Counter("s2s_connections_closed", "Connections the server closed while serving them, by close code", ["code"], **r)
+        self.handshakes_dropped = pc.Counter("s2s_handshakes_dropped", "Connections dropped in their opening handshake "
+                                             "(--max_pending_connections)", **r)
+        self.turns = pc.Counter("s2s_turns", "Turns finished, by whether the user cut them off", ["interrupted"], **r)
+        self.errors = pc.Counter("s2s_errors", "Error events sent to clients, by code", ["code"], **r)
+        self.turn_ms = pc.Histogram("s2s_turn_ms", "Per-turn timings in ms, as in the metrics event; voice_to_voice_ms is "
+                                    "eot_wait_ms + first_audio_ms", ["figure"], buckets=MS_BUCKETS, **r)
+
+    def observe_turn(self, m: dict, again: bool) -> None:
+        if again:  # reported before; now only its barge-in is new
+            self.turn_ms.labels("barge_in_ms").observe(m["barge_in_ms"])
+            return
+        self.turns.labels(str(m["interrupted"]).lower()).inc()
+        figures = dict(m, voice_to_voice_ms=None if m["first_audio_ms"] is None else m["eot_wait_ms"] + m["first_audio_ms"])
+        for name in TURN_FIGURES:
+            if figures.get(name) is not None:
+                self.turn_ms.labels(name).observe(figures[name])
+
+
+class OpsEndpoints:
+    """GET /metrics (Prometheus text; with --auth_token, only for `Authorization: Bearer TOKEN` or ?token=) and GET
+    /healthz (200 once the models are loaded and every stage runs, else 503; open to all: it tells nothing more). On
+    the receiver port, and with --ops_port on a port of their own that is up before the models load."""
+
+    def __init__(self, token: Optional[str]):
+        self.token = token.encode() if token else None
+        self.metrics = ServerMetrics()
+        self.live: Optional[Callable[[], bool]] = None  # set by the server while it serves: are the stages running
+
+    def response(self, path: str, headers: Any) -> Optional[Response]:
+        """The answer to a GET of `path`, or None for a path that is not theirs."""
+        route = path.split("?", 1)[0]
+        if route == "/healthz":
+            healthy = self.live is not None and self.live()
+            return ClientFiles.response(200 if healthy else 503, "text/plain", b"ok\n" if healthy else b"not ready\n")
+        if route != "/metrics":
+            return None
+        if self.token is not None:
+            bearer = next((v[7:] for v in headers.get_all("Authorization") if v.startswith("Bearer ")), None)
+            presented = bearer if bearer is not None else (parse_qs(urlparse(path).query).get("token") or [""])[0]
+            if not hmac.compare_digest(presented.encode(), self.token):
+                return ClientFiles.response(401, "text/plain", b"unauthorized: missing or wrong token\n")
+        return ClientFiles.response(200, "text/plain; version=0.0.4; charset=utf-8", self.exposition())
+
+    def exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    def serve_http(self, host: str, port: int) -> None:
+        """The same two paths on a port of their own, in a thread, from now on."""
+        ops = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                answer = ops.response(self.path, Headers(self.headers.items())) or \
+                    ClientFiles.response(404, "text/plain", b"not found\n")
+                self.send_response(answer.status_code)
+                for name, value in answer.headers.raw_items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            def log_message(self, *args: Any) -> None:  # probes every few seconds: not worth a log line each
+                pass
+
+        httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, name="ops-http", daemon=True).start()
+        logger.info("metrics and health: http://%s:%d/metrics, /healthz", host, port)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log_format json: one JSON object a line. A turn's line carries its figures as fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+                 **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+# ------------------------------------------------------------------------------------------------
 # Main: build the handlers from the flags, load and warm them up, serve.
 # ------------------------------------------------------------------------------------------------
 
@@ -2875,7 +3079,8 @@ def load(name: str, component: Any) -> None:
         raise
     except Exception as exc:
         logger.debug("%s failed to start", name, exc_info=True)
-        raise SystemExit(f"{name} could not start: {type(exc).__name__}: {exc}") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # funasr appends a list of 40 failed imports
+        raise SystemExit(f"{name} could not start: {type(exc).__name__}: {first_line}") from None
     describe = component.describe() if hasattr(component, "describe") else type(component).__name__
     logger.info("%s: %s, load %.2f s, warm-up %.2f s", name, describe, t1 - t0, now() - t1)
 
@@ -2886,17 +3091,25 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     and its own `handlers`, which builds the (ASR, LLM, TTS) handlers from the parsed flags."""
     args = parse_args(argv, parser)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.getLogger().handlers[0]
+    if args.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    if args.log_level != "DEBUG":  # libraries that log to the root logger (funasr: "download models from model hub")
+        handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
     # The websockets library logs two lines for every connection at INFO, which a flood of connections turns into a
     # flood of log (the server logs sessions itself), and every handshake header at DEBUG, the token among them.
     logging.getLogger("websockets").setLevel(logging.INFO if args.log_level == "DEBUG" else logging.WARNING)
     if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
         logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
+    ops = OpsEndpoints(args.auth_token)
+    if args.ops_port:  # up before the models load: /healthz says 503 until the server is ready
+        ops.serve_http(args.recv_host, args.ops_port)
     asr, llm, tts = handlers(args)
     vad_model = VAD_MODELS[args.vad](args.vad_thresh if args.vad == "silero" else args.webrtc_mode)
     for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
         load(name, component)
     llm.text_stream = tts.reads_text_stream
-    server = VoiceAgentServer(args, asr, llm, tts, vad_model)
+    server = VoiceAgentServer(args, asr, llm, tts, vad_model, ops)
     # The libraries and models leave about half a million long-lived objects. A full garbage collection walks them
     # all (~250 ms on 2 cores) and holds every thread meanwhile, at a moment no one chooses: mid-turn. Collect once
     # now and put them out of the collector's sight, so later collections see only what turns allocate.

@@ -32,13 +32,16 @@ class FixedLatencyASR(s2s.ASRHandler):
     name = "fixed"
 
     def __init__(self, latency_s: float, fail_over_s: Optional[float] = None, stall_over_s: Optional[float] = None,
-                 stall_s: float = 0.0):
-        self.latency_s = latency_s
+                 stall_s: float = 0.0, load_s: float = 0.0):
+        self.latency_s, self.load_s = latency_s, load_s
         self.fail_over_s, self.stall_over_s, self.stall_s = fail_over_s, stall_over_s, stall_s
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s)
+        return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s, args.asr_load_s)
+
+    def setup(self):
+        time.sleep(self.load_s)  # stands in for loading weights
 
     def transcribe(self, audio):
         seconds = len(audio) / s2s.SAMPLE_RATE
@@ -88,6 +91,7 @@ s2s.TTS_HANDLERS["fixed"] = FixedLatencyTTS
 def build_parser():
     parser = s2s.build_parser()
     parser.add_argument("--asr_latency_ms", type=float, default=50, help="latency of the fixed ASR")
+    parser.add_argument("--asr_load_s", type=float, default=0, help="how long the fixed ASR takes to load")
     parser.add_argument("--tts_latency_ms", type=float, default=100, help="time to the first audio of the fixed TTS")
     parser.add_argument("--tts_rtf", type=float, default=0.1, help="real-time factor of the fixed TTS after its first audio")
     faults = parser.add_argument_group("test faults (the fixed ASR and TTS)")

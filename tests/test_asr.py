@@ -1,8 +1,12 @@
 """The FunASR handler through funasr's real AutoModel code path, on tiny random-weight models built here."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from client import load_wav
-from conftest import fixture
+from conftest import ROOT, fixture
 from tiny_funasr import build_paraformer, build_sensevoice_small
 
 import s2s_server_pipeline as s2s
@@ -21,9 +25,28 @@ def test_funasr_handler_loads_and_transcribes(tmp_path, build):
 
 
 def test_wrong_model_path_fails_at_start_up_with_one_sentence(tmp_path):
-    h = s2s.FunASRHandler(str(tmp_path / "missing"), "cpu", "auto")
+    with pytest.raises(SystemExit, match="ASR model .*missing does not exist"):
+        s2s.FunASRHandler(str(tmp_path / "missing"), "cpu", "auto").setup()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no FunASR model there"):
-        h.setup()
+        s2s.FunASRHandler(str(tmp_path / "empty"), "cpu", "auto").setup()
+
+
+def test_a_model_that_cannot_be_downloaded_stops_start_up_with_one_sentence():
+    """The default ASR model with no way to the model hub (its address made to refuse connections, as on a machine
+    with no network): one sentence that names the model, the cause and what to do instead, and none of funasr's own
+    output (its notices and its list of 40 optional imports that failed)."""
+    server = [sys.executable, os.path.join(ROOT, "s2s_server_pipeline.py"), "--llm", "echo", "--recv_port", "0"]
+    done = subprocess.run(server, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MODELSCOPE_DOMAIN": "127.0.0.1:9"})
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("ASR model iic/SenseVoiceSmall could not be downloaded from ModelScope: there is no network (the model "
+                    "hub cannot be reached). Download it where there is a network (modelscope download --model "
+                    "iic/SenseVoiceSmall --local_dir DIR) and start with --stt_model_name DIR, or transcribe through an "
+                    "API with --asr openai"), done.stderr[-3000:]
+    for noise in ("Registered model keys", "Recorded import failures", "Notice: ffmpeg", "funasr version"):
+        assert noise not in done.stdout + done.stderr, noise
 
 
 class Recorder:

@@ -1,10 +1,14 @@
 """The local transformers LLM on a tiny random-weight Llama chat model built here (tests/tiny_chat_model.py):
 token streaming through the real generate() path, and a real stop mid-generation."""
 import copy
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
+from conftest import ROOT
 from tiny_chat_model import build_tiny_chat_model
 
 import s2s_server_pipeline as s2s
@@ -147,3 +151,25 @@ def test_a_sliding_window_model_runs_without_the_prefix_cache(tmp_path):
     h.setup()
     h.warmup()
     assert h.prefixes is None and "".join(h.stream(MESSAGES)) == "".join(h.stream(MESSAGES))
+
+
+@pytest.mark.parametrize("model, cause", [("nobody/no-such-model", "there is no network"), ("./no/such/folder", "does not exist")])
+def test_a_model_that_cannot_be_had_stops_start_up_with_one_sentence(model, cause):
+    """The hub out of reach (offline mode: the library's own error for no network, without its minute of retries), or
+    a folder that is not there: one sentence that names the model, the cause and what to do instead, and no library
+    warnings before it."""
+    code = ("import s2s_server_pipeline as s2s\n"
+            f"args = s2s.parse_args(['--llm', 'transformers', '--lm_model_name', {model!r}, '--device', 'cpu'])\n"
+            "s2s.load('LLM', s2s.TransformersLLMHandler.from_args(args))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr  # one line
+    assert done.stderr.startswith(f"LLM model {model} ") and cause in done.stderr, done.stderr
+    assert "--lm_model_name" in done.stderr
+
+
+def test_download_failures_are_named_by_the_cause_a_user_can_act_on():
+    assert s2s.download_failure("OSError: [Errno 28] No space left on device") == "the disk is full"
+    assert s2s.download_failure("nobody/x is not a local folder and is not a valid model identifier") == "no model has that id"
+    assert s2s.download_failure("404 Client Error: Not Found for url") == "no model has that id"
+    assert s2s.download_failure("Caused by NameResolutionError(...)") == "there is no network (the model hub cannot be reached)"
