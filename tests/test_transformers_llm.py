@@ -71,7 +71,7 @@ def test_bfloat16_and_a_bad_model_path(tmp_path):
     h = s2s.TransformersLLMHandler(build_tiny_chat_model(str(tmp_path / "m")), "cpu", "bfloat16", 0.7, 8, False)
     h.setup()
     assert str(h.model.dtype) == "torch.bfloat16" and "".join(h.stream(MESSAGES))
-    with pytest.raises(Exception):
+    with pytest.raises(SystemExit, match="missing does not exist"):
         s2s.TransformersLLMHandler(str(tmp_path / "missing"), "cpu", "float32", 0.7, 8, False).setup()
 
 
