@@ -859,6 +859,11 @@ class ProgressOnly(io.TextIOBase):
         return self.stream.isatty()
 
 
+def is_local_path(model: str) -> bool:
+    """Whether a model flag names a folder (which must exist) rather than a hub id to download."""
+    return model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
+
+
 def download_failure(reason: str) -> str:
     """A download error, as the one cause a user can act on."""
     if re.search(r"No space left|Errno 28", reason):
@@ -888,7 +893,7 @@ class FunASRHandler(ASRHandler):
         return f"funasr {self.model_name} ({type(self.model.model).__name__}) on {self.device}, {self.dtype}"
 
     def setup(self) -> None:
-        local = self.model_name.startswith(("/", "./", "../", "~")) or os.path.exists(self.model_name)
+        local = is_local_path(self.model_name)
         if local and not os.path.isdir(self.model_name):
             raise SystemExit(f"ASR model {self.model_name} does not exist: give --stt_model_name an existing FunASR model "
                              f"folder, or a model id such as iic/SenseVoiceSmall to download")
@@ -1305,7 +1310,7 @@ class TransformersLLMHandler(LLMHandler):
         if self.prefixes and major < 5:
             logger.info("LLM prefix cache off: it needs transformers 5 or later (this is %s)", transformers.__version__)
             self.prefixes = None
-        local = self.model_name.startswith(("/", "./", "../", "~")) or os.path.exists(self.model_name)
+        local = is_local_path(self.model_name)
         if local and not os.path.isdir(self.model_name):
             raise SystemExit(f"LLM model {self.model_name} does not exist: give --lm_model_name an existing model folder, "
                              f"or a Hugging Face model id such as Qwen/Qwen2.5-0.5B-Instruct to download")
@@ -2047,9 +2052,10 @@ class Session:
 
 class TurnRecorder:
     """Writes each session's turns into a folder of its own, DIR/<start time>-<uid hash>-<random>/, a name no other
-    session gets: no later session, with the same uid or any other, can write over them. Files appear whole (written to a temp
-    file, then renamed); a failed write removes its temp file, and start-up removes those a crash left. Saving stops,
-    with one warning, when DIR holds --save_data_max_mb; the queue of files to write is bounded too."""
+    session gets: no later session, with the same uid or any other, can write over them. Files appear whole (written
+    to a temp file, then renamed); a failed write removes its temp file, and the writer thread first removes those a
+    crash left. Saving stops, with one warning, when DIR holds --save_data_max_mb; the queue of files to write is
+    bounded too."""
 
     TMP = ".tmp"
     MAX_QUEUED = 256  # files waiting to be written; past it a file is dropped (and counted in the log)
@@ -2057,7 +2063,7 @@ class TurnRecorder:
     def __init__(self, directory: str, max_bytes: float, log: LogLimiter):
         self.dir, self.max_bytes, self.log = directory, max_bytes, log
         os.makedirs(directory, exist_ok=True)
-        self.used = self._clean_and_measure()
+        self.used = 0  # bytes DIR holds, measured by the writer thread before its first file
         self.queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
         self.full_warned = False
         self.dropped = 0
@@ -2065,7 +2071,8 @@ class TurnRecorder:
         self.thread.start()
 
     def _clean_and_measure(self) -> int:
-        """Remove temp files left by a crash; return the bytes DIR holds."""
+        """Remove temp files left by a crash; return the bytes DIR holds. A walk over every saved file: on the writer
+        thread, so a large DIR does not hold up start-up."""
         used = 0
         for root, _, files in os.walk(self.dir):
             for name in files:
@@ -2108,6 +2115,7 @@ class TurnRecorder:
         self.thread.join(timeout=10)
 
     def _run(self) -> None:
+        self.used = self._clean_and_measure()
         while True:
             item = self.queue.get()
             if item is None:
@@ -2225,6 +2233,11 @@ class LogLimiter:
         logger.warning("%s%s", message, f" (and {held} more like it in the last {self.interval_s:g} s)" if held else "")
 
 
+def token_matches(token: bytes, presented: str) -> bool:
+    """The shared secret (--auth_token), compared in constant time."""
+    return hmac.compare_digest(presented.encode(), token)
+
+
 class AccessPolicy:
     """Who may open a socket: the shared token (--auth_token) and the page origin (--allowed_origins). Checked
     before a connection gets anything else; a refusal closes it with a code and a reason the client can show."""
@@ -2240,7 +2253,7 @@ class AccessPolicy:
 
     def refusal(self, request: Any, secure: bool) -> Optional[Refused]:
         """`secure`: the client's connection came over TLS (to this server, or to a trusted proxy that says so)."""
-        if self.token is not None and not hmac.compare_digest(self.presented(request, self.TOKEN_PREFIX, "token").encode(), self.token):
+        if self.token is not None and not token_matches(self.token, self.presented(request, self.TOKEN_PREFIX, "token")):
             return Refused(4401, "unauthorized: missing or wrong token")
         origin = request.headers.get("Origin")
         if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", ""), secure):
@@ -2270,30 +2283,29 @@ class AccessPolicy:
         server = urlparse(f"//{host}").hostname or ""
         if page in self.LOOPBACK and server in self.LOOPBACK:
             return True
-        return page == server and (secure or is_ip_address(page))
+        return page == server and (secure or ip_address(page) is not None)
 
     @classmethod
     def select_subprotocol(cls, ws: ServerConnection, offered: list) -> Optional[str]:
         return cls.SUBPROTOCOL if cls.SUBPROTOCOL in offered else None
 
 
-def is_ip_address(host: str) -> bool:
+def ip_address(host: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """`host` as an IP address, or None for a name."""
     try:
-        ipaddress.ip_address(host)
-        return True
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
 
 
 def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    ip = ip_address(address)
+    return ip is not None and ip.is_loopback
 
 
 def bad_request(ws: ServerConnection, request: Any) -> Optional[Response]:
-    """400 for a handshake no honest client sends, before anything reads it: several Host or Origin headers."""
+    """400 for a handshake no honest client sends, before anything reads it: several Host, Origin or
+    Sec-WebSocket-Key headers."""
     for name in ("Host", "Origin", "Sec-WebSocket-Key"):
         if len(request.headers.get_all(name)) > 1:
             return ClientFiles.response(400, "text/plain", f"more than one {name} header\n".encode())
@@ -2564,31 +2576,43 @@ class VoiceAgentServer:
 
     # ---- sessions ----
 
+    def registry(self, session: Session) -> tuple:
+        """(dict, name) the session is found under: an extended one by its key, a legacy one by its uid (its only name)."""
+        return (self.sessions, session.key) if session.extended else (self.legacy_sessions, session.uid)
+
+    def active(self) -> int:
+        return len(self.sessions) + len(self.legacy_sessions)
+
     def open_session(self, uid: str, conn: ReceiverConnection, extended: bool) -> Session:
+        """A new session for the client on `conn`, which becomes its receiver."""
         if not extended and uid in self.legacy_sessions:
             raise Refused(1008, f"uid {uid} already has a connected receiver")
-        if len(self.sessions) + len(self.legacy_sessions) >= self.args.max_sessions:
+        if self.active() >= self.args.max_sessions:
             detached = [s for s in self.sessions.values() if s.receiver is None]
             if not detached:
                 raise Refused(1013, f"server full: {self.args.max_sessions} sessions; try again later")
             self.end_session(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
         session = Session(uid, extended, conn.address, self)
-        (self.sessions if extended else self.legacy_sessions)[session.key if extended else uid] = session
+        registry, name = self.registry(session)
+        registry[name] = session
         self.metrics.sessions.inc()
-        logger.info("session %s opened from %s (%d active)", session.tag, conn.address, len(self.sessions) + len(self.legacy_sessions))
+        logger.info("session %s opened from %s (%d active)", session.tag, conn.address, self.active())
+        session.receiver, conn.session = conn, session
         return session
 
     def resume_session(self, uid: str, key: str, conn: ReceiverConnection) -> Session:
-        """The extended session whose key the client presents; its old receiver, if still open, gives way."""
+        """The extended session whose key the client presents, with `conn` as its receiver; its old receiver, if still
+        open, gives way."""
         session = self.sessions.get(key)
         if session is None or not hmac.compare_digest(session.uid.encode(), uid.encode()):
             raise CLOSE_UNKNOWN_SESSION
         old = session.receiver
         if old is not None:
             old.session = None
-            self.loop.create_task(close_within(old.ws, 4409, "replaced by a newer connection to this session"))
+            self.loop.create_task(self.close(old.ws, 4409, "replaced by a newer connection to this session"))
         session.detached_at = None
         logger.info("session %s resumed from %s", session.tag, conn.address)
+        session.receiver, conn.session = conn, session
         return session
 
     def detach(self, session: Session, conn: ReceiverConnection) -> None:
@@ -2611,15 +2635,15 @@ class VoiceAgentServer:
             self.end_session(session)
 
     def end_session(self, session: Session) -> None:
-        registry = self.sessions if session.extended else self.legacy_sessions
-        if registry.get(session.key if session.extended else session.uid) is not session:
+        registry, name = self.registry(session)
+        if registry.get(name) is not session:
             return
-        del registry[session.key if session.extended else session.uid]
+        del registry[name]
         self.metrics.sessions.dec()
         session.close()
         for conn in list(session.senders):
-            self.loop.create_task(close_within(conn.ws, 1000, "session ended"))
-        logger.info("session %s closed (%d active)", session.tag, len(self.sessions) + len(self.legacy_sessions))
+            self.loop.create_task(self.close(conn.ws, 1000, "session ended"))
+        logger.info("session %s closed (%d active)", session.tag, self.active())
 
     # ---- connections: admission, per-address limits ----
 
@@ -2643,6 +2667,11 @@ class VoiceAgentServer:
             self.log.warning("slow", f"closed a slow client from {address}: {reason}")
             self.metrics.closed.labels(str(CLOSE_TOO_SLOW)).inc()
         return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, too_slow)
+
+    async def close(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection the server was serving, counted by its code (/metrics)."""
+        self.metrics.closed.labels(str(code)).inc()
+        await close_within(ws, code, reason)
 
     async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
         self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")
@@ -2674,7 +2703,7 @@ class VoiceAgentServer:
                 except TimeoutError:
                     if conn.session is not None and conn.session.assistant_busy():
                         continue  # listening to an answer is not idle
-                    await close_within(ws, 4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
+                    await self.close(ws, 4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
                     return
                 if not conn.rate.allow():
                     if now() - conn.last_refusal >= 1:
@@ -2708,7 +2737,6 @@ class VoiceAgentServer:
             return
         key = AccessPolicy.presented(conn.ws.request, AccessPolicy.KEY_PREFIX, "key")
         session = self.resume_session(uid, key, conn) if key else self.open_session(uid, conn, extended=True)
-        session.receiver, conn.session = conn, session
         conn.writer.send(SessionReadyEvent(uid, session_key=session.key, resumed=bool(key)).to_json())
 
     async def on_message(self, conn: ReceiverConnection, message: Any) -> None:
@@ -2737,7 +2765,6 @@ class VoiceAgentServer:
             except BadMessage as exc:
                 raise Refused(1008, str(exc)) from None
             session = self.open_session(uid, conn, extended=False)
-            session.receiver, conn.session = conn, session
         elif "uid" in data and data["uid"] != session.uid:
             raise BadMessage("uid_mismatch", "this connection belongs to another uid")
         for reply in await self.on_json(session, data):
@@ -2884,7 +2911,7 @@ class VoiceAgentServer:
                     await conn.ws.recv()
             except TimeoutError:
                 if not any(s.address == conn.address for s in self.legacy_sessions.values()):
-                    await close_within(conn.ws, 4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
+                    await self.close(conn.ws, 4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
                     return
 
 
@@ -2893,7 +2920,7 @@ def legacy_clients_allowed(args: argparse.Namespace) -> bool:
     other machine reaches and that wants no token."""
     if args.legacy_clients != "auto":
         return args.legacy_clients == "allow"
-    local = all(host in AccessPolicy.LOOPBACK or host.startswith("127.") for host in (args.recv_host, args.send_host))
+    local = all(host == "localhost" or is_loopback(host) for host in (args.recv_host, args.send_host))
     return local and not args.auth_token
 
 
@@ -2956,12 +2983,9 @@ class OpsEndpoints:
         if self.token is not None:
             bearer = next((v[7:] for v in headers.get_all("Authorization") if v.startswith("Bearer ")), None)
             presented = bearer if bearer is not None else (parse_qs(urlparse(path).query).get("token") or [""])[0]
-            if not hmac.compare_digest(presented.encode(), self.token):
+            if not token_matches(self.token, presented):
                 return ClientFiles.response(401, "text/plain", b"unauthorized: missing or wrong token\n")
-        return ClientFiles.response(200, "text/plain; version=0.0.4; charset=utf-8", self.exposition())
-
-    def exposition(self) -> bytes:
-        return self.metrics.exposition()
+        return ClientFiles.response(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.exposition())
 
     def serve_http(self, host: str, port: int) -> None:
         """The same two paths on a port of their own, in a thread, from now on."""

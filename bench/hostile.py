@@ -60,18 +60,7 @@ STUCK_FLAGS = ["--playback_lead_ms", "0", "--send_timeout_s", "2", "--send_buffe
 
 
 class TimedServer(ServerProcess):
-    """The server, with the time.monotonic() at which each log line was read."""
-
-    def __init__(self, *flags: str, **kwargs):
-        self.times: list = []
-        super().__init__(*flags, **kwargs)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.times.append(time.monotonic())
-            self.lines.append(line)
-            if "ready: receiver" in line:
-                self.ready.set()
+    """The server, with what an attack row reads of it: its log since a moment, its memory and descriptors."""
 
     def since(self, t: float, text: str = "") -> list:
         """(time, line) of the lines read at or after t that contain text."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import struct
 import time
@@ -16,11 +15,6 @@ from websockets.asyncio.client import connect
 
 SAMPLE_RATE = 16000
 CHUNK = 1024  # samples per message (64 ms), as CleanS2S's browser client sends
-
-
-def uid_tag(uid: str) -> str:
-    """How the server's log names the session of a uid (s2s_server_pipeline.uid_tag)."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:8]
 
 
 def load_wav(path: str) -> np.ndarray:

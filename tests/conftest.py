@@ -11,8 +11,8 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from client import uid_tag  # noqa: E402
 from fakes import FakeChatAPI  # noqa: E402
+from s2s_server_pipeline import uid_tag  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +18,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """The real server in a subprocess (tests/serve_test_models.py), with its log captured."""
+    """The real server in a subprocess (tests/serve_test_models.py), with its log captured: each line, when it was
+    read (time.monotonic()), and a way to wait for a line to be written."""
 
     def __init__(self, *flags: str, env: dict | None = None, ready_timeout_s: float = 60):
         self.recv_port, self.send_port = free_port(), free_port()
@@ -27,6 +29,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.lines: list = []
+        self.times: list = []  # when each line was read
+        self.changed = threading.Condition()  # notified at every line
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self.ready.wait(ready_timeout_s):  # it listens once every model is loaded and warmed up
@@ -35,9 +39,26 @@ class ServerProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self.lines.append(line)
+            with self.changed:
+                self.times.append(time.monotonic())
+                self.lines.append(line)
+                self.changed.notify_all()
             if "ready: receiver" in line:
                 self.ready.set()
+
+    def wait_until(self, predicate, timeout: float = 10.0, what: str = "") -> object:
+        """predicate(log lines), once it is true (not None or False), waiting for the log to grow."""
+        with self.changed:
+            result = self.changed.wait_for(lambda: predicate(self.lines), timeout)
+            if not result:
+                raise TimeoutError(f"{what or predicate} not logged within {timeout} s:\n{self.log()[-3000:]}")
+            return result
+
+    def wait_for_log(self, text: str, timeout: float = 10.0, after: int = 0) -> str:
+        """The first log line from line `after` on that contains `text`, waiting for it to be written."""
+        def found(lines):
+            return next((line for line in lines[after:] if text in line), None)
+        return self.wait_until(found, timeout, repr(text))
 
     def log(self) -> str:
         return "".join(self.lines)

@@ -10,50 +10,21 @@ import glob
 import json
 import os
 import signal
-import threading
 import time
 import wave
 
 import pytest
 
-from client import ExtendedClient, uid_tag
+from client import ExtendedClient
 from conftest import fixture, long_answer, saved_file, short_answer
 from fakes import FakeChatAPI
 from server_process import ServerProcess
 
-
-class WatchedServer(ServerProcess):
-    """The server process, whose log a test can wait on."""
-
-    def __init__(self, *flags: str, **kwargs):
-        self.changed = threading.Condition()
-        super().__init__(*flags, **kwargs)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-            if "ready: receiver" in line:
-                self.ready.set()
-
-    def wait_until(self, predicate, timeout: float = 10.0, what: str = "") -> object:
-        """predicate(log lines), once it is true (not None or False), waiting for the log to grow."""
-        with self.changed:
-            result = self.changed.wait_for(lambda: predicate(self.lines), timeout)
-            if not result:
-                raise TimeoutError(f"{what or predicate} not logged within {timeout} s:\n{self.log()[-3000:]}")
-            return result
-
-    def wait_for_log(self, text: str, timeout: float = 10.0, after: int = 0) -> str:
-        """The first log line from line `after` on that contains `text`, waiting for it to be written."""
-        def found(lines):
-            return next((line for line in lines[after:] if text in line), None)
-        return self.wait_until(found, timeout, repr(text))
+from s2s_server_pipeline import uid_tag
 
 
-def start(chat: FakeChatAPI, *flags: str) -> WatchedServer:
-    return WatchedServer("--asr", "fixed", "--asr_latency_ms", "50", "--llm", "openai", "--lm_model_url", chat.url,
+def start(chat: FakeChatAPI, *flags: str) -> ServerProcess:
+    return ServerProcess("--asr", "fixed", "--asr_latency_ms", "50", "--llm", "openai", "--lm_model_url", chat.url,
                          "--lm_model_name", "test-model", "--tts", "fixed", *flags, env={"LLM_API_KEY": "test-key"})
 
 
@@ -244,7 +215,7 @@ def vanish(c: ExtendedClient) -> None:
     c.send.transport.abort()
 
 
-async def reach_stage(srv: WatchedServer, chat: FakeChatAPI, c: ExtendedClient, stage: str) -> None:
+async def reach_stage(srv: ServerProcess, chat: FakeChatAPI, c: ExtendedClient, stage: str) -> None:
     """Drive a turn of `c` to `stage` and return while that stage works on it."""
     if stage == "speech":  # mid-utterance: the VAD has started the turn, the user is still speaking
         speaking = asyncio.create_task(c.stream_wav(fixture("en_question.wav")))

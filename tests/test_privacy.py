@@ -9,15 +9,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import psutil
 import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from client import ExtendedClient, LegacyClient, uid_tag, with_key
+from client import ExtendedClient, LegacyClient, with_key
 from conftest import ROOT, start_server
-from test_faults import WatchedServer
+from server_process import ServerProcess
+from test_security import refusal  # a close before anything else
+
+from s2s_server_pipeline import uid_tag
 
 
 def run(coro):
@@ -38,11 +42,6 @@ async def closed_with(ws, timeout: float = 10.0) -> websockets.frames.Close:
     return closed.value.rcvd
 
 
-async def refusal(url: str, **kwargs) -> websockets.frames.Close:
-    async with connect(url, **kwargs) as ws:
-        return await closed_with(ws, 5)
-
-
 async def typed_answer(client, text: str, timeout: float = 20.0) -> float:
     """Ask by text; seconds until the first audio of the answer arrived (its whole answer must arrive)."""
     sent = time.monotonic()
@@ -56,17 +55,12 @@ async def typed_answer(client, text: str, timeout: float = 20.0) -> float:
     return first.t - sent
 
 
-def heard_by(received: list, needle: str) -> list:
-    """Everything in `received` (raw messages) that mentions `needle`."""
-    return [m for m in received if needle in (m if isinstance(m, str) else "")]
-
-
 async def listen(ws, into: list) -> None:
-    with_close = websockets.ConnectionClosed
+    """Everything a socket receives, into `into`, until it closes."""
     try:
         async for message in ws:
             into.append(message)
-    except with_close:
+    except websockets.ConnectionClosed:
         pass
 
 
@@ -119,19 +113,12 @@ def test_a_session_without_its_sender_is_heard_by_nobody(server):
                 overheard: list = []
                 task = asyncio.create_task(listen(eavesdropper, overheard))
                 await victim.send_text("nobody may hear this")
-                await asyncio.to_thread(server_log_waits_for, server, f"turn session={uid_tag(victim.uid)} turn=1")
+                await asyncio.to_thread(server.wait_for_log, f"turn session={uid_tag(victim.uid)} turn=1")
                 await asyncio.sleep(0.3)
                 task.cancel()
             return overheard
 
     assert run(scenario()) == []
-
-
-def server_log_waits_for(srv, text: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in srv.log():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{srv.log()[-2000:]}"
-        time.sleep(0.05)
 
 
 def test_a_receiver_without_the_key_cannot_speak_into_a_session_and_the_owner_comes_back(server, chat_api):
@@ -264,7 +251,7 @@ def test_a_sender_that_never_reads_is_closed_and_delays_no_one(slow_server, long
         async with LegacyClient(srv.recv_url, srv.send_url) as legacy, \
                 ExtendedClient(srv.recv_url, srv.send_url) as extended:
             delays = await asyncio.gather(typed_answer(legacy, "legacy victim"), typed_answer(extended, "extended victim"))
-            await asyncio.to_thread(server_log_waits_for, srv, "too slow", 15)
+            await asyncio.to_thread(srv.wait_for_log, "too slow", 15)
             closed_at = time.monotonic()
             while established(srv.proc.pid, srv.send_port) > baseline + 2:  # the victims' two senders stay
                 assert time.monotonic() < closed_at + 5, "the server still holds the slow client's connection"
@@ -277,6 +264,8 @@ def test_a_sender_that_never_reads_is_closed_and_delays_no_one(slow_server, long
     assert max(delays) < unhindered + 1.0, (unhindered, delays)  # the first audio came as it did without the attacker
     assert dropped_s < 3.0  # the connection itself is gone (2 s for its close, then dropped), not only marked closed
     assert "closed a slow client" in srv.log()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.recv_port}/metrics", timeout=5).read().decode()
+    assert 's2s_connections_closed_total{code="4429"} 1.0' in metrics.splitlines()  # operators see it too
 
 
 # ---- 3. compressed frames ----
@@ -300,7 +289,7 @@ def test_compression_is_not_negotiated_and_a_compressed_frame_is_refused(server)
 
 @pytest.fixture(scope="module")
 def small_server(chat_api):
-    srv = WatchedServer("--asr", "fixed", "--llm", "openai", "--lm_model_url", chat_api.url, "--lm_model_name", "m",
+    srv = ServerProcess("--asr", "fixed", "--llm", "openai", "--lm_model_url", chat_api.url, "--lm_model_name", "m",
                         "--legacy_clients", "allow", "--max_sessions", "3", "--max_connections_per_client", "4",
                         "--idle_timeout_s", "2", "--resume_s", "30", env={"LLM_API_KEY": "test-key"})
     yield srv

@@ -23,9 +23,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
-from client import ExtendedClient, LegacyClient, uid_tag
+from client import ExtendedClient, LegacyClient
 from conftest import ROOT, fixture, start_server
 from server_process import free_port, stop_process
+
+from s2s_server_pipeline import uid_tag
 
 # Debian installs it in /usr/sbin, which is not on the PATH of users other than root.
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)

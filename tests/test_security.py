@@ -16,7 +16,7 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
 
-from client import ExtendedClient, uid_tag
+from client import ExtendedClient
 from conftest import start_server
 
 import s2s_server_pipeline as s2s
@@ -67,7 +67,7 @@ def test_missing_or_wrong_token_is_refused_on_both_sockets(guarded):
 
     for close in run(scenario()):
         assert (close.code, close.reason) == (4401, "unauthorized: missing or wrong token")
-    assert f"session {uid_tag('nobody')} opened" not in guarded.log()
+    assert f"session {s2s.uid_tag('nobody')} opened" not in guarded.log()
 
 
 def test_token_as_query_or_subprotocol_gets_a_normal_session_and_never_reaches_the_log(guarded):
@@ -264,7 +264,7 @@ def test_behind_a_proxy_the_log_names_the_client_not_the_proxy(guarded):
         return c
 
     c = run(scenario())
-    assert f"session {uid_tag(c.uid)} opened from 203.0.113.7" in guarded.log()
+    assert f"session {s2s.uid_tag(c.uid)} opened from 203.0.113.7" in guarded.log()
     assert "refused a connection from 203.0.113.7: unauthorized" in guarded.log()
 
 
