@@ -18,12 +18,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """The real server in a subprocess (tests/serve_test_models.py), with its log captured: each line, when it was
-    read (time.monotonic()), and a way to wait for a line to be written."""
+    """The real server in a subprocess (tests/serve_test_models.py, or another `script` of tests/), with its log
+    captured: each line, when it was read (time.monotonic()), and a way to wait for a line to be written."""
+
+    SCRIPT = "serve_test_models.py"
 
     def __init__(self, *flags: str, env: dict | None = None, ready_timeout_s: float = 60):
         self.recv_port, self.send_port = free_port(), free_port()
-        cmd = [sys.executable, os.path.join(ROOT, "tests", "serve_test_models.py"),
+        cmd = [sys.executable, os.path.join(ROOT, "tests", self.SCRIPT),
                "--recv_host", "127.0.0.1", "--recv_port", str(self.recv_port),
                "--send_host", "127.0.0.1", "--send_port", str(self.send_port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
