@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Real-time speech-to-speech voice agent server, in one file.
 
+    python s2s_server_pipeline.py                     # a small local LLM (Qwen2.5-0.5B-Instruct, downloaded once)
+    LLM_API_KEY=sk-... python s2s_server_pipeline.py \\
+        --lm_model_url https://api.deepseek.com --lm_model_name deepseek-chat   # any OpenAI-compatible chat API
     python s2s_server_pipeline.py --llm echo          # hear your own words back: checks mic, VAD, ASR, TTS
-    LLM_API_KEY=sk-... python s2s_server_pipeline.py --llm openai \\
-        --lm_model_url https://api.deepseek.com --lm_model_name deepseek-chat
 
 Data flow. One asyncio loop owns both WebSockets and never runs a model; every model runs in a worker thread:
 
@@ -93,6 +94,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly voice assistant. Your answers are spoken aloud, so keep them short and "
     "conversational, use no lists, markdown, emoji or URLs, and answer in the language the user speaks."
 )
+# The LLM when no flag or key names one: small enough to answer faster than it is spoken on two CPU cores, and
+# trained on Chinese and English (bench/local_llm.py; figures in the README, "Which local LLM").
+DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--client_dir", default="auto",
                      help="built browser client to serve over HTTP on the receiver port (open http://RECV_HOST:RECV_PORT/); "
                           "auto: frontend_nextjs/out beside this file when it is built; '' serves none")
+    net.add_argument("--public_receiver_url", default=None,
+                     help="where clients reach the receiver socket when a proxy (nginx) stands in front: ws[s]://HOST[:PORT][/PATH], "
+                          "or :PORT for that port on the page's own host. The page learns it from /s2s-config.json. "
+                          "Default: --recv_port on the page's host")
+    net.add_argument("--public_sender_url", default=None,
+                     help="where clients reach the sender socket when a proxy stands in front; as --public_receiver_url. "
+                          "Default: --send_port on the page's host")
 
     vad = p.add_argument_group("voice activity detection")
     vad.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
@@ -146,13 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     llm = p.add_argument_group("LLM")
     llm.add_argument("--llm", choices=sorted(LLM_HANDLERS), default=None,
-                     help="LLM backend: echo repeats what it heard (no key needed); openai is any OpenAI-compatible chat API, key from LLM_API_KEY; "
-                          "transformers runs a local chat model. Default, as CleanS2S: openai with --enable_llm_api or --lm_model_url, "
-                          "transformers with --lm_model_name alone, else echo")
+                     help="LLM backend: openai is any OpenAI-compatible chat API, key from LLM_API_KEY; transformers runs a local "
+                          "chat model; echo repeats what it heard (a microphone check). Default: openai with --enable_llm_api or "
+                          "--lm_model_url, transformers with --lm_model_name alone (as CleanS2S), else openai when LLM_API_KEY "
+                          f"is set, else transformers with {DEFAULT_LOCAL_LLM} (downloaded on first run)")
     llm.add_argument("--enable_llm_api", action="store_true", help="CleanS2S's way to say --llm openai")
     llm.add_argument("--lm_model_url", default=None, help="--llm openai: base URL of the API (default https://api.openai.com/v1)")
     llm.add_argument("--lm_model_name", default=None,
-                     help="--llm openai: model name at the API (default gpt-4o-mini); --llm transformers: hub id or local directory (default Qwen/Qwen2.5-0.5B-Instruct)")
+                     help=f"--llm openai: model name at the API (default gpt-4o-mini); --llm transformers: hub id or local directory (default {DEFAULT_LOCAL_LLM})")
     llm.add_argument("--lm_compile", action="store_true", help="--llm transformers: torch.compile the model (slower start, faster tokens on GPU)")
     llm.add_argument("--lm_prefix_cache", type=int, default=None,
                      help="--llm transformers: keep the attention cache of this many recent conversations, so a turn computes only "
@@ -1314,6 +1326,8 @@ class TransformersLLMHandler(LLMHandler):
         if local and not os.path.isdir(self.model_name):
             raise SystemExit(f"LLM model {self.model_name} does not exist: give --lm_model_name an existing model folder, "
                              f"or a Hugging Face model id such as Qwen/Qwen2.5-0.5B-Instruct to download")
+        if not local and not self.cached():
+            logger.info("LLM %s is not downloaded yet: downloading it from the Hugging Face Hub (once)", self.model_name)
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_name)
         except OSError as exc:
@@ -1326,6 +1340,14 @@ class TransformersLLMHandler(LLMHandler):
         self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_name, **precision).to(self.device).eval()
         if self.compile:
             self.model.forward = torch.compile(self.model.forward)
+
+    def cached(self) -> bool:
+        """Is the hub model already in the local Hugging Face cache? (Asks no server.)"""
+        from huggingface_hub import try_to_load_from_cache
+        try:
+            return isinstance(try_to_load_from_cache(self.model_name, "config.json"), str)
+        except ValueError:  # not a valid hub id: from_pretrained says why
+            return True
 
     def warmup(self) -> None:
         for _ in range(2):  # the second time through the prefix cache
@@ -2386,6 +2408,32 @@ class ClientFiles:
         return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
+def public_socket(address: str) -> Optional[dict]:
+    """A --public_*_url as /s2s-config.json tells it: {"port": P} for ":P" (the page's own host), or {"url": U,
+    "port": P} for a ws:// or wss:// URL (the port too, for pages that read only ports). None if it is neither."""
+    if re.fullmatch(r":\d{1,5}", address):
+        port = int(address[1:])
+        return {"port": port} if 0 < port < 65536 else None
+    try:
+        url = urlparse(address)
+        port = url.port or (443 if url.scheme == "wss" else 80)
+    except ValueError:  # a port out of range or not a number
+        return None
+    if url.scheme not in ("ws", "wss") or not url.hostname or url.query or url.fragment:
+        return None
+    return {"url": address, "port": port}
+
+
+def page_config(args: argparse.Namespace) -> dict:
+    """/s2s-config.json: where the page opens its two sockets, the public addresses when a proxy stands in front."""
+    config = {"protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE}
+    for side, public, port in (("receiver", args.public_receiver_url, args.recv_port),
+                               ("sender", args.public_sender_url, args.send_port)):
+        for key, value in (public_socket(public) if public else {"port": port}).items():
+            config[f"{side}_{key}"] = value
+    return config
+
+
 def find_client_dir(client_dir: str) -> Optional[str]:
     """--client_dir as a folder to serve, or None; "auto" is the built client beside this file, if any."""
     if client_dir == "auto":
@@ -2519,8 +2567,7 @@ class VoiceAgentServer:
             except (NotImplementedError, RuntimeError):
                 pass
         a = self.args
-        files = ClientFiles(a.client_dir, {"protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
-                                           "receiver_port": a.recv_port, "sender_port": a.send_port}) if a.client_dir else None
+        files = ClientFiles(a.client_dir, page_config(a)) if a.client_dir else None
         tls = None
         if a.ssl_certfile:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2546,6 +2593,9 @@ class VoiceAgentServer:
             ws_scheme, http_scheme = ("wss", "https") if tls else ("ws", "http")
             if files:
                 logger.info("browser client: %s://%s:%d/ (from %s)", http_scheme, a.recv_host, a.recv_port, a.client_dir)
+            if a.public_receiver_url or a.public_sender_url:
+                logger.info("pages are told the sockets are at receiver %s, sender %s", a.public_receiver_url or a.recv_port,
+                            a.public_sender_url or a.send_port)
             logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s%s", ws_scheme, a.recv_host, a.recv_port,
                         ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "",
                         "" if self.legacy_allowed else " (legacy clients refused)")
@@ -3050,12 +3100,13 @@ def build_handlers(args: argparse.Namespace) -> tuple:
 def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    if args.llm is None:  # what a CleanS2S launch command means
-        args.llm = "openai" if args.enable_llm_api or args.lm_model_url else "transformers" if args.lm_model_name else "echo"
+    if args.llm is None:  # what a CleanS2S launch command means; with no LLM flag, a key in the environment decides
+        api = args.enable_llm_api or args.lm_model_url or (os.environ.get("LLM_API_KEY") and not args.lm_model_name)
+        args.llm = "openai" if api else "transformers"
     if args.enable_llm_api and args.llm != "openai":
         parser.error(f"--enable_llm_api contradicts --llm {args.llm}")
     args.lm_model_url = args.lm_model_url or "https://api.openai.com/v1"
-    args.lm_model_name = args.lm_model_name or {"openai": "gpt-4o-mini", "transformers": "Qwen/Qwen2.5-0.5B-Instruct"}.get(args.llm)
+    args.lm_model_name = args.lm_model_name or {"openai": "gpt-4o-mini", "transformers": DEFAULT_LOCAL_LLM}.get(args.llm)
     if args.tts is None:
         args.tts = "cosyvoice" if args.tts_model_name else "espeak"
     if min(args.sample_rate, args.max_sessions, args.asr_workers, args.tts_workers) <= 0:
@@ -3073,6 +3124,9 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
             parser.error(f"TLS file {path} does not exist")
     if min(args.max_message_kb, args.max_audio_ms_per_message, args.max_text_chars, args.max_messages_per_s) <= 0:
         parser.error("--max_message_kb, --max_audio_ms_per_message, --max_text_chars and --max_messages_per_s must be positive")
+    for flag in ("public_receiver_url", "public_sender_url"):
+        if getattr(args, flag) is not None and public_socket(getattr(args, flag)) is None:
+            parser.error(f"--{flag} must be ws://HOST[:PORT][/PATH], wss://HOST[:PORT][/PATH] or :PORT")
     args.client_dir = find_client_dir(args.client_dir)
     if args.client_dir and not os.path.isfile(os.path.join(args.client_dir, "index.html")):
         parser.error(f"--client_dir {args.client_dir} has no index.html: build the client first (cd frontend_nextjs && npm run build)")
@@ -3128,6 +3182,9 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     ops = OpsEndpoints(args.auth_token)
     if args.ops_port:  # up before the models load: /healthz says 503 until the server is ready
         ops.serve_http(args.recv_host, args.ops_port)
+    if args.llm == "transformers" and args.lm_model_name == DEFAULT_LOCAL_LLM:
+        logger.info("LLM: the local %s (an API instead: set LLM_API_KEY, or --llm openai; a microphone check: --llm echo)",
+                    DEFAULT_LOCAL_LLM)
     asr, llm, tts = handlers(args)
     vad_model = VAD_MODELS[args.vad](args.vad_thresh if args.vad == "silero" else args.webrtc_mode)
     for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):

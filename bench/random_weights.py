@@ -1,7 +1,7 @@
 """Model directories with random weights of a real model's architecture and size, built offline.
 
 A model's compute cost does not depend on its weight values, so these stand in for the real SenseVoiceSmall and
-Qwen2.5-0.5B-Instruct when their weights cannot be downloaded: every matrix has the real shape, the vocabularies
+Qwen2.5 Instruct models when their weights cannot be downloaded: every matrix has the real shape, the vocabularies
 have the real size (the output layer is a real part of the per-token cost), and the directories load through the
 same library code paths (funasr's AutoModel, transformers' from_pretrained) as the real ones. What they say is
 meaningless but well formed: SenseVoice decodes to text pieces, and the LLM writes speakable made-up words with
@@ -34,10 +34,16 @@ SENSEVOICE_SMALL = dict(d_model=512, attention_heads=4, linear_units=2048, num_b
                         vocab_size=25055, fill_vocab=True)
 SPEECH_TOKENS_PER_S = 4.0  # about what SenseVoice writes for speech: transcripts, and so LLM prompts, of a real length
 
-# Qwen2.5-0.5B-Instruct: the config.json of Qwen/Qwen2.5-0.5B-Instruct on the Hugging Face hub. ~494 M parameters.
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-                  max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu")
+# Qwen2.5 Instruct models, by hub id: the config.json of each on the Hugging Face hub (both tie their embeddings and
+# share one vocabulary). ~494 M and ~1544 M parameters.
+QWEN25 = {
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                       num_attention_heads=14, num_key_value_heads=2),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                       num_attention_heads=12, num_key_value_heads=2),
+}
+QWEN25_SHARED = dict(vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0, max_position_embeddings=32768,
+                     rms_norm_eps=1e-6, hidden_act="silu")
 
 # The English the tokenizer learns merges for: the server's system prompt, and the question bench/real_models.py asks
 # the LLM alone. Other English is spelled out in smaller pieces than Qwen's tokenizer would use.
@@ -115,7 +121,7 @@ def train_base_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     english = [s2s.DEFAULT_SYSTEM_PROMPT, QUESTION]
-    trainer = trainers.BpeTrainer(vocab_size=QWEN25_05B["vocab_size"], min_frequency=1, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=QWEN25_SHARED["vocab_size"], min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(english + cjk_characters(), trainer=trainer)  # one character per item: no merge across two
     return tok
@@ -131,29 +137,30 @@ def qwen_sized_tokenizer():
     tok = train_base_tokenizer()
     known = tok.get_vocab()
     specials = [ENDOFTEXT, IM_START, IM_END]
-    n_words = QWEN25_05B["vocab_size"] - len(specials) - len(known)
+    n_words = QWEN25_SHARED["vocab_size"] - len(specials) - len(known)
     spare = len(known)  # more words than needed: those the trained BPE already has (" so", " be") are left out
     words = [" " + w for w in made_up_words(n_words + spare) if "Ġ" + w not in known][:n_words]  # Ġ: BPE's space
     tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    assert tok.get_vocab_size(with_added_tokens=True) == QWEN25_05B["vocab_size"]
+    assert tok.get_vocab_size(with_added_tokens=True) == QWEN25_SHARED["vocab_size"]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
                                    extra_special_tokens=[IM_START], chat_template=CHATML, model_max_length=32768,
                                    clean_up_tokenization_spaces=False)
     return fast, [tok.token_to_id(w) for w in words]
 
 
-def build_qwen_random(dest_dir: str, seed: int = 0) -> str:
-    """Qwen2.5-0.5B-Instruct's architecture and size with random weights, saved in bfloat16 as the real one is."""
-    return atomic_build(dest_dir, lambda d: _write_qwen(d, seed))
+def build_qwen_random(dest_dir: str, seed: int = 0, model_id: str = "Qwen/Qwen2.5-0.5B-Instruct") -> str:
+    """A Qwen2.5 Instruct model's (a key of QWEN25) architecture and size with random weights, saved in bfloat16 as
+    the real one is."""
+    return atomic_build(dest_dir, lambda d: _write_qwen(d, seed, QWEN25[model_id]))
 
 
-def _write_qwen(dest_dir: str, seed: int) -> None:
+def _write_qwen(dest_dir: str, seed: int, sizes: dict) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
     tokenizer, word_ids = qwen_sized_tokenizer()
-    config = Qwen2Config(**QWEN25_05B, bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    config = Qwen2Config(**sizes, **QWEN25_SHARED, bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import gc
 import importlib
 import json
@@ -43,16 +44,18 @@ sys.path[:0] = [BENCH, ROOT, os.path.join(ROOT, "tests")]
 
 import s2s_server_pipeline as s2s  # noqa: E402
 from client import load_wav  # noqa: E402
-from random_weights import QUESTION, build_qwen_random, build_sensevoice_small_random  # noqa: E402
+from random_weights import QUESTION, QWEN25, build_qwen_random, build_sensevoice_small_random  # noqa: E402
 from run import PARTS, BenchClient, cpu_name, spread, table  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 MODELS_DIR = os.path.join(BENCH, ".models")  # random-weight models, built once (not in git)
 SENSEVOICE_ID, QWEN_ID = "iic/SenseVoiceSmall", "Qwen/Qwen2.5-0.5B-Instruct"
-RANDOM_BUILDS = {  # the models random weights can stand in for: hub ids, the cache folder, the builder
-    "ASR": ({SENSEVOICE_ID, "FunAudioLLM/SenseVoiceSmall"}, "sensevoice-small-random", build_sensevoice_small_random),
-    "LLM": ({QWEN_ID}, "qwen2.5-0.5b-instruct-random", build_qwen_random),
+RANDOM_BUILDS = {  # the models random weights can stand in for: hub id -> (the cache folder, the builder)
+    **{name: ("sensevoice-small-random", build_sensevoice_small_random)
+       for name in (SENSEVOICE_ID, "FunAudioLLM/SenseVoiceSmall")},
+    **{name: (name.split("/")[1].lower() + "-random", functools.partial(build_qwen_random, model_id=name))
+       for name in QWEN25},
 }
 
 UTTERANCES = ("en_question.wav", "zh_question.wav")  # ASR alone; the spoken turns say the first
@@ -105,10 +108,10 @@ def find_weights(stage: str, model: str, marker: str) -> Weights:
     path = local_copy(model, marker)
     if path:
         return Weights(path, "real")
-    ids, folder, build = RANDOM_BUILDS[stage]
-    if model not in ids:
+    if model not in RANDOM_BUILDS:
         raise SystemExit(f"{stage} model {model}: not on this machine, and random weights are built only for "
-                         f"{', '.join(sorted(ids))}")
+                         f"{', '.join(sorted(RANDOM_BUILDS))}")
+    folder, build = RANDOM_BUILDS[model]
     path = os.path.join(MODELS_DIR, folder)
     if not os.path.isdir(path):
         print(f"{stage}: {model} is not on this machine; building random weights of its architecture and size "
@@ -463,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr_model", default=SENSEVOICE_ID,
                    help="FunASR model: a directory or a hub id already downloaded; random weights of SenseVoiceSmall's size otherwise")
     p.add_argument("--lm_model", default=QWEN_ID,
-                   help="transformers chat model: a directory or a hub id already downloaded; random weights of Qwen2.5-0.5B-Instruct's size otherwise")
+                   help="transformers chat model: a directory or a hub id already downloaded; random weights of the same size otherwise (Qwen2.5 0.5B and 1.5B Instruct)")
     p.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
                    help="precision of the LLM (the server's default)")
     p.add_argument("--lm_prefix_cache", type=int, default=None,

@@ -88,3 +88,18 @@ def test_hostile_benchmark_runs_every_row(tmp_path):
     assert rows["handshakes"]["beside"]["get_page_status"] == "HTTP/1.1 200"
     assert rows["token"]["codes"] == {"4401": 60} and rows["token"]["refusal_log_lines"] <= 2
     assert "| attack | what the server does |" in run.stdout
+
+
+def test_local_llm_benchmark_runs(tmp_path):
+    """bench/local_llm.py on the tiny test model: a whole conversation through the server's handler, every figure."""
+    from tiny_chat_model import build_tiny_chat_model
+    model, out = build_tiny_chat_model(str(tmp_path / "llm")), tmp_path / "local_llm.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "local_llm.py"), "--models", model,
+                          "--dtypes", "float32", "--answer_tokens", "8", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads(out.read_text())["models"]
+    assert row["weights"] == "real" and row["dtype"] == "float32" and row["params"] > 0
+    assert row["prompt_tokens"] > 100  # the fifth turn's prompt holds the four before it
+    assert 0 < row["first_token_ms"] and 0 < row["first_token_uncached_ms"] and row["tokens_per_s"] > 0 and row["rtf"] > 0
+    assert "| model | dtype |" in run.stdout

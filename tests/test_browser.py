@@ -57,14 +57,20 @@ MISSING = missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
-def write_mic_wav(path: str) -> None:
-    """Silence, the question, a pause while the answer plays, the interruption, silence; 48 kHz stereo."""
-    def silence(s: float) -> np.ndarray:
-        return np.zeros(int(s * 16000), np.float32)
-    speech = np.concatenate([silence(1.0), load_wav(fixture("en_question.wav")), silence(SILENCE_AFTER_QUESTION_S),
-                             load_wav(fixture("en_interrupt.wav")), silence(6.0)])
-    mono = soxr.resample(speech, 16000, MIC_RATE)
+def silence(s: float) -> np.ndarray:
+    return np.zeros(int(s * 16000), np.float32)
+
+
+def write_mic(path: str, *parts: np.ndarray) -> None:
+    """16 kHz mono parts, one after the other, as a 48 kHz stereo file for Chromium's fake microphone."""
+    mono = soxr.resample(np.concatenate(parts), 16000, MIC_RATE)
     sf.write(path, np.stack([mono, mono], axis=1), MIC_RATE, subtype="PCM_16")
+
+
+def write_mic_wav(path: str) -> None:
+    """Silence, the question, a pause while the answer plays, the interruption, silence."""
+    write_mic(path, silence(1.0), load_wav(fixture("en_question.wav")), silence(SILENCE_AFTER_QUESTION_S),
+              load_wav(fixture("en_interrupt.wav")), silence(6.0))
 
 
 def silent_mic(tmp_path, screenshot_name: str) -> tuple:

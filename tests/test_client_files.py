@@ -88,3 +88,13 @@ def test_auto_serves_nothing_when_the_client_is_not_built(monkeypatch, tmp_path)
     (tmp_path / "frontend_nextjs" / "out" / "index.html").write_text("x")
     assert s2s.parse_args([]).client_dir == str(tmp_path / "frontend_nextjs" / "out")
 
+
+
+def test_behind_a_proxy_the_config_names_where_clients_reach_the_sockets():
+    args = s2s.parse_args(["--client_dir", "", "--public_receiver_url", "wss://voice.example.com/recv",
+                           "--public_sender_url", ":9443"])
+    assert s2s.page_config(args) == {"protocol": 2, "sample_rate": 16000, "receiver_url": "wss://voice.example.com/recv",
+                                     "receiver_port": 443, "sender_port": 9443}
+    for wrong in ("https://voice.example.com", "9001", ":0", "ws://voice.example.com/?token=x", "ws:///recv"):
+        with pytest.raises(SystemExit):
+            s2s.parse_args(["--client_dir", "", "--public_receiver_url", wrong])

@@ -23,8 +23,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
-from client import ExtendedClient, LegacyClient
+from client import ExtendedClient, LegacyClient, load_wav
 from conftest import ROOT, fixture, start_server
+from test_browser import ARTIFACTS, BUILT, check_ran, receiver_readies, run_page, silence, write_mic
+from test_browser import MISSING as BROWSER_MISSING
 from server_process import free_port, stop_process
 
 from s2s_server_pipeline import uid_tag
@@ -46,9 +48,7 @@ def render_site(a_ports: tuple, b_ports: tuple, front_ports: tuple, log_dir) -> 
     for old, new in (("127.0.0.1:9101", f"127.0.0.1:{a_recv}"), ("127.0.0.1:9201", f"127.0.0.1:{a_send}"),
                      ("127.0.0.1:9102", f"127.0.0.1:{b_recv}"), ("127.0.0.1:9202", f"127.0.0.1:{b_send}"),
                      ("listen 9001;", f"listen 127.0.0.1:{front_recv};"),
-                     ("listen 9002;", f"listen 127.0.0.1:{front_send};"),
-                     ('"receiver_port": 9001, "sender_port": 9002',
-                      f'"receiver_port": {front_recv}, "sender_port": {front_send}')):
+                     ("listen 9002;", f"listen 127.0.0.1:{front_send};")):
         assert text.count(old) == 1, f"deploy/nginx.conf should have {old!r} once"
         text = text.replace(old, new)
     return text.replace("/var/log/nginx/s2s_access.log", os.path.join(str(log_dir), "s2s_access.log"))
@@ -105,7 +105,12 @@ class Cluster:
     """Processes A and B behind one nginx. B can be stopped and started again on its ports."""
 
     def __init__(self, chat_api, site_dir, tmp_dir):
-        self.flags = (*SERVER_FLAGS, "--client_dir", str(site_dir))
+        # nginx's ports, which the processes tell pages about: the receiver's as a whole URL, the sender's as a port
+        # on the page's own host (the two forms of the --public_* flags)
+        front = (free_port(), free_port())
+        self.site_dir = str(site_dir)
+        self.flags = (*SERVER_FLAGS, "--client_dir", self.site_dir, "--public_receiver_url", f"ws://127.0.0.1:{front[0]}/",
+                      "--public_sender_url", f":{front[1]}")
         self.chat_api = chat_api
         servers: dict = {}
         failures: list = []
@@ -126,7 +131,6 @@ class Cluster:
                 raise failures[0]
             self.a, self.b = servers["A"], servers["B"]
             self.old_b: list = []  # B before its restarts, for their logs
-            front = (free_port(), free_port())
             site = render_site((self.a.recv_port, self.a.send_port), (self.b.recv_port, self.b.send_port), front, tmp_dir)
             self.nginx = Nginx(tmp_dir, site, front)
         except BaseException:
@@ -167,8 +171,11 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(chat_api, tmp_path_factory):
-    site = tmp_path_factory.mktemp("site")
-    (site / "index.html").write_text("<html>s2s page</html>")
+    """The browser client when it is built, so a real browser can load it through nginx; else a stand-in page."""
+    site = BUILT
+    if BROWSER_MISSING:
+        site = tmp_path_factory.mktemp("site")
+        (site / "index.html").write_text("<html>s2s page</html>")
     c = Cluster(chat_api, site, tmp_path_factory.mktemp("nginx"))
     yield c
     c.stop()
@@ -250,11 +257,31 @@ def test_page_and_its_config_through_nginx(cluster):
         finally:
             conn.close()
 
-    assert get("/") == (200, b"<html>s2s page</html>")
+    with open(os.path.join(cluster.site_dir, "index.html"), "rb") as f:
+        assert get("/") == (200, f.read())
     status, body = get("/s2s-config.json")
-    # The page opens its sockets on the ports named here: nginx's, not one process's own.
-    assert status == 200 and json.loads(body) == {"protocol": 2, "sample_rate": 16000,
-                                                 "receiver_port": cluster.front_recv, "sender_port": cluster.front_send}
+    # The page opens its sockets on the ports named here: nginx's (the processes' --public_* flags), not their own.
+    assert status == 200 and json.loads(body) == {
+        "protocol": 2, "sample_rate": 16000, "receiver_url": f"ws://127.0.0.1:{cluster.front_recv}/",
+        "receiver_port": cluster.front_recv, "sender_port": cluster.front_send}
+
+
+@pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
+def test_the_browser_client_talks_through_nginx(cluster, tmp_path):
+    """The page loaded from nginx's port asks a process where its sockets are, is told nginx's ports, and holds a
+    spoken and a typed turn through nginx, both sockets on one process."""
+    mic_wav, screenshot = str(tmp_path / "mic.wav"), os.path.join(ARTIFACTS, "browser_nginx.png")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    write_mic(mic_wav, silence(1.0), load_wav(fixture("en_question.wav")), silence(6.0))
+    page = run_page("proxied", f"http://127.0.0.1:{cluster.front_recv}/", mic_wav, screenshot)
+    check_ran(page, cluster.a.log() + cluster.b.log())
+    spoken = page["spoken"][0]
+    assert re.fullmatch(r"heard \d+\.\d seconds", spoken["user"]) and spoken["answer"].startswith(f"About {spoken['user']}:")
+    assert page["typed"][-1]["answer"].startswith("About through the proxy:"), page["typed"]
+    fronts = [f"ws://127.0.0.1:{port}/" for port in (cluster.front_recv, cluster.front_send)]  # receiver, sender
+    assert [s["url"].split("?")[0] for s in page["sockets"]] == fronts, page["sockets"]
+    uid = receiver_readies(page)[0]["uid"]
+    cluster.where(uid)  # exactly one process opened the session, and it answered on its own sender socket
 
 
 def test_restarting_one_process_leaves_the_other_alone(cluster):

@@ -1,14 +1,20 @@
 """The local transformers LLM on a tiny random-weight Llama chat model built here (tests/tiny_chat_model.py):
-token streaming through the real generate() path, and a real stop mid-generation."""
+token streaming through the real generate() path, a real stop mid-generation, the prefix cache, and the server with
+no LLM flag at all answering through the default local model."""
+import asyncio
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import ROOT
+from client import ExtendedClient
+from conftest import ROOT, fixture
+from server_process import ServerProcess
 from tiny_chat_model import build_tiny_chat_model
 
 import s2s_server_pipeline as s2s
@@ -153,18 +159,20 @@ def test_a_sliding_window_model_runs_without_the_prefix_cache(tmp_path):
     assert h.prefixes is None and "".join(h.stream(MESSAGES)) == "".join(h.stream(MESSAGES))
 
 
-@pytest.mark.parametrize("model, cause", [("nobody/no-such-model", "there is no network"), ("./no/such/folder", "does not exist")])
-def test_a_model_that_cannot_be_had_stops_start_up_with_one_sentence(model, cause):
+@pytest.mark.parametrize("model, cause", [("nobody/no-such-model", "there is no network"), ("./no/such/folder", "does not exist"),
+                                          (None, "there is no network")])
+def test_a_model_that_cannot_be_had_stops_start_up_with_one_sentence(model, cause, tmp_path):
     """The hub out of reach (offline mode: the library's own error for no network, without its minute of retries), or
     a folder that is not there: one sentence that names the model, the cause and what to do instead, and no library
-    warnings before it."""
+    warnings before it. None: no LLM flag and no key, so the default local model, not downloaded yet."""
+    flags = ["--llm", "transformers", "--lm_model_name", model] if model else []
     code = ("import s2s_server_pipeline as s2s\n"
-            f"args = s2s.parse_args(['--llm', 'transformers', '--lm_model_name', {model!r}, '--device', 'cpu'])\n"
+            f"args = s2s.parse_args({flags + ['--device', 'cpu']!r})\n"
             "s2s.load('LLM', s2s.TransformersLLMHandler.from_args(args))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "LLM_API_KEY": ""})
     assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr  # one line
-    assert done.stderr.startswith(f"LLM model {model} ") and cause in done.stderr, done.stderr
+    assert done.stderr.startswith(f"LLM model {model or s2s.DEFAULT_LOCAL_LLM} ") and cause in done.stderr, done.stderr
     assert "--lm_model_name" in done.stderr
 
 
@@ -173,3 +181,51 @@ def test_download_failures_are_named_by_the_cause_a_user_can_act_on():
     assert s2s.download_failure("nobody/x is not a local folder and is not a valid model identifier") == "no model has that id"
     assert s2s.download_failure("404 Client Error: Not Found for url") == "no model has that id"
     assert s2s.download_failure("Caused by NameResolutionError(...)") == "there is no network (the model hub cannot be reached)"
+
+
+def hub_cache_with(model_dir: str, model_id: str, cache: str) -> str:
+    """A Hugging Face hub cache (the layout a download leaves) that holds `model_dir` as `model_id`: with the hub
+    offline, from_pretrained(model_id) loads it as it would a downloaded model."""
+    revision = "0" * 40
+    repo = os.path.join(cache, "models--" + model_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(revision)
+    shutil.copytree(model_dir, os.path.join(repo, "snapshots", revision))
+    return cache
+
+
+def test_with_no_llm_flag_and_no_key_the_default_local_model_answers(tmp_path):
+    """What `./scripts/serve.sh` with no flags does on a laptop: no key, so the local default model, from the hub
+    cache a first run downloads into (here the tiny model stands in for the download), answers a spoken question in
+    speech, with its prefix cache on."""
+    cache = hub_cache_with(build_tiny_chat_model(str(tmp_path / "tiny")), s2s.DEFAULT_LOCAL_LLM, str(tmp_path / "hub"))
+    srv = ServerProcess("--asr", "fixed", "--max_new_tokens", "12", "--playback_lead_ms", "60000", env={
+        "LLM_API_KEY": "", "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
+
+    async def scenario():
+        async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+            await c.stream_wav(fixture("en_question.wav"))
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["end"], 60)
+            return c
+
+    try:
+        c = asyncio.run(scenario())
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert f"LLM: transformers {s2s.DEFAULT_LOCAL_LLM} on cpu" in log and "prefix cache of" in log, log
+    answer = "".join(a.data["text"] for a in c.events("answer", turn=1))
+    assert len(answer.split()) >= 3, answer  # the tiny model's words, not an echo of the transcript
+    assert "heard" not in answer
+    pcm = np.frombuffer(b"".join(a.pcm for a in c.events("audio", turn=1)), "<i2")
+    assert len(pcm) / s2s.SAMPLE_RATE > 0.5 and np.abs(pcm).max() > 1000  # spoken by espeak-ng, the default TTS
+    assert "Traceback" not in log
+
+
+def test_the_default_llm_is_an_api_when_a_key_is_set(monkeypatch):
+    monkeypatch.setenv("LLM_API_KEY", "sk-test")
+    assert s2s.parse_args([]).llm == "openai" and s2s.parse_args([]).lm_model_name == "gpt-4o-mini"
+    assert s2s.parse_args(["--lm_model_name", "/models/Qwen"]).llm == "transformers"  # CleanS2S's meaning stays
+    monkeypatch.delenv("LLM_API_KEY")
+    assert s2s.parse_args([]).llm == "transformers" and s2s.parse_args([]).lm_model_name == s2s.DEFAULT_LOCAL_LLM

@@ -2,7 +2,8 @@
  * Where the server is, and the user's settings. The server's addresses are chosen at run time, in this order:
  * 1. the page URL: `?receiver=ws://host:9001&sender=ws://host:9002`;
  * 2. the settings panel (saved in localStorage);
- * 3. `/s2s-config.json` from the page's own origin, which the Python server answers when it serves this page;
+ * 3. `/s2s-config.json` from the page's own origin, which the Python server answers when it serves this page (its
+ *    ports, or the URLs a proxy in front of it is reached at);
  * 4. the server's default ports on the page's host: ws://<host>:9001 and ws://<host>:9002.
  *
  * The token, for a server started with --auth_token, comes from `?token=` in the page URL (taken out of the
@@ -48,11 +49,16 @@ const TOKEN_CHARS = /^[A-Za-z0-9._~-]*$/;
 const SERVER_CONFIG_PATH = "/s2s-config.json";
 const SERVER_CONFIG_TIMEOUT_MS = 2000;
 
-/** What the Python server answers at /s2s-config.json. */
+/**
+ * What the Python server answers at /s2s-config.json: the sockets' ports on the page's own host, or their whole
+ * URLs when a proxy in front of the server says where clients reach them (--public_receiver_url/--public_sender_url).
+ */
 interface ServerConfig {
   protocol: number;
   receiver_port: number;
   sender_port: number;
+  receiver_url?: string;
+  sender_url?: string;
   sample_rate: number;
 }
 
@@ -143,7 +149,8 @@ async function fetchServerConfig(page: Location): Promise<ServerConfig | null> {
     if (!response.ok) return null;
     const config = (await response.json()) as Partial<ServerConfig>;
     const portsOk = Number.isInteger(config.receiver_port) && Number.isInteger(config.sender_port);
-    return config.protocol === PROTOCOL_VERSION && portsOk ? (config as ServerConfig) : null;
+    const urlsOk = [config.receiver_url, config.sender_url].every((url) => url === undefined || checkSocketUrl(url));
+    return config.protocol === PROTOCOL_VERSION && portsOk && urlsOk ? (config as ServerConfig) : null;
   } catch {
     return null; // not served by the Python server (e.g. `npm run dev`), or not reachable
   } finally {
@@ -164,8 +171,8 @@ export async function resolveServerAddress(page: Location, settings: Settings): 
   const config = page.protocol.startsWith("http") ? await fetchServerConfig(page) : null;
   if (config) {
     return {
-      receiverUrl: socketUrl(page, config.receiver_port),
-      senderUrl: socketUrl(page, config.sender_port),
+      receiverUrl: config.receiver_url ?? socketUrl(page, config.receiver_port),
+      senderUrl: config.sender_url ?? socketUrl(page, config.sender_port),
       source: "server",
     };
   }

@@ -15,6 +15,8 @@
 //   the page to come back).
 // - sources: a typed question to a server that names its sources; then, muted, the script moves the page's
 //   clock on by half a minute (the keepalive's interval).
+// - proxied: the page came from nginx (deploy/nginx.conf); the fake microphone asks a question once, and once its
+//   answer is on screen the script types another.
 //
 // It prints one JSON object on stdout: what the page showed at each step, and what the test hooks
 // (audio_tap.js) recorded. It does so on a failure too (with `failure` set, and exit status 1), to tell what
@@ -38,7 +40,7 @@ const WATCH_REFUSED_MS = 4000;
 const TOO_LONG_TEXT_CHARS = 2500; // over the server's --max_text_chars (default 2000)
 const KEEPALIVE_MS = 30_000; // the page's keepalive interval (lib/connection.ts)
 
-const SCENARIOS = { talk, token: withToken, refused, sources };
+const SCENARIOS = { talk, token: withToken, refused, sources, proxied };
 if (!(scenario in SCENARIOS)) throw new Error(`unknown scenario ${scenario}`);
 
 const browser = await chromium.launch({
@@ -47,8 +49,8 @@ const browser = await chromium.launch({
   args: [
     "--use-fake-ui-for-media-stream", // grant the microphone without a prompt
     "--use-fake-device-for-media-stream",
-    // The talk scenario's microphone speaks once; the others' loops its silence, so the page always sends.
-    `--use-file-for-fake-audio-capture=${micWav}${scenario === "talk" ? "%noloop" : ""}`,
+    // The talk and proxied scenarios' microphone speaks once; the others' loops its silence, so the page always sends.
+    `--use-file-for-fake-audio-capture=${micWav}${["talk", "proxied"].includes(scenario) ? "%noloop" : ""}`,
     "--autoplay-policy=no-user-gesture-required",
   ],
 });
@@ -216,6 +218,17 @@ async function sources() {
   await page.getByRole("button", { name: "Mute" }).click();
   await page.clock.runFor(KEEPALIVE_MS + 1000);
   await waitFor(() => window.__s2sTest.sent.some((m) => m.type === "keepalive"));
+}
+
+async function proxied() {
+  await start();
+  const spokenAnswer = () =>
+    [...document.querySelectorAll(".bubble.assistant")].some((bubble) => bubble.textContent.startsWith("About heard"));
+  await waitFor(spokenAnswer);
+  result.spoken = await exchanges();
+  await typeMessage("through the proxy");
+  result.typed = await exchanges();
+  await page.screenshot({ path: screenshot, fullPage: true });
 }
 
 async function describe(page) {
