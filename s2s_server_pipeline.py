@@ -323,7 +323,7 @@ class AnswerAudio:  # TTS -> Sender
     turn: int
     seq: int
     text: str  # the chunk's text on its first piece of audio, "" on the rest
-    pcm: bytes  # int16 little-endian PCM, 16 kHz mono; may be empty
+    pcm: bytes  # int16 little-endian PCM, 16 kHz mono; empty on the item that ends a chunk
     last: bool  # the end of the answer
 
 
@@ -395,7 +395,6 @@ class Turn:
     number: int
     spoken: bool
     question: str = ""
-    speech_heard: Optional[float] = None  # first speech window of the utterance reached the VAD
     speech_end: Optional[float] = None  # end of speech detected, after the end-of-turn wait (text: received)
     eot_wait_ms: float = 0.0  # silence waited before speech_end
     transcript: Optional[float] = None
@@ -731,6 +730,14 @@ class VADSegmenter:
             self._reset_utterance()
             return event
         return None
+
+    def turn_due_ms(self, at_end: bool) -> Optional[float]:
+        """The least audio, in ms, after which the utterance under way could start a turn (at_end: end one, where
+        --interrupt_at speech_end starts it); None when none is under way, or its turn has already started."""
+        if self.heard_at is None or (self.started and not at_end):
+            return None
+        to_start = 0.0 if self.started else max(0.0, self.min_speech_ms - self.speech_ms)
+        return to_start + (self.min_silence_ms - (self.silence_ms if self.started else 0.0) if at_end else 0.0)
 
     def quiet_tail(self) -> int:
         """Windows before this one that were already quiet (26 dB under the utterance's loudest), at most two:
@@ -1477,8 +1484,8 @@ class TTSHandler(BaseHandler):
                     turn.tts_first_audio = now()
                 yield AnswerAudio(session, chunk.turn, chunk.seq, text, to_pcm16(audio), last=False)
                 text = ""
-        if text or chunk.last:  # text that made no sound still reaches the client; the answer's end is marked
-            yield AnswerAudio(session, chunk.turn, chunk.seq, text, b"", last=chunk.last)
+        # The chunk's end (with its text, if it made no sound): a legacy client gets a chunk in one message.
+        yield AnswerAudio(session, chunk.turn, chunk.seq, text, b"", last=chunk.last)
 
 
 def clean_stream(pieces: Iterator[str]) -> Iterator[str]:
@@ -1808,6 +1815,68 @@ async def close_within(ws: ServerConnection, code: int, reason: str, timeout_s: 
         ws.transport.abort()
 
 
+SENTENCE_END = re.compile(r"[.!?。！？…]\s*$")
+# CleanS2S's client queues each audio message 200 ms after it arrives, and an interrupt clears only what is queued:
+# audio that arrived in the 200 ms before it still plays. So nothing is sent to it while the user may be that close
+# (plus audio on its way to the VAD) to cutting in.
+LEGACY_QUEUE_DELAY_S = 0.2
+CUT_IN_MARGIN_S = 0.1
+# How long a chunk that ends a sentence waits for the answer's end, to carry its end_flag: the LLM's end follows the
+# last sentence by about a token (a local model on a CPU writes ~10 a second).
+LEGACY_END_WAIT_S = 0.1
+
+
+class LegacyAnswer:
+    """One turn's answer cut as CleanS2S's own server cut it, for its client: a message per chunk with the chunk's
+    text and all of its audio, end_flag on the last. That client shows each message's text as a bubble whose replay
+    button plays that message's audio, and it ends an answer (takes its "still answering" bubble away) only on a
+    message with text, audio and end_flag; an end marker of its own would leave that bubble on screen. Only the turn's
+    first audio goes out before its chunk is whole, once the chunk has a second piece (its text then rides on the
+    rest): a TTS that makes a chunk in one piece (espeak-ng) costs nothing, a streaming one a piece."""
+
+    def __init__(self):
+        self.turn = -1
+        self._new_turn(-1)
+
+    def _new_turn(self, turn: int) -> None:
+        self.turn, self.started = turn, False  # started: the turn's first message went out
+        self.pieces, self.text = [], ""  # the chunk under way
+        self.waiting: Optional[AnswerAudio] = None  # a whole chunk ending a sentence, which may be the answer's last
+
+    def push(self, item: AnswerAudio) -> list:
+        """The messages to send now (AnswerAudio, a chunk each), given the next item from the TTS."""
+        if item.turn != self.turn:
+            self._new_turn(item.turn)
+        out = []
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            if item.last and not item.pcm and not item.text.strip() and not self.pieces:  # the answer ended there
+                return [dataclasses.replace(waiting, text=waiting.text + item.text, last=True)]
+            out.append(waiting)
+        self.text += item.text
+        if item.pcm:
+            if not self.started and len(self.pieces) == 1:  # the turn's first audio may wait no longer
+                out.append(dataclasses.replace(item, text="", pcm=self.pieces.pop(), last=False))
+                self.started = True
+            self.pieces.append(item.pcm)
+            return out
+        whole = dataclasses.replace(item, text=self.text, pcm=b"".join(self.pieces))
+        self.pieces, self.text = [], ""
+        if not whole.text and not whole.pcm and not whole.last:
+            return out
+        self.started = True
+        if not whole.last and SENTENCE_END.search(whole.text):
+            self.waiting = whole
+        else:
+            out.append(whole)
+        return out
+
+    def flush(self) -> list:
+        """The chunk that waited for the answer's end in vain."""
+        waiting, self.waiting = self.waiting, None
+        return [waiting] if waiting is not None else []
+
+
 class SenderConnection:
     """One client on the sender socket. An extended client's connection belongs to one session (it presented the
     session's key); a legacy one (CleanS2S's client) hears every legacy session and keeps its own uid's messages."""
@@ -1884,6 +1953,8 @@ class Session:
         self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
         self.play_start = 0.0  # loop clock when the current answer's audio would have started playing
         self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
+        self.legacy_answer = None if extended else LegacyAnswer()
+        self.holding = False  # the sender waits while the user may be cutting in (see cut_in_may_come)
         self.closed = False
         self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{self.tag}")
 
@@ -1924,7 +1995,7 @@ class Session:
         if old is not None:
             old.cancel()
         self.turn += 1
-        record = Turn(self.turn, spoken, speech_heard=heard_at)
+        record = Turn(self.turn, spoken)
         self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1}
         self.turns[self.turn] = record
         return record
@@ -1995,12 +2066,22 @@ class Session:
 
     async def _send_loop(self) -> None:
         while True:
-            item = await self.outbox.get()
-            if item is None:
-                return
+            legacy = self.legacy_answer
             try:
+                if legacy is not None and legacy.waiting is not None:
+                    try:
+                        item = await asyncio.wait_for(self.outbox.get(), LEGACY_END_WAIT_S)
+                    except TimeoutError:
+                        for message in legacy.flush():
+                            await self._send_audio(message)
+                        continue
+                else:
+                    item = await self.outbox.get()
+                if item is None:
+                    return
                 if isinstance(item, AnswerAudio):
-                    await self._send_audio(item)
+                    for message in legacy.push(item) if legacy is not None else [item]:
+                        await self._send_audio(message)
                 else:
                     if isinstance(item, ErrorEvent):
                         self.server.metrics.errors.labels(item.code).inc()
@@ -2010,7 +2091,7 @@ class Session:
                 logger.exception("sender failed on session %s", self.tag)
 
     async def _send_audio(self, item: AnswerAudio) -> None:
-        if not self.is_current(item.turn):
+        if not self.is_current(item.turn) or not (item.pcm or item.text or item.last):  # (a chunk's end, for legacy)
             return
         t = self.turns[item.turn]
         if t.finished:  # its end was sent (an early end, if a stage failed): nothing of it may follow
@@ -2040,17 +2121,35 @@ class Session:
             self.finish_turn(t)
 
     async def _pace(self, t: Turn) -> None:
-        """Wait until this audio is within --playback_lead_ms of the client's playback position."""
+        """Wait until this audio is within --playback_lead_ms of the client's playback position, and, for a legacy
+        client, while the user may be about to cut in. An interrupt, or new audio heard, ends a wait at once."""
         lead_s = self.args.playback_lead_ms / 1000
-        if lead_s <= 0 or t.first_audio_sent is None:
-            return
-        ahead = self.play_start + t.audio_sent_ms / 1000 - now()
-        if ahead > lead_s:
+        # If the client's audio stops in the middle of a sound, the VAD cannot decide: hold no longer than it could take.
+        hold_until = now() + (self.args.min_speech_ms + self.args.min_silence_ms) / 1000 + 0.5
+        while self.is_current(t.number):
+            wait_s = 0.0
+            if lead_s > 0 and t.first_audio_sent is not None:
+                wait_s = self.play_start + t.audio_sent_ms / 1000 - now() - lead_s
+            self.holding = self.cut_in_may_come() and now() < hold_until
+            if self.holding:
+                wait_s = max(wait_s, hold_until - now())
+            if wait_s <= 0:
+                return
             self.wake.clear()
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout=ahead - lead_s)
+                await asyncio.wait_for(self.wake.wait(), timeout=wait_s)
             except asyncio.TimeoutError:
                 pass
+            finally:
+                self.holding = False
+
+    def cut_in_may_come(self) -> bool:
+        """For a legacy client: could the user's speech start a turn, and so interrupt this answer, before audio sent
+        now is queued by the client (LEGACY_QUEUE_DELAY_S)?"""
+        if self.extended or not self.args.enable_interruption:
+            return False
+        due_ms = self.vad.turn_due_ms(at_end=self.args.interrupt_at == "speech_end")
+        return due_ms is not None and due_ms / 1000 < LEGACY_QUEUE_DELAY_S + CUT_IN_MARGIN_S
 
     def stop_answer(self) -> None:
         """The client is gone (for now): the turn under way becomes stale, and so does all its queued work."""
@@ -2895,6 +2994,8 @@ class VoiceAgentServer:
             piece = session.vad.take_new(self.asr_stage.handler.piece_samples)
             if piece is not None:
                 self.asr_stage.put(Utterance(session, session.speech_turn, piece, final=False))
+        if session.holding:  # its sender waits to see whether this is a cut-in: the VAD has heard more
+            session.wake.set()
         return started
 
     def begin_spoken_turn(self, session: Session) -> None:

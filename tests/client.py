@@ -181,3 +181,80 @@ class LegacyClient(Client):
     async def send_text(self, text: str) -> None:
         await self.recv.send(json.dumps({"type": "user_input", "uid": self.uid, "text": text}))
         self.question_count += 1
+
+
+@dataclass
+class Clip:
+    """One audio message as CleanS2S's client plays it."""
+    turn: int  # its user_input_count
+    text: str  # its answer_text: shown as a bubble when the clip starts
+    end: bool  # its end_flag
+    seconds: float
+    started: float | None = None  # time.monotonic() when it started playing
+
+
+class CleanS2SClient(LegacyClient):
+    """CleanS2S's client as its user hears and sees it (its useVoiceClient.ts, VoiceProvider.tsx, useSoundPlayer.ts
+    and useMessages.ts): every kept audio message is queued QUEUE_DELAY_S after it arrives; clips play one after
+    another; a "VAD detected" reply while a clip plays stops that clip and empties the queue, and nothing else (a
+    message still in its delay is queued afterwards). A message's text shows as a bubble when its clip starts, and
+    the answer ends (the "still answering" bubble goes) only when a clip whose message had text and end_flag starts."""
+
+    QUEUE_DELAY_S = 0.2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.queue: list = []
+        self.playing: Clip | None = None
+        self.clip_done: asyncio.TimerHandle | None = None
+        self.clips: list = []  # every clip queued, in order
+        self.cleared_at: list = []  # time.monotonic() of each stop
+        self.ended = asyncio.Event()  # set when an answer ends on screen
+
+    def on_reply(self, reply: dict) -> None:
+        super().on_reply(reply)
+        if reply.get("return_info") and self.playing is not None:
+            self.clip_done.cancel()
+            self.playing, self.queue, self.is_playing = None, [], False
+            self.cleared_at.append(time.monotonic())
+
+    def parse(self, msg) -> Received:
+        r = super().parse(msg)
+        if r.kind == "legacy" and r.data["answer_audio"]:
+            clip = Clip(r.data["user_input_count"], r.data["answer_text"] or "", r.data["end_flag"],
+                        len(base64.b64decode(r.data["answer_audio"])) / 2 / SAMPLE_RATE)
+            asyncio.get_running_loop().call_later(self.QUEUE_DELAY_S, self._enqueue, clip)
+        return r
+
+    def _enqueue(self, clip: Clip) -> None:
+        self.clips.append(clip)
+        self.queue.append(clip)
+        if self.playing is None:
+            self._play_next()
+
+    def _play_next(self) -> None:
+        self.playing = self.queue.pop(0) if self.queue else None
+        self.is_playing = self.playing is not None
+        if self.playing is not None:
+            self.playing.started = time.monotonic()
+            if self.playing.text and self.playing.end:
+                self.ended.set()
+            self.clip_done = asyncio.get_running_loop().call_later(self.playing.seconds, self._play_next)
+
+    def bubbles(self, turn: int) -> list:
+        """The texts shown for a turn's answer, in order."""
+        return [c.text for c in self.clips if c.turn == turn and c.started is not None and c.text]
+
+    def answer_ended(self, turn: int) -> bool:
+        return any(c.turn == turn and c.started is not None and c.text and c.end for c in self.clips)
+
+    async def until_answer_ended(self, turn: int, timeout: float) -> bool:
+        """Whether the turn's answer ends on screen within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.answer_ended(turn):
+            self.ended.clear()
+            try:
+                await asyncio.wait_for(self.ended.wait(), deadline - time.monotonic())
+            except (TimeoutError, ValueError):
+                return False
+        return True

@@ -13,8 +13,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from client import ExtendedClient, LegacyClient, load_wav
-from conftest import LONG_ANSWER, fixture, saved_file, start_server
+from client import CleanS2SClient, ExtendedClient, LegacyClient, load_wav
+from conftest import LONG_ANSWER, fixture, saved_file, short_answer, start_server
 
 import s2s_server_pipeline as s2s
 
@@ -161,6 +161,66 @@ def test_legacy_client_unchanged(server):
     assert len(pcm) / s2s.SAMPLE_RATE > 2 and np.abs(pcm).max() > 1000
     assert any(k["user_input_count"] == 2 and k["question_text"] is None for k in kept)  # typed: no question echo
     assert not [r for r in c.received if r.kind not in ("legacy", "dropped")]
+
+
+def test_cleans2s_client_hears_nothing_of_the_old_answer_after_cutting_in(chat_api):
+    """CleanS2S's client queues each audio message 200 ms after it arrives, and a cut-in clears only its queue, so the
+    server sends it nothing while the user may be that close to cutting in: no old audio plays after the stop. Short
+    sentences in a fixed-latency TTS put a message on the wire every ~250 ms, so without that hold one would almost
+    always be in the client's 200 ms delay when the cut-in lands."""
+    chat_api.answer = lambda messages: "About it: " + "Yes. No. " * 40
+    srv = start_server(chat_api, "--tts", "fixed")
+    try:
+        async def scenario():
+            async with CleanS2SClient(srv.recv_url, srv.send_url) as c:
+                await c.stream_wav(fixture("en_question.wav"), trailing_silence_s=0.8)
+                await c.wait_for(lambda r: r.kind == "legacy" and r.data["answer_audio"])
+                await asyncio.sleep(1.5)  # the answer plays
+                await c.stream_wav(fixture("en_interrupt.wav"))
+                await c.wait_for(lambda r: r.kind == "legacy" and r.data["user_input_count"] == 2)
+                await asyncio.sleep(CleanS2SClient.QUEUE_DELAY_S + 0.3)  # what was in the client's delay is queued now
+                return c
+
+        c = run(scenario())
+    finally:
+        chat_api.answer = short_answer
+        srv.stop()
+    assert len(c.cleared_at) == 1, "the cut-in did not stop the answer while it played"
+    old = [clip for clip in c.clips if clip.turn == 1 and clip.started is not None]
+    late = [clip for clip in old if clip.started > c.cleared_at[0]]
+    assert late == [], f"{sum(clip.seconds for clip in late):.2f} s of the old answer played after the cut-in"
+    assert sum(clip.seconds for clip in old) > 1.0  # it was heard up to the cut-in
+    assert [clip.turn for clip in c.clips if clip.started is not None][-1] == 2  # and the new answer plays
+
+
+@pytest.mark.parametrize("tts, answer", [("espeak", "Sure. Here is a short answer, the end."),
+                                          ("espeak", "好的。明天见。"),
+                                          ("fixed", "Sure, here is a longer answer. It has two sentences.")])
+def test_cleans2s_client_sees_each_answer_end_and_every_sentence_once(chat_api, tts, answer):
+    """CleanS2S's client ends an answer (takes its "still answering" bubble away) only on a message with text, audio
+    and end_flag, and shows each message's text as a bubble: the answer's end rides on its last chunk, whether the
+    answer's end came with that chunk, just after it (a Chinese answer ends with its last sentence mark, and the
+    LLM's end comes a token later), or the TTS made the chunk in pieces (the first piece goes out alone, at once)."""
+    chat_api.answer = lambda messages: answer
+    srv = start_server(chat_api, "--tts", tts)
+    try:
+        async def scenario():
+            async with CleanS2SClient(srv.recv_url, srv.send_url) as c:
+                for turn in (1, 2):
+                    await c.send_text(f"question {turn}")
+                    await c.wait_for(lambda r: r.kind == "legacy" and r.data["user_input_count"] == turn
+                                     and r.data["end_flag"])
+                    await c.until_answer_ended(turn, timeout=15)  # its audio plays out
+                return c
+
+        c = run(scenario())
+    finally:
+        chat_api.answer = short_answer
+        srv.stop()
+    for turn in (1, 2):
+        assert c.answer_ended(turn), [(clip.text, clip.end) for clip in c.clips if clip.turn == turn]
+        assert "".join(c.bubbles(turn)).strip() == answer  # every sentence shown once, none twice
+        assert all(clip.seconds > 0.1 for clip in c.clips if clip.turn == turn and clip.text)  # no bubble without speech
 
 
 def test_client_vanishing_mid_turn_leaves_server_healthy(server):
