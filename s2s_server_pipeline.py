@@ -390,6 +390,14 @@ class ErrorEvent(ServerEvent):
 # Turns: what happened in each turn, its timings, and the conversation history built from them.
 # ------------------------------------------------------------------------------------------------
 
+def settle(future: concurrent.futures.Future) -> None:
+    """Resolve a future that may be resolved already (by another thread)."""
+    try:
+        future.set_result(True)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 @dataclass
 class Turn:
     number: int
@@ -413,13 +421,13 @@ class Turn:
     failed: bool = False  # a stage raised: the answer ends there, and no stage works on this turn any more
     interrupted: bool = False
     extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
+    notes: dict = field(default_factory=dict)  # what a forked handler keeps with the turn (what the RAG agent found)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
     # (a web lookup) waits on this too, with concurrent.futures.wait(), and gives up at once on a barge-in.
     cancelled: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
-    def cancel(self) -> None:  # event loop only
-        if not self.cancelled.done():
-            self.cancelled.set_result(True)
+    def cancel(self) -> None:
+        settle(self.cancelled)
 
     def heard_text(self) -> str:
         """The answer as far as the user heard it: chunks played (when the client reports it) or sent."""
@@ -468,19 +476,19 @@ class ChatHistory:
         with self.lock:
             self.exchanges.clear()
 
-    def messages(self, role: str, prompt: str, question: str) -> list:
-        """OpenAI-style messages: the opening prompt, past exchanges, then the new question. Roles alternate: an
-        exchange that got no answer (its model call failed) is left out, since many chat templates refuse two user
-        messages in a row."""
-        msgs = [{"role": role, "content": prompt}] if prompt else []
+    def past(self) -> list:
+        """The turns whose exchanges the LLM sees, oldest first: those with an answer (one cut off before a word
+        has its mark), since many chat templates refuse two user messages in a row (a failed model call has none)."""
         with self.lock:
-            past = list(self.exchanges) if self.max_exchanges > 0 else []
-        for t in past:
-            answer = t.heard_text()
-            if t.interrupted:
-                answer += INTERRUPTED_MARK
-            if answer:
-                msgs += [{"role": "user", "content": t.question}, {"role": "assistant", "content": answer}]
+            kept = list(self.exchanges) if self.max_exchanges > 0 else []
+        return [t for t in kept if t.interrupted or t.heard_text()]
+
+    def messages(self, role: str, prompt: str, question: str) -> list:
+        """OpenAI-style messages: the opening prompt, past exchanges, then the new question."""
+        msgs = [{"role": role, "content": prompt}] if prompt else []
+        for t in self.past():
+            answer = t.heard_text() + (INTERRUPTED_MARK if t.interrupted else "")
+            msgs += [{"role": "user", "content": t.question}, {"role": "assistant", "content": answer}]
         msgs.append({"role": "user", "content": question})
         return msgs
 
@@ -512,9 +520,6 @@ class BaseHandler:
         raise NotImplementedError
 
 
-_STOP = object()
-
-
 class Stage:
     """Worker threads feeding one handler. A session's messages are handled one at a time and in order, each by
     whichever worker is free: a session never waits behind another one's model call while a worker idles.
@@ -524,7 +529,7 @@ class Stage:
 
     def __init__(self, name: str, handler: BaseHandler, workers: int, emit: Callable[[Any], None]):
         self.name, self.handler, self.emit = name, handler, emit
-        self.ready: queue.Queue = queue.Queue()  # sessions with a message waiting and no worker on them; _STOP
+        self.ready: queue.Queue = queue.Queue()  # sessions with a message waiting and no worker on them; None: stop
         self.waiting: dict = {}  # session -> deque of its messages; a session is here while a worker holds it
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
@@ -545,7 +550,7 @@ class Stage:
         closed by then, so their work is dropped as stale, and what a running call makes is thrown away; one
         stuck in a model call does not hold the process (the threads are daemons)."""
         for _ in self.threads:
-            self.ready.put(_STOP)
+            self.ready.put(None)
         deadline = time.monotonic() + timeout_s
         for t in self.threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -553,7 +558,7 @@ class Stage:
     def _run(self) -> None:
         while True:
             session = self.ready.get()
-            if session is _STOP:
+            if session is None:
                 return
             with self.lock:
                 msg = self.waiting[session].popleft()
@@ -586,6 +591,11 @@ class Stage:
 # ------------------------------------------------------------------------------------------------
 # Receiver side: voice activity detection turns a stream of audio into utterances.
 # ------------------------------------------------------------------------------------------------
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    """float32 [-1, 1] -> int16 little-endian bytes."""
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
 
 class SileroVAD:
     """silero-vad through onnxruntime. One model is shared by every session; each stream keeps its own state."""
@@ -633,8 +643,7 @@ class WebRTCVAD:
         return self.webrtcvad.Vad(self.mode)
 
     def speech_prob(self, state: Any, window: np.ndarray) -> float:
-        pcm = (np.clip(window, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-        return 1.0 if state.is_speech(pcm, SAMPLE_RATE) else 0.0
+        return 1.0 if state.is_speech(to_pcm16(window), SAMPLE_RATE) else 0.0
 
 
 VAD_MODELS = {"silero": SileroVAD, "webrtc": WebRTCVAD}
@@ -1017,12 +1026,13 @@ ASR_HANDLERS: dict = {"funasr": FunASRHandler, "funasr_streaming": FunASRStreami
 # LLM: text -> a stream of speakable chunks.
 # ------------------------------------------------------------------------------------------------
 
-CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+CJK_CHARS = "\u3400-\u9fff\uf900-\ufaff"  # a character class: CJK ideographs (unified, extension A, compatibility)
+CJK = re.compile(f"[{CJK_CHARS}]")
 # Where speech may pause. CJK marks end a chunk at once; ASCII marks only when followed by a space,
 # so "3.14" and "e.g." inside a sentence do not split it.
 HARD_BREAK = re.compile(r"[。！？；…\n]+|[.!?;]+(?=\s)")
 SOFT_BREAK = re.compile(r"[，、：,:]+(?=\s)|[，、：]+")
-SPEAKABLE = re.compile(r"[\w\u3400-\u9fff]")
+SPEAKABLE = re.compile(rf"[\w{CJK_CHARS}]")
 MAX_CHUNK_CHARS = 120  # a longer chunk is cut at its last comma, so TTS never waits for a paragraph
 
 
@@ -1115,6 +1125,8 @@ def until_cancelled(source: Iterator[Any], cancelled: concurrent.futures.Future)
 class LLMHandler(BaseHandler):
     """Base of every LLM. SWAP MODEL HERE: subclass, implement stream() (and setup() if it loads weights)."""
 
+    takes_tools = False  # True: it has deltas(messages, tools=..., tool_choice=...), as OpenAILLMHandler
+
     def __init__(self, system_role: str = "system", system_prompt: str = "", first_chunk_min_chars: Optional[int] = 6):
         self.system_role, self.system_prompt = system_role, system_prompt
         self.first_chunk_min_chars = first_chunk_min_chars
@@ -1188,6 +1200,7 @@ class OpenAILLMHandler(LLMHandler):
     """Any OpenAI-compatible chat API (OpenAI, DeepSeek, vLLM, Ollama, ...), streamed. Key from LLM_API_KEY."""
 
     name = "openai"
+    takes_tools = True  # deltas() passes tools= and tool_choice= on to the API (the RAG agent's look-ups)
 
     def __init__(self, base_url: str, model: str, temperature: float, max_tokens: int, timeout_s: float, **kwargs):
         super().__init__(**kwargs)
@@ -1445,11 +1458,6 @@ def resample_stream(pieces: Iterator[np.ndarray], rate_in: Callable[[], int]) ->
         yield resampler.resample_chunk(audio)
     if resampler is not None:
         yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-
-
-def to_pcm16(audio: np.ndarray) -> bytes:
-    """float32 [-1, 1] -> int16 little-endian bytes."""
-    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 class TTSHandler(BaseHandler):

@@ -40,7 +40,6 @@ import socket
 import sqlite3
 import threading
 import urllib.request
-import weakref
 from collections import Counter, defaultdict
 from contextlib import closing
 from dataclasses import dataclass
@@ -137,8 +136,7 @@ class SourcesEvent(s2s.ServerEvent):
 # Text: words for BM25 (Chinese too), passages, page text, and what the TTS may say.
 # ------------------------------------------------------------------------------------------------
 
-CJK_CLASS = "\u3400-\u9fff\uf900-\ufaff"
-WORD_OR_CJK_RUN = re.compile(rf"[{CJK_CLASS}]+|[^\W_{CJK_CLASS}]+")
+WORD_OR_CJK_RUN = re.compile(rf"[{s2s.CJK_CHARS}]+|[^\W_{s2s.CJK_CHARS}]+")
 PASSAGE_CHARS = 600  # a passage: a few sentences, small enough that three fit a prompt cheaply
 # Words that every question has: matching on them would rank passages by how chatty they are.
 STOPWORDS = frozenset(
@@ -494,14 +492,6 @@ class LookupStopped(Exception):
     """The turn went stale or the budget ran out while the request was under way."""
 
 
-def settle(future: concurrent.futures.Future) -> None:
-    """Resolve a future that may be resolved already (by another thread)."""
-    try:
-        future.set_result(True)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
 @dataclass
 class HTTPReply:
     status: int
@@ -655,11 +645,11 @@ def all_of(futures: list) -> concurrent.futures.Future:
             left[0] -= 1
             last = left[0] == 0
         if last:
-            settle(joined)
+            s2s.settle(joined)
     for f in futures:
         f.add_done_callback(one_done)
     if not futures:
-        settle(joined)
+        s2s.settle(joined)
     return joined
 
 
@@ -671,7 +661,7 @@ class LookupRun:
         self.turn, self.calls, self.start = turn, calls, now()
         self.deadline = self.start + budget_s
         self.stop = concurrent.futures.Future()
-        turn.cancelled.add_done_callback(lambda _: settle(self.stop))
+        turn.cancelled.add_done_callback(lambda _: s2s.settle(self.stop))
         self.futures = [pool.submit(tools[tool], query, self.deadline, self.stop) if tool in tools else None
                         for tool, query in calls]
         self.done = all_of([f for f in self.futures if f is not None])
@@ -686,7 +676,7 @@ class LookupRun:
         """Wait (up to the deadline) and return a LookupResult per call; None when the turn went stale."""
         self.wait(self.deadline - now())
         finished = [f is not None and f.done() for f in self.futures]  # before the stop makes the rest fail
-        settle(self.stop)  # whatever still runs is abandoned: its sockets close now
+        s2s.settle(self.stop)  # whatever still runs is abandoned: its sockets close now
         self.turn.extra_ms["lookup_ms"] = round((now() - self.start) * 1000, 1)
         if self.turn.cancelled.done():
             return None
@@ -723,48 +713,35 @@ def clip(text: str, max_chars: int) -> str:
     return (cut[:space] if space > max_chars // 2 else cut).rstrip() + "…"
 
 
-@dataclass
-class Finding:
-    question: str  # the user's question the look-up was for, as the history holds it
-    text: str  # what the look-up gave the model (LookupResult.for_llm), clipped to FOUND_CHARS_PER_TURN
-
-
 class EarlierFindings:
     """What each conversation's look-ups found, given again with its next questions, so that a follow-up ("and how
-    tall is it?") still has the facts the answer left out and need not look them up again.
+    tall is it?") still has the facts the answer left out and need not look them up again. Kept with the turn that
+    looked them up (Turn.notes), so they last while its exchange is in what the LLM sees (the core's --chat_size
+    window; a new topic clears it); all of them together are bounded by total_chars.
 
     The findings go into the new question's message, as the results do without tools ("Information found for the
     question below"), not back into the history as tool calls and tool messages: every OpenAI-compatible server
     and chat template takes a user message, also a server that refuses tools and the paths without tools
     (--no-rag_tools, transformers); a turn cut off mid-answer cannot leave a tool call without its result; and
     the request is unchanged up to the last question, so what servers cache of a conversation's prompt (and
-    the transformers prefix cache) still serves it. A finding lasts while its question is among the past
-    questions of the request (the core's --chat_size window; a new topic clears it); all of them together are
-    bounded by FOUND_CHARS."""
+    the transformers prefix cache) still serves it."""
 
     def __init__(self, turn_chars: int = FOUND_CHARS_PER_TURN, total_chars: int = FOUND_CHARS):
         self.turn_chars, self.total_chars = turn_chars, total_chars
-        self.found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a session's ChatHistory -> [Finding], oldest first
-        self.lock = threading.Lock()  # the sessions are answered on several LLM threads
 
-    def add(self, conversation: s2s.ChatHistory, question: str, results: list) -> None:
+    def add(self, turn: s2s.Turn, results: list) -> None:
         given = "\n\n".join(r.for_llm() for r in results if r.sources)
         if given:
-            with self.lock:
-                self.found.setdefault(conversation, []).append(Finding(question, clip(given, self.turn_chars)))
+            turn.notes["found"] = clip(given, self.turn_chars)
 
-    def note(self, conversation: s2s.ChatHistory, messages: list) -> str:
-        """The findings of the past questions `messages` holds (the request: prompt, past exchanges, the new
-        question), newest first up to total_chars, in the order asked; "" when none. The findings of questions
-        no longer in it are forgotten."""
-        past = {m["content"] for m in messages[:-1] if m["role"] == "user"}
-        with self.lock:
-            kept = [f for f in self.found.get(conversation, []) if f.question in past]
-            if conversation in self.found:
-                self.found[conversation] = kept
+    def note(self, conversation: s2s.ChatHistory) -> str:
+        """The findings of the past exchanges the LLM sees, newest first up to total_chars, in the order asked; ""
+        when none."""
         chosen, used = [], 0
-        for f in reversed(kept):
-            part = f"Asked: {f.question}\n{f.text}"
+        for t in reversed(conversation.past()):
+            if "found" not in t.notes:
+                continue
+            part = f"Asked: {t.question}\n{t.notes['found']}"
             if used + len(part) > self.total_chars:
                 break
             chosen.insert(0, part)
@@ -849,7 +826,7 @@ class RAGLLMHandler(s2s.LLMHandler):
     def __init__(self, llm: s2s.LLMHandler, index: Optional[DocumentIndex], web: Optional[WebSearch],
                  budget_s: float = 2.5, use_tools: bool = True, web_every_turn: bool = False,
                  fillers: tuple = ("Let me look that up.", "我查一下。"), **kwargs):
-        self.use_tools = use_tools and isinstance(llm, s2s.OpenAILLMHandler)
+        self.use_tools = use_tools and llm.takes_tools
         kwargs["system_prompt"] = (kwargs.get("system_prompt", "") + (TOOLS_PROMPT if self.use_tools else CONTEXT_PROMPT)).strip()
         super().__init__(**kwargs)
         self.llm, self.index, self.web = llm, index, web
@@ -922,7 +899,7 @@ class RAGLLMHandler(s2s.LLMHandler):
         return spoken_text(answer(msg, turn, messages))
 
     def _answer_with_tools(self, msg: s2s.UserText, turn: s2s.Turn, messages: list) -> Iterator[str]:
-        messages = with_context(messages, [self.found.note(msg.session.history, messages)], msg.text)
+        messages = with_context(messages, [self.found.note(msg.session.history)], msg.text)
         calls: dict = {}  # index -> {"id", "name", "arguments"}, as the stream spells them out
         said = []  # what the model wrote before (or instead of) calling tools
         for piece in self._chat(messages, calls, tools=[TOOL_SPECS[t] for t in self.tools]):
@@ -940,7 +917,7 @@ class RAGLLMHandler(s2s.LLMHandler):
         if results is None:
             return  # barge-in: the user said something new
         self._send_sources(msg, results)
-        self.found.add(msg.session.history, msg.text, results)
+        self.found.add(turn, results)
         followup = messages + [
             {"role": "assistant", "content": "".join(said) or None, "tool_calls": [
                 {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]},
@@ -969,7 +946,7 @@ class RAGLLMHandler(s2s.LLMHandler):
         if not calls:  # web search only, and not every turn: nothing is ever looked up
             yield from self.llm.stream(messages)
             return
-        earlier = self.found.note(msg.session.history, messages)
+        earlier = self.found.note(msg.session.history)
         run = LookupRun(self.pool, self.tools, calls, self.budget_s, turn)
         if web or not run.wait(FILLER_AFTER_S):  # a web search is slow; a document search usually is not
             yield self.filler(msg.text)
@@ -977,7 +954,7 @@ class RAGLLMHandler(s2s.LLMHandler):
         if results is None:
             return
         self._send_sources(msg, results)
-        self.found.add(msg.session.history, msg.text, results)
+        self.found.add(turn, results)
         found = "\n\n".join(r.for_llm() for r in results)
         context = [earlier, f"Information found for the question below:\n\n{found}"]
         yield from self.llm.stream(with_context(messages, context, msg.text))

@@ -308,13 +308,13 @@ def test_findings_are_bounded_and_leave_with_their_question():
     for n in range(4):
         turn = s2s.Turn(n + 1, spoken=False, question=f"question {n}?", answer_chunks=[(0.0, f"answer {n}.")])
         history.add(turn)
-        found.add(history, turn.question, [rag.LookupResult("web_search", turn.question, [
+        found.add(turn, [rag.LookupResult("web_search", turn.question, [
             rag.Source(f"page {n}", "https://example.com", f"fact {n}. " + "more words " * 50)])])
-    note = found.note(history, history.messages("system", "prompt", "and then?"))
+    note = found.note(history)
     assert "fact 3." in note and "fact 2." in note and "question 1?" not in note  # the two exchanges the request holds
     assert note.count("words…") == 2 and len(note) < 500 + len(rag.FOUND_HEADING) + 10  # each clipped, all bounded
     history.clear()  # a new topic
-    assert found.note(history, history.messages("system", "prompt", "and then?")) == ""
+    assert found.note(history) == ""
 
 
 # ------------------------------------------------------------------------------------------------
