@@ -1829,6 +1829,7 @@ SENTENCE_END = re.compile(r"[.!?。！？…]\s*$")
 # (plus audio on its way to the VAD) to cutting in.
 LEGACY_QUEUE_DELAY_S = 0.2
 CUT_IN_MARGIN_S = 0.1
+AUDIO_GAP_S = 0.5  # a client that sends no audio for this long is not about to cut in (a microphone sends every ~64 ms)
 # How long a chunk that ends a sentence waits for the answer's end, to carry its end_flag: the LLM's end follows the
 # last sentence by about a token (a local model on a CPU writes ~10 a second).
 LEGACY_END_WAIT_S = 0.1
@@ -1963,6 +1964,7 @@ class Session:
         self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
         self.legacy_answer = None if extended else LegacyAnswer()
         self.holding = False  # the sender waits while the user may be cutting in (see cut_in_may_come)
+        self.heard_audio_at = 0.0  # when the VAD last took audio from the client
         self.closed = False
         self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{self.tag}")
 
@@ -2132,12 +2134,12 @@ class Session:
         """Wait until this audio is within --playback_lead_ms of the client's playback position, and, for a legacy
         client, while the user may be about to cut in. An interrupt, or new audio heard, ends a wait at once."""
         lead_s = self.args.playback_lead_ms / 1000
-        # If the client's audio stops in the middle of a sound, the VAD cannot decide: hold no longer than it could take.
-        hold_until = now() + (self.args.min_speech_ms + self.args.min_silence_ms) / 1000 + 0.5
         while self.is_current(t.number):
             wait_s = 0.0
             if lead_s > 0 and t.first_audio_sent is not None:
                 wait_s = self.play_start + t.audio_sent_ms / 1000 - now() - lead_s
+            # If the client's audio stops in the middle of a sound, the VAD cannot decide: the hold ends soon after.
+            hold_until = self.heard_audio_at + AUDIO_GAP_S
             self.holding = self.cut_in_may_come() and now() < hold_until
             if self.holding:
                 wait_s = max(wait_s, hold_until - now())
@@ -2979,6 +2981,7 @@ class VoiceAgentServer:
             session.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
             return 0
         events = await self.loop.run_in_executor(self.vad_pool, session.vad.feed, audio)
+        session.heard_audio_at = now()
         streaming = self.asr_stage.handler.streaming
         late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
         started = 0

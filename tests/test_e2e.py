@@ -193,6 +193,26 @@ def test_cleans2s_client_hears_nothing_of_the_old_answer_after_cutting_in(chat_a
     assert [clip.turn for clip in c.clips if clip.started is not None][-1] == 2  # and the new answer plays
 
 
+def test_a_sound_cut_short_by_a_silent_microphone_does_not_hold_the_answer(server):
+    """The hold for a possible cut-in lasts while the VAD is deciding; a client that stops sending audio in the
+    middle of a sound (muted mid-cough) leaves it undecided, and the answer goes on half a second later."""
+    speech = load_wav(fixture("en_question.wav"))
+    burst = speech[np.flatnonzero(np.abs(speech) > 0.02)[0]:][:int(0.15 * s2s.SAMPLE_RATE)]  # under --min_speech_ms
+
+    async def scenario():
+        async with CleanS2SClient(server.recv_url, server.send_url) as c:
+            await c.send_text("tell me something")
+            await c.wait_for(lambda r: r.kind == "legacy" and r.data["answer_audio"])
+            await c.send_audio(burst)  # then nothing more
+            t0 = asyncio.get_running_loop().time()
+            await c.wait_for(lambda r: r.kind == "legacy" and r.data["end_flag"], timeout=10)
+            return c, asyncio.get_running_loop().time() - t0
+
+    c, waited = run(scenario())
+    assert c.replies.count({"return_info": "VAD detected"}) == 0  # no turn started: nothing was cut off
+    assert c.question_count == 1 and waited < 5, waited
+
+
 @pytest.mark.parametrize("tts, answer", [("espeak", "Sure. Here is a short answer, the end."),
                                           ("espeak", "好的。明天见。"),
                                           ("fixed", "Sure, here is a longer answer. It has two sentences.")])
