@@ -29,6 +29,7 @@ import contextlib
 import copy
 import gc
 import dataclasses
+import enum
 import functools
 import hashlib
 import hmac
@@ -398,6 +399,32 @@ def settle(future: concurrent.futures.Future) -> None:
         pass
 
 
+class TurnState(enum.Enum):
+    """A turn's life. Turn.move() makes these moves and no others:
+
+        HEARING ──▶ ANSWERING ──▶ SPEAKING ──▶ SENT       the user's words, the models at work, the answer going out
+        HEARING, ANSWERING, SPEAKING ──▶ FAILED ──▶ SENT   a stage raised: no stage works on it any more, its end goes out
+        HEARING, ANSWERING ──▶ SENT                        nothing to answer (an empty answer, "new topic")
+        every state but INTERRUPTED ──▶ INTERRUPTED        the user cut in (SENT: while it still played), or the client left
+    """
+    HEARING = "hearing"  # the user is speaking (a typed turn starts answering at once)
+    ANSWERING = "answering"  # the user's turn has ended; nothing of the answer has gone out yet
+    SPEAKING = "speaking"  # part of the answer has gone out
+    FAILED = "failed"  # a stage raised; what it made before still goes out, then the answer's end
+    SENT = "sent"  # all of the answer has gone out (it may still be playing); its figures are reported
+    INTERRUPTED = "interrupted"  # cut off; its figures are reported
+
+
+TURN_MOVES = {
+    TurnState.HEARING: {TurnState.ANSWERING, TurnState.FAILED, TurnState.SENT, TurnState.INTERRUPTED},
+    TurnState.ANSWERING: {TurnState.SPEAKING, TurnState.FAILED, TurnState.SENT, TurnState.INTERRUPTED},
+    TurnState.SPEAKING: {TurnState.SENT, TurnState.FAILED, TurnState.INTERRUPTED},
+    TurnState.FAILED: {TurnState.SENT, TurnState.INTERRUPTED},
+    TurnState.SENT: {TurnState.INTERRUPTED},
+    TurnState.INTERRUPTED: set(),
+}
+
+
 @dataclass
 class Turn:
     number: int
@@ -416,15 +443,25 @@ class Turn:
     audio_sent_ms: float = 0.0
     played_ms: Optional[float] = None  # reported by an extended client
     asr_state: dict = field(default_factory=dict)  # a streaming ASR's cache for this utterance
-    sent_any: bool = False  # a message of this turn reached the clients
-    finished: bool = False  # all of the answer was sent (or the turn was cut off); metrics reported
-    failed: bool = False  # a stage raised: the answer ends there, and no stage works on this turn any more
-    interrupted: bool = False
+    state: TurnState = TurnState.HEARING
+    messages_sent: int = 0  # answer messages that went to the clients
     extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
     notes: dict = field(default_factory=dict)  # what a forked handler keeps with the turn (what the RAG agent found)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
     # (a web lookup) waits on this too, with concurrent.futures.wait(), and gives up at once on a barge-in.
     cancelled: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def move(self, to: TurnState) -> bool:
+        """Take a move TURN_MOVES allows, and say whether it was one (a turn already past it stays as it is)."""
+        if to not in TURN_MOVES[self.state]:
+            return False
+        self.state = to
+        return True
+
+    @property
+    def over(self) -> bool:
+        """Nothing more of it goes out: all of it went, or it was cut off."""
+        return self.state in (TurnState.SENT, TurnState.INTERRUPTED)
 
     def cancel(self) -> None:
         settle(self.cancelled)
@@ -447,7 +484,7 @@ class Turn:
             "send_ms": ms(self.tts_first_audio, self.first_audio_sent),
             "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
             "barge_in_ms": self.barge_in_ms,
-            "interrupted": self.interrupted,
+            "interrupted": self.state is TurnState.INTERRUPTED,
             **self.extra_ms,
         }
 
@@ -481,13 +518,13 @@ class ChatHistory:
         has its mark), since many chat templates refuse two user messages in a row (a failed model call has none)."""
         with self.lock:
             kept = list(self.exchanges) if self.max_exchanges > 0 else []
-        return [t for t in kept if t.interrupted or t.heard_text()]
+        return [t for t in kept if t.state is TurnState.INTERRUPTED or t.heard_text()]
 
     def messages(self, role: str, prompt: str, question: str) -> list:
         """OpenAI-style messages: the opening prompt, past exchanges, then the new question."""
         msgs = [{"role": role, "content": prompt}] if prompt else []
         for t in self.past():
-            answer = t.heard_text() + (INTERRUPTED_MARK if t.interrupted else "")
+            answer = t.heard_text() + (INTERRUPTED_MARK if t.state is TurnState.INTERRUPTED else "")
             msgs += [{"role": "user", "content": t.question}, {"role": "assistant", "content": answer}]
         msgs.append({"role": "user", "content": question})
         return msgs
@@ -1979,7 +2016,8 @@ class Session:
     def wants(self, turn: int) -> bool:
         """Whether work for this turn is still wanted: it is current, not cancelled, and no stage has failed it."""
         record = self.turns.get(turn)
-        return self.is_current(turn) and record is not None and not record.failed and not record.cancelled.done()
+        working = (TurnState.HEARING, TurnState.ANSWERING, TurnState.SPEAKING)
+        return self.is_current(turn) and record is not None and record.state in working and not record.cancelled.done()
 
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
@@ -1991,11 +2029,11 @@ class Session:
         """An answer is being made (the user's turn has ended) or is still playing. The client's word that it is
         playing counts only for the current answer, and only a little past the end of its audio."""
         t = self.current()
-        if t is None or t.speech_end is None:
+        if t is None or t.state is TurnState.HEARING:
             return False
         audio_end = self.play_start + t.audio_sent_ms / 1000
         client_playing = self.client_playing_turn == t.number and now() < audio_end + PLAYING_GRACE_S
-        return not t.finished or now() < audio_end or client_playing
+        return not t.over or now() < audio_end or client_playing
 
     def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
         """A new turn makes the running one stale. Returns the new turn's record."""
@@ -2011,15 +2049,13 @@ class Session:
         return record
 
     def _interrupt(self, old: Turn, heard_at: float) -> None:
-        old.interrupted = True
+        was_sent = old.state is TurnState.SENT  # all sent but still playing: reported once already
+        old.move(TurnState.INTERRUPTED)
         self._drain_outbox()
         self.wake.set()
         self.outbox.put_nowait(InterruptEvent(old.number))
         old.barge_in_ms = round((now() - heard_at) * 1000, 1)
-        if old.finished:  # all sent but still playing: report again, now with the barge-in
-            self.report_turn(old, again=True)
-        else:
-            self.finish_turn(old)
+        self.report_turn(old, again=was_sent)
 
     def _drain_outbox(self) -> None:
         kept = []
@@ -2031,8 +2067,7 @@ class Session:
             self.outbox.put_nowait(item)
 
     def finish_turn(self, t: Turn) -> None:
-        if not t.finished:
-            t.finished = True
+        if t.move(TurnState.SENT):
             self.report_turn(t)
 
     def report_turn(self, t: Turn, again: bool = False) -> None:
@@ -2047,7 +2082,7 @@ class Session:
             self.server.recorder.save_turn(self, t)
 
     def new_topic(self) -> None:
-        self.start_turn(spoken=False).finished = True
+        self.start_turn(spoken=False).move(TurnState.SENT)
         self.history.clear()
 
     def on_playback(self, turn: int, played_ms: Optional[float], playing: Optional[bool]) -> None:
@@ -2068,7 +2103,7 @@ class Session:
         """End a turn whose stage raised: the client hears an error, later turns go on."""
         record = self.turns.get(turn)
         if record is not None:
-            record.failed = True
+            record.move(TurnState.FAILED)
         self.send_event(ErrorEvent(code, message, turn))
         self.deliver(AnswerAudio(self, turn, FAILED_SEQ, "", b"", last=True))
 
@@ -2104,16 +2139,17 @@ class Session:
         if not self.is_current(item.turn) or not (item.pcm or item.text or item.last):  # (a chunk's end, for legacy)
             return
         t = self.turns[item.turn]
-        if t.finished:  # its end was sent (an early end, if a stage failed): nothing of it may follow
+        if t.over:  # its end was sent (an early end, if a stage failed): nothing of it may follow
             return
         await self._pace(t)
         if not self.is_current(item.turn):  # interrupted while waiting
             return
-        first = not t.sent_any
+        first = t.messages_sent == 0
         if first and item.last and not item.text and not item.pcm:  # an empty answer: nothing to send
             self.finish_turn(t)
             return
-        t.sent_any = True
+        t.messages_sent += 1
+        t.move(TurnState.SPEAKING)
         moment = now()
         if item.pcm and t.first_audio_sent is None:
             t.first_audio_sent = moment
@@ -2166,9 +2202,9 @@ class Session:
         t = self.current()
         if t is not None:
             t.cancel()
-            if not t.finished:
-                t.interrupted = True
-                self.finish_turn(t)
+            if not t.over:
+                t.move(TurnState.INTERRUPTED)
+                self.report_turn(t)
 
     def close(self) -> None:
         """The session ends: every queued and running piece of work for it becomes stale."""
@@ -2227,7 +2263,7 @@ class TurnRecorder:
 
     def save_turn(self, session: Session, t: Turn) -> None:
         record = {"uid": session.uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
-                  "answer": t.heard_text(), "interrupted": t.interrupted, "metrics": t.metrics()}
+                  "answer": t.heard_text(), "interrupted": t.state is TurnState.INTERRUPTED, "metrics": t.metrics()}
         text = json.dumps(record, ensure_ascii=False, indent=1)
         folder = self.session_dir(session)
         self._put(folder, f"turn{t.number:05d}.json", text.encode("utf-8", "backslashreplace"))  # a lone surrogate stays readable
@@ -2998,6 +3034,7 @@ class VoiceAgentServer:
             if session.is_current(session.speech_turn):
                 t = session.current()  # (typed text in the middle of speech would have taken over the turn)
                 t.speech_end, t.eot_wait_ms = now(), ev.silence_ms
+                t.move(TurnState.ANSWERING)
                 if self.recorder:
                     self.recorder.save_input(session, t.number, ev.audio)
                 self.asr_stage.put(Utterance(session, t.number, ev.untaken if streaming else ev.audio))
@@ -3021,6 +3058,7 @@ class VoiceAgentServer:
             return
         t = session.start_turn(spoken=False)
         t.question, t.speech_end = text, now()
+        t.move(TurnState.ANSWERING)
         self.llm_stage.put(UserText(session, t.number, text))
 
     # ---- sender socket: server -> client ----

@@ -90,8 +90,8 @@ def test_a_full_history_drops_its_older_half_at_once_so_the_prompt_start_holds()
 
 def test_an_exchange_without_an_answer_is_left_out_so_roles_alternate():
     history = s2s.ChatHistory(8)
-    history.add(s2s.Turn(1, False, question="failed", failed=True))  # its model call raised: nothing was said
-    history.add(s2s.Turn(2, False, question="cut off", interrupted=True))  # cut off before a word: the mark remains
+    history.add(s2s.Turn(1, False, question="failed", state=s2s.TurnState.FAILED))  # its model call raised: nothing was said
+    history.add(s2s.Turn(2, False, question="cut off", state=s2s.TurnState.INTERRUPTED))  # cut off before a word: the mark remains
     history.add(s2s.Turn(3, False, question="answered", answer_chunks=[(0.0, "an answer")]))
     roles = [m["role"] for m in history.messages("system", "p", "next")]
     assert roles == ["system", "user", "assistant", "user", "assistant", "user"]

@@ -124,3 +124,17 @@ def test_each_sessions_messages_run_in_order_and_one_at_a_time_on_many_workers()
     stage.stop()
     assert handler.overlaps == 0
     assert [handler.order[s] for s in sessions] == [list(range(k, 60, 3)) for k in range(3)]
+
+
+def test_a_turn_takes_only_the_moves_written_down():
+    S = s2s.TurnState
+    t = s2s.Turn(1, spoken=True)
+    assert t.state is S.HEARING and not t.over
+    assert not t.move(S.SPEAKING) and t.state is S.HEARING  # nothing goes out before the user's turn ends
+    assert t.move(S.ANSWERING) and t.move(S.SPEAKING) and t.move(S.SENT) and t.over
+    assert not t.move(S.SPEAKING) and not t.move(S.FAILED)  # an answer all sent neither speaks again nor fails
+    assert t.move(S.INTERRUPTED) and t.over  # cut off while it still played
+    assert not any(t.move(state) for state in S)  # and that is the end
+    failed = s2s.Turn(2, spoken=False, state=S.SPEAKING)
+    assert failed.move(S.FAILED) and not failed.move(S.SPEAKING) and not failed.over  # what it made still goes out
+    assert failed.move(S.SENT) and failed.over
