@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     vad.add_argument("--chunk_size", type=int, default=2048,
                      help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
 
+    models = p.add_argument_group("every model")
+    models.add_argument("--device", default="auto",
+                        help="torch device of the local models (FunASR, transformers, the RAG agent's embedder): auto (cuda when present), cuda, cuda:1, cpu")
+    models.add_argument("--speech_api_timeout_s", type=float, default=30.0,
+                        help="--asr openai and --tts openai: seconds to wait for the API to connect or send more")
+
     asr = p.add_argument_group("ASR")
     asr.add_argument("--asr", choices=sorted(ASR_HANDLERS), default="funasr", help="ASR backend")
     asr.add_argument("--stt_model_name", default="iic/SenseVoiceSmall",
@@ -151,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--asr_punc_model", default="", help="FunASR punctuation model for Paraformer, e.g. ct-punc (SenseVoice punctuates by itself)")
     asr.add_argument("--asr_workers", type=int, default=1,
                      help="ASR worker threads, shared by all sessions (each session's utterances in order). More than 1 needs a thread-safe model (remote APIs are)")
-    asr.add_argument("--device", default="auto", help="torch device for local models: auto (cuda when present), cuda, cuda:1, cpu")
     asr.add_argument("--stt_dtype", choices=["float32", "float16"], default="float32", help="FunASR precision; float16 applies to Paraformer on CUDA")
     asr.add_argument("--asr_api_url", default="https://api.openai.com/v1", help="--asr openai: base URL of the transcription API")
     asr.add_argument("--asr_api_model", default="whisper-1", help="--asr openai: model name (key from ASR_API_KEY, else LLM_API_KEY)")
@@ -197,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--tts_api_model", default="tts-1", help="--tts openai: model name (key from TTS_API_KEY, else LLM_API_KEY)")
     tts.add_argument("--tts_api_voice", default="alloy", help="--tts openai: voice name")
     tts.add_argument("--tts_api_format", choices=["wav", "pcm"], default="wav", help="--tts openai: audio format asked for (pcm: 24 kHz int16, as OpenAI sends it)")
-    tts.add_argument("--speech_api_timeout_s", type=float, default=30.0, help="seconds to wait for the ASR or TTS API to connect or send more")
     tts.add_argument("--tts_model_name", default=None,
                      help="--tts cosyvoice: model directory (CosyVoice-300M, CosyVoice2-0.5B or Fun-CosyVoice3-0.5B); default pretrained_models/CosyVoice2-0.5B")
     tts.add_argument("--tts_dtype", choices=["float32", "float16"], default="float32", help="--tts cosyvoice: precision (float16 needs CUDA)")
@@ -2688,10 +2692,11 @@ class VoiceAgentServer:
         self.legacy_senders: set = set()
         self.legacy_allowed = legacy_clients_allowed(args)
         self.recorder = TurnRecorder(args.save_data, args.save_data_max_mb * 2**20, self.log) if args.save_data else None
-        self.tts_stage = Stage("tts", tts, args.tts_workers, lambda a: a.session.deliver(a))
+        # The pipeline, in the order an utterance takes it: each stage hands what it makes to the next one.
+        self.asr_stage = Stage("asr", asr, args.asr_workers, lambda text: self.llm_stage.put(text))
         # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
-        self.llm_stage = Stage("llm", llm, args.max_sessions, self.tts_stage.put)
-        self.asr_stage = Stage("asr", asr, args.asr_workers, self.llm_stage.put)
+        self.llm_stage = Stage("llm", llm, args.max_sessions, lambda chunk: self.tts_stage.put(chunk))
+        self.tts_stage = Stage("tts", tts, args.tts_workers, lambda audio: audio.session.deliver(audio))
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
         self.access = AccessPolicy(args.auth_token, args.allowed_origins)
         self.trusted_proxies = frozenset(a.strip() for a in args.trusted_proxies.split(",") if a.strip())
