@@ -1386,7 +1386,7 @@ class TransformersLLMHandler(LLMHandler):
         local = is_local_path(self.model_name)
         if local and not os.path.isdir(self.model_name):
             raise SystemExit(f"LLM model {self.model_name} does not exist: give --lm_model_name an existing model folder, "
-                             f"or a Hugging Face model id such as Qwen/Qwen2.5-0.5B-Instruct to download")
+                             f"or a Hugging Face model id such as {DEFAULT_LOCAL_LLM} to download")
         if not local and not self.cached():
             logger.info("LLM %s is not downloaded yet: downloading it from the Hugging Face Hub (once)", self.model_name)
         try:
@@ -1885,7 +1885,6 @@ class LegacyAnswer:
     rest): a TTS that makes a chunk in one piece (espeak-ng) costs nothing, a streaming one a piece."""
 
     def __init__(self):
-        self.turn = -1
         self._new_turn(-1)
 
     def _new_turn(self, turn: int) -> None:
@@ -2018,7 +2017,8 @@ class Session:
         return not self.closed and turn == self.turn
 
     def wants(self, turn: int) -> bool:
-        """Whether work for this turn is still wanted: it is current, not cancelled, and no stage has failed it."""
+        """Whether work for this turn is still wanted: it is current, not cancelled, and its answer is still being made
+        (no stage has failed it, and not all of it has gone out)."""
         record = self.turns.get(turn)
         working = (TurnState.HEARING, TurnState.ANSWERING, TurnState.SPEAKING)
         return self.is_current(turn) and record is not None and record.state in working and not record.cancelled.done()

@@ -25,7 +25,6 @@ import datetime
 import functools
 import gc
 import importlib
-import json
 import logging
 import os
 import platform
@@ -45,12 +44,12 @@ sys.path[:0] = [BENCH, ROOT, os.path.join(ROOT, "tests")]
 import s2s_server_pipeline as s2s  # noqa: E402
 from client import load_wav  # noqa: E402
 from random_weights import QUESTION, QWEN25, build_qwen_random, build_sensevoice_small_random  # noqa: E402
-from run import PARTS, BenchClient, cpu_name, spread, table  # noqa: E402
+from run import PARTS, BenchClient, cpu_name, spread, table, write_results  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 MODELS_DIR = os.path.join(BENCH, ".models")  # random-weight models, built once (not in git)
-SENSEVOICE_ID, QWEN_ID = "iic/SenseVoiceSmall", "Qwen/Qwen2.5-0.5B-Instruct"
+SENSEVOICE_ID, QWEN_ID = "iic/SenseVoiceSmall", s2s.DEFAULT_LOCAL_LLM  # the server's default LLM
 RANDOM_BUILDS = {  # the models random weights can stand in for: hub id -> (the cache folder, the builder)
     **{name: ("sensevoice-small-random", build_sensevoice_small_random)
        for name in (SENSEVOICE_ID, "FunAudioLLM/SenseVoiceSmall")},
@@ -535,10 +534,7 @@ def main(argv: Optional[list] = None) -> dict:
                "voice_to_voice": summarize_turns(turns, alone_ms(models)),
                "bench_seconds": round(time.monotonic() - t0)}
     print("\n" + report(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-    print(f"\nJSON: {args.out} ({results['bench_seconds']} s)")
+    write_results(results, args.out)
     return results
 
 

@@ -559,7 +559,7 @@ def write_results(results: dict, path: str) -> None:
     """The JSON of a run, and where it went."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1, ensure_ascii=False)  # answers and transcripts in Chinese stay readable
     print(f"\nJSON: {path} ({results['bench_seconds']} s)")
 
 

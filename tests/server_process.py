@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """The real server in a subprocess (tests/serve_test_models.py, or another `script` of tests/), with its log
+    """The real server in a subprocess (tests/serve_test_models.py, or the SCRIPT of a subclass), with its log
     captured: each line, when it was read (time.monotonic()), and a way to wait for a line to be written."""
 
     SCRIPT = "serve_test_models.py"
