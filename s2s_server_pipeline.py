@@ -6,16 +6,20 @@
         --lm_model_url https://api.deepseek.com --lm_model_name deepseek-chat   # any OpenAI-compatible chat API
     python s2s_server_pipeline.py --llm echo          # hear your own words back: checks mic, VAD, ASR, TTS
 
-Data flow. One asyncio loop owns both WebSockets and never runs a model; every model runs in a worker thread:
+Data flow. One asyncio loop owns the sockets and the sessions and never runs a model; every model runs in a
+worker thread:
 
-    browser ──ws :9001──▶ Receiver+VAD ──▶ ASR ──▶ LLM ──▶ TTS ──▶ Sender ──ws :9002──▶ browser
-                          (utterance)    (text) (chunks) (audio)
+    browser ──ws :9001──▶ Session: VAD ──▶ ASR ──▶ LLM ──▶ TTS ──▶ Session: output ──ws :9002──▶ browser
+                              (utterance)  (text) (chunks) (audio)     (paced)
 
 Every message carries its session and its turn number (CleanS2S's `user_input_count`). When the user starts
 a new turn, every message of an older turn is stale: each stage drops stale work where it takes it and stops
-a running model call at its next token or audio chunk, and the sender, the last filter, never sends an old
-frame. To swap a model, subclass ASRHandler, LLMHandler or TTSHandler (search for "SWAP MODEL HERE") and add
-the class to ASR_HANDLERS, LLM_HANDLERS or TTS_HANDLERS; its name becomes a choice of --asr, --llm or --tts.
+a running model call at its next token or audio chunk, and the session's output, the last filter, never
+sends an old frame. The file reads in that order: the conversation's flags, messages and turns, hearing,
+the stages, ASR, LLM, TTS, the session (which knows no socket), main; then the wire formats and the network
+shell, which a fork that swaps a model need not read. To swap a model, subclass ASRHandler, LLMHandler or
+TTSHandler (search for "SWAP MODEL HERE"), declare its flags in add_args(), and add the class to
+ASR_HANDLERS, LLM_HANDLERS or TTS_HANDLERS; its name becomes a choice of --asr, --llm or --tts.
 The wire protocol is in docs/protocol.md.
 """
 from __future__ import annotations
@@ -59,7 +63,7 @@ import time
 import wave
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Optional
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -88,7 +92,8 @@ def require(module: str, install: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration: every flag, its default and its help text live here and nowhere else.
+# Configuration: the conversation's flags. Each model's are beside its handler (add_args), the network's in the
+# network shell; --help lists them all, each with its default.
 # ------------------------------------------------------------------------------------------------
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -101,47 +106,35 @@ DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag. The conversation's are here; each model's beside its handler (add_args), so a forked handler
+    brings its own; the network's with the network shell, at the end of the file (add_network_args)."""
     p = argparse.ArgumentParser(
         prog="s2s_server_pipeline.py",
         description="Real-time speech-to-speech voice agent server (VAD -> ASR -> LLM -> TTS over two WebSockets).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    net = p.add_argument_group("network")
-    net.add_argument("--recv_host", default="localhost", help="host of the receiver socket (client -> server); 0.0.0.0 to accept other machines")
-    net.add_argument("--recv_port", type=int, default=9001, help="port of the receiver socket")
-    net.add_argument("--send_host", default="localhost", help="host of the sender socket (server -> client)")
-    net.add_argument("--send_port", type=int, default=9002, help="port of the sender socket")
-    net.add_argument("--max_sessions", type=int, default=16, help="clients served at once; the next one is refused with close code 1013")
-    net.add_argument("--playback_lead_ms", type=int, default=1000,
-                     help="send answer audio at most this far ahead of the client's playback, so a barge-in drops the rest; 0 sends audio as soon as it is made")
-    net.add_argument("--client_dir", default="auto",
-                     help="built browser client to serve over HTTP on the receiver port (open http://RECV_HOST:RECV_PORT/); "
-                          "auto: frontend_nextjs/out beside this file when it is built; '' serves none")
-    net.add_argument("--public_receiver_url", default=None,
-                     help="where clients reach the receiver socket when a proxy (nginx) stands in front: ws[s]://HOST[:PORT][/PATH], "
-                          "or :PORT for that port on the page's own host. The page learns it from /s2s-config.json. "
-                          "Default: --recv_port on the page's host")
-    net.add_argument("--public_sender_url", default=None,
-                     help="where clients reach the sender socket when a proxy stands in front; as --public_receiver_url. "
-                          "Default: --send_port on the page's host")
-
-    vad = p.add_argument_group("voice activity detection")
-    vad.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
-    vad.add_argument("--vad_thresh", type=float, default=0.5, help="speech probability above which a window is speech (silero)")
-    vad.add_argument("--webrtc_mode", type=int, choices=[0, 1, 2, 3], default=3, help="webrtcvad aggressiveness, 3 rejects most noise")
-    vad.add_argument("--min_speech_ms", type=int, default=200,
-                     help="speech needed before a turn starts; shorter sounds are ignored. With interruption on, this much speech interrupts the assistant")
-    vad.add_argument("--min_silence_ms", type=int, default=600, help="end-of-turn wait: silence after speech before the server answers")
-    vad.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
-    vad.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
-    vad.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
-                     help="when new speech cuts the assistant off: speech_start (after --min_speech_ms of it) or speech_end "
-                          "(once the utterance is complete, as CleanS2S did; the turn starts there too)")
-    vad.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
-                     help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
-    vad.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
-    vad.add_argument("--chunk_size", type=int, default=2048,
-                     help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
+    talk = p.add_argument_group("conversation: hearing, turn-taking, speaking")
+    talk.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
+    talk.add_argument("--vad_thresh", type=float, default=0.5, help="speech probability above which a window is speech (silero)")
+    talk.add_argument("--webrtc_mode", type=int, choices=[0, 1, 2, 3], default=3, help="webrtcvad aggressiveness, 3 rejects most noise")
+    talk.add_argument("--min_speech_ms", type=int, default=200,
+                      help="speech needed before a turn starts; shorter sounds are ignored. With interruption on, this much speech interrupts the assistant")
+    talk.add_argument("--min_silence_ms", type=int, default=600, help="end-of-turn wait: silence after speech before the server answers")
+    talk.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
+    talk.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
+    talk.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
+                      help="when new speech cuts the assistant off: speech_start (after --min_speech_ms of it) or speech_end "
+                           "(once the utterance is complete, as CleanS2S did; the turn starts there too)")
+    talk.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
+                      help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
+    talk.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
+    talk.add_argument("--chunk_size", type=int, default=2048,
+                      help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
+    talk.add_argument("--chat_size", type=int, default=8,
+                      help="most user/assistant exchanges of history sent to the LLM; when full, the older half is dropped at once, "
+                           "so the prompt's start stays the same for several turns and prompt caches keep serving it")
+    talk.add_argument("--playback_lead_ms", type=int, default=1000,
+                      help="send answer audio at most this far ahead of the client's playback, so a barge-in drops the rest; 0 sends audio as soon as it is made")
 
     models = p.add_argument_group("every model")
     models.add_argument("--device", default="auto",
@@ -151,16 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     asr = p.add_argument_group("ASR")
     asr.add_argument("--asr", choices=sorted(ASR_HANDLERS), default="funasr", help="ASR backend")
-    asr.add_argument("--stt_model_name", default="iic/SenseVoiceSmall",
-                     help="FunASR model id or local directory: SenseVoiceSmall (iic/SenseVoiceSmall), Paraformer (paraformer-zh), or with --asr funasr_streaming paraformer-zh-streaming")
-    asr.add_argument("--asr_language", default="auto", help="language: auto, zh, en, yue, ja or ko (SenseVoice); an ISO code or auto (--asr openai)")
-    asr.add_argument("--asr_punc_model", default="", help="FunASR punctuation model for Paraformer, e.g. ct-punc (SenseVoice punctuates by itself)")
-    asr.add_argument("--asr_workers", type=int, default=1,
-                     help="ASR worker threads, shared by all sessions (each session's utterances in order). More than 1 needs a thread-safe model (remote APIs are)")
-    asr.add_argument("--stt_dtype", choices=["float32", "float16"], default="float32", help="FunASR precision; float16 applies to Paraformer on CUDA")
-    asr.add_argument("--asr_api_url", default="https://api.openai.com/v1", help="--asr openai: base URL of the transcription API")
-    asr.add_argument("--asr_api_model", default="whisper-1", help="--asr openai: model name (key from ASR_API_KEY, else LLM_API_KEY)")
-
+    add_handler_args(asr, ASR_HANDLERS)
     llm = p.add_argument_group("LLM")
     llm.add_argument("--llm", choices=sorted(LLM_HANDLERS), default=None,
                      help="LLM backend: openai is any OpenAI-compatible chat API, key from LLM_API_KEY; transformers runs a local "
@@ -168,103 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
                           "--lm_model_url, transformers with --lm_model_name alone (as CleanS2S), else openai when LLM_API_KEY "
                           f"is set, else transformers with {DEFAULT_LOCAL_LLM} (downloaded on first run)")
     llm.add_argument("--enable_llm_api", action="store_true", help="CleanS2S's way to say --llm openai")
-    llm.add_argument("--lm_model_url", default=None, help="--llm openai: base URL of the API (default https://api.openai.com/v1)")
-    llm.add_argument("--lm_model_name", default=None,
-                     help=f"--llm openai: model name at the API (default gpt-4o-mini); --llm transformers: hub id or local directory (default {DEFAULT_LOCAL_LLM})")
-    llm.add_argument("--lm_compile", action="store_true", help="--llm transformers: torch.compile the model (slower start, faster tokens on GPU)")
-    llm.add_argument("--lm_prefix_cache", type=int, default=None,
-                     help="--llm transformers: keep the attention cache of this many recent conversations, so a turn computes only "
-                          "the tokens its prompt does not share with an earlier one (0: off; default: --max_sessions)")
-    llm.add_argument("--lm_temperature", type=float, default=0.7, help="sampling temperature")
-    llm.add_argument("--max_new_tokens", type=int, default=160, help="most tokens in one answer")
-    llm.add_argument("--lm_timeout_s", type=float, default=30.0, help="seconds to wait for the API to connect or send the next token")
-    llm.add_argument("--init_chat_role", default="system", help="role of the prompt that opens every conversation")
-    llm.add_argument("--init_chat_prompt", default=DEFAULT_SYSTEM_PROMPT, help="prompt that opens every conversation")
-    llm.add_argument("--chat_size", type=int, default=8,
-                     help="most user/assistant exchanges of history sent to the LLM; when full, the older half is dropped at once, "
-                          "so the prompt's start stays the same for several turns and prompt caches keep serving it")
-    llm.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16", help="--llm transformers: precision")
-    llm.add_argument("--first_chunk_min_chars", type=int, default=6,
-                     help="the first speakable chunk may end at a comma once it has this many characters (a Chinese character counts as two), so the first audio starts early")
-    llm.add_argument("--first_chunk", choices=["clause", "sentence"], default="clause",
-                     help="where the first chunk sent to the TTS may end: clause (see --first_chunk_min_chars) or sentence (as CleanS2S did)")
-
+    add_handler_args(llm, LLM_HANDLERS)
     tts = p.add_argument_group("TTS")
     tts.add_argument("--tts", choices=sorted(TTS_HANDLERS), default=None,
                      help="TTS backend: espeak (no GPU, no download), cosyvoice (voice cloning), openai (any OpenAI-compatible speech API). "
                           "Default, as CleanS2S: cosyvoice with --tts_model_name, else espeak")
-    tts.add_argument("--tts_voice_en", default="en-us", help="espeak-ng voice for text without Chinese characters")
-    tts.add_argument("--tts_voice_zh", default="cmn", help="espeak-ng voice for text with Chinese characters")
-    tts.add_argument("--tts_speed", type=int, default=175, help="espeak-ng speaking rate in words per minute")
-    tts.add_argument("--tts_workers", type=int, default=2, help="TTS worker threads, shared by all sessions (each session's sentences in order); "
-                          "more let more sessions speak at once, if the model takes concurrent calls")
-    tts.add_argument("--tts_api_url", default="https://api.openai.com/v1", help="--tts openai: base URL of the speech API")
-    tts.add_argument("--tts_api_model", default="tts-1", help="--tts openai: model name (key from TTS_API_KEY, else LLM_API_KEY)")
-    tts.add_argument("--tts_api_voice", default="alloy", help="--tts openai: voice name")
-    tts.add_argument("--tts_api_format", choices=["wav", "pcm"], default="wav", help="--tts openai: audio format asked for (pcm: 24 kHz int16, as OpenAI sends it)")
-    tts.add_argument("--tts_model_name", default=None,
-                     help="--tts cosyvoice: model directory (CosyVoice-300M, CosyVoice2-0.5B or Fun-CosyVoice3-0.5B); default pretrained_models/CosyVoice2-0.5B")
-    tts.add_argument("--tts_dtype", choices=["float32", "float16"], default="float32", help="--tts cosyvoice: precision (float16 needs CUDA)")
-    tts.add_argument("--ref_dir", default=None, help="--tts cosyvoice: folder of reference voices with ref.json (CleanS2S's format); default ref_audio")
-    tts.add_argument("--tts_voice", default="random", help="--tts cosyvoice: voice of each session: random, first, or a voice's file name without .wav")
-    tts.add_argument("--tts_text_stream", action="store_true",
-                     help="--tts cosyvoice (2 and 3): feed the LLM's text to the TTS as it is written instead of sentence by sentence")
-    tts.add_argument("--tts_load_jit", action="store_true", help="--tts cosyvoice (300M and 2): load the JIT-compiled parts (CUDA)")
-    tts.add_argument("--cosyvoice_dir", default=None, help="--tts cosyvoice: a clone of the CosyVoice repository, added to the import path")
-
-    sec = p.add_argument_group("security and limits")
-    sec.add_argument("--auth_token", default=None,
-                     help="shared secret both sockets require (query ?token= or WebSocket subprotocol s2s.token.TOKEN); "
-                          "default: the S2S_AUTH_TOKEN environment variable (preferred: a flag shows in the process list), else none")
-    sec.add_argument("--allowed_origins", default="auto",
-                     help="browser pages that may connect, comma-separated (https://app.example.com,http://localhost:3000); "
-                          "auto: pages from the server's own host name, and clients that send no Origin; * allows any")
-    sec.add_argument("--trusted_proxies", default="127.0.0.1,::1",
-                     help="addresses of reverse proxies (nginx) whose X-Forwarded-For header names the client, comma-separated; "
-                          "the logs show that client instead of the proxy. Empty: trust none")
-    sec.add_argument("--ssl_certfile", default=None, help="TLS certificate (PEM): serves wss:// and the browser client over https")
-    sec.add_argument("--ssl_keyfile", default=None, help="TLS private key (PEM) of --ssl_certfile")
-    sec.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
-    sec.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
-    sec.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
-    sec.add_argument("--max_messages_per_s", type=int, default=100,
-                     help="messages per second per connection (a microphone sends about 31); the excess is dropped (error rate_limited)")
-    sec.add_argument("--idle_timeout_s", type=float, default=300.0,
-                     help="close a receiver connection that sends nothing for this long, and a legacy sender that has no legacy "
-                          "session from its address for this long (code 4408); 0 never does")
-    sec.add_argument("--resume_s", type=float, default=30.0,
-                     help="keep a session this long after its receiver closes, so the client can come back to it with its session "
-                          "key; a new session that needs the slot ends it sooner")
-    sec.add_argument("--legacy_clients", choices=["auto", "allow", "refuse"], default="auto",
-                     help="CleanS2S's own client (no uid in its URLs; it hears every legacy session's answers and keeps its own): "
-                          "auto allows it only with no --auth_token and both sockets on localhost; refused ones get code 4426")
-    sec.add_argument("--max_connections_per_client", type=int, default=8,
-                     help="open connections from one client address (the forwarded one behind --trusted_proxies); the next is refused "
-                          "with 1013. Clients on the machine itself (loopback, an SSH tunnel) are not limited")
-    sec.add_argument("--max_pending_connections", type=int, default=512,
-                     help="connections still in their opening handshake, in all; past it (or past 16 from one address) the one "
-                          "waiting longest is dropped, so slow handshakes cannot keep a new client out")
-    sec.add_argument("--send_timeout_s", type=float, default=10.0,
-                     help="close a connection (code 4429) whose client has not taken a message within this many seconds")
-    sec.add_argument("--send_buffer_kb", type=int, default=4096,
-                     help="close a connection (code 4429) that has more than this many KiB waiting to be sent to its client")
-    sec.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
-    sec.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
-
-    data = p.add_argument_group("data")
-    data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
-                      help="store every turn (input wav, transcript, answer text, answer wav) in DIR, a folder per session; bare flag: s2s_data")
-    data.add_argument("--save_data_max_mb", type=float, default=1024,
-                      help="stop saving (one warning in the log) once DIR holds this many MiB; 0: no limit")
-    data.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
-    data.add_argument("--log_format", choices=["text", "json"], default="text",
-                      help="json: one JSON object per line (time, level, logger, message, and a turn line's figures as fields)")
-
-    ops = p.add_argument_group("operations")
-    ops.add_argument("--ops_port", type=int, default=0,
-                     help="also serve /metrics (Prometheus) and /healthz on this port of --recv_host, from before the models load, "
-                          "so /healthz says 503 until they are ready; 0: only on the receiver port, which listens once they are")
+    add_handler_args(tts, TTS_HANDLERS)
+    add_network_args(p)
     return p
+
+
+def add_handler_args(group: argparse._ArgumentGroup, registry: dict) -> None:
+    """The flags of every handler a stage can choose, each declared once, by the class that defines add_args()."""
+    done: set = set()
+    for handler in registry.values():
+        for cls in reversed(handler.__mro__):
+            if "add_args" in vars(cls) and cls not in done:
+                done.add(cls)
+                cls.add_args(group)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,13 +228,14 @@ class TextFeed:
 
 
 @dataclass
-class AnswerAudio:  # TTS -> Sender
+class AnswerAudio:  # TTS -> Session -> client
     session: Session
     turn: int
     seq: int
     text: str  # the chunk's text on its first piece of audio, "" on the rest
     pcm: bytes  # int16 little-endian PCM, 16 kHz mono; empty on the item that ends a chunk
     last: bool  # the end of the answer
+    question: Optional[str] = None  # a spoken turn's transcript, on the first piece that goes out (for CleanS2S's client)
 
 
 # Events for clients of the extended protocol (docs/protocol.md). Legacy clients never see them.
@@ -447,6 +353,7 @@ class Turn:
     audio_sent_ms: float = 0.0
     played_ms: Optional[float] = None  # reported by an extended client
     asr_state: dict = field(default_factory=dict)  # a streaming ASR's cache for this utterance
+    heard_audio: Optional[np.ndarray] = None  # the utterance as the VAD cut it (float32, 16 kHz), for --save_data
     state: TurnState = TurnState.HEARING
     messages_sent: int = 0  # answer messages that went to the clients
     extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
@@ -535,103 +442,9 @@ class ChatHistory:
 
 
 # ------------------------------------------------------------------------------------------------
-# Handler base and stage plumbing. TRY NOT TO MODIFY: models plug in below, in the handlers.
+# Hearing: voice activity detection turns a stream of audio into utterances.
 # ------------------------------------------------------------------------------------------------
 
-class BaseHandler:
-    """One model behind one stage: load it in setup(), turn one message into output messages in process()."""
-
-    name = "base"
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BaseHandler:
-        """Build the handler from the command line; a forked handler reads its own flags here."""
-        return cls()
-
-    def setup(self) -> None:
-        """Load the model. Runs once, before the server listens."""
-
-    def warmup(self) -> None:
-        """Run the model once so the first user does not pay for lazy initialisation."""
-
-    def describe(self) -> str:
-        return self.name
-
-    def process(self, msg: Any) -> Iterator[Any]:
-        raise NotImplementedError
-
-
-class Stage:
-    """Worker threads feeding one handler. A session's messages are handled one at a time and in order, each by
-    whichever worker is free: a session never waits behind another one's model call while a worker idles.
-    Sessions with work waiting take turns, a message each. Stale messages are dropped where they are taken and
-    checked again after every output, where the handler's generator is closed (its `finally` frees the model
-    call). An exception in one message fails that turn only."""
-
-    def __init__(self, name: str, handler: BaseHandler, workers: int, emit: Callable[[Any], None]):
-        self.name, self.handler, self.emit = name, handler, emit
-        self.ready: queue.Queue = queue.Queue()  # sessions with a message waiting and no worker on them; None: stop
-        self.waiting: dict = {}  # session -> deque of its messages; a session is here while a worker holds it
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def put(self, msg: Any) -> None:
-        with self.lock:
-            held = msg.session in self.waiting
-            self.waiting.setdefault(msg.session, deque()).append(msg)
-        if not held:
-            self.ready.put(msg.session)
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        """Each worker stops after the work queued before; wait for them `timeout_s` in all. Their sessions are
-        closed by then, so their work is dropped as stale, and what a running call makes is thrown away; one
-        stuck in a model call does not hold the process (the threads are daemons)."""
-        for _ in self.threads:
-            self.ready.put(None)
-        deadline = time.monotonic() + timeout_s
-        for t in self.threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-
-    def _run(self) -> None:
-        while True:
-            session = self.ready.get()
-            if session is None:
-                return
-            with self.lock:
-                msg = self.waiting[session].popleft()
-            self._process(msg)
-            with self.lock:
-                more = bool(self.waiting[session])
-                if not more:
-                    del self.waiting[session]
-            if more:  # to the back of the line: the sessions waiting get a worker first
-                self.ready.put(session)
-
-    def _process(self, msg: Any) -> None:
-        session = msg.session
-        if not session.wants(msg.turn):
-            return
-        outputs = self.handler.process(msg)
-        try:
-            for out in outputs:
-                if not session.wants(msg.turn):
-                    break
-                self.emit(out)
-        except Exception as exc:  # one failed model call fails its turn, never the stage
-            if session.wants(msg.turn):
-                logger.exception("%s failed on session %s turn %d", self.name, session.tag, msg.turn)
-                session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
-        finally:
-            outputs.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# Receiver side: voice activity detection turns a stream of audio into utterances.
-# ------------------------------------------------------------------------------------------------
 
 def to_pcm16(audio: np.ndarray) -> bytes:
     """float32 [-1, 1] -> int16 little-endian bytes."""
@@ -817,6 +630,110 @@ def concat(windows: list) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
+# Handler base and stage plumbing. TRY NOT TO MODIFY: models plug in below, in the handlers.
+# ------------------------------------------------------------------------------------------------
+
+class BaseHandler:
+    """One model behind one stage: load it in setup(), turn one message into output messages in process()."""
+
+    name = "base"
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        """Declare the handler's own flags (in its stage's group of --help); from_args reads them."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BaseHandler:
+        """Build the handler from the command line; a forked handler reads its own flags here."""
+        return cls()
+
+    def setup(self) -> None:
+        """Load the model. Runs once, before the server listens."""
+
+    def warmup(self) -> None:
+        """Run the model once so the first user does not pay for lazy initialisation."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def process(self, msg: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class Stage:
+    """Worker threads feeding one handler. A session's messages are handled one at a time and in order, each by
+    whichever worker is free: a session never waits behind another one's model call while a worker idles.
+    Sessions with work waiting take turns, a message each. Stale messages are dropped where they are taken and
+    checked again after every output, where the handler's generator is closed (its `finally` frees the model
+    call). An exception in one message fails that turn only."""
+
+    def __init__(self, name: str, handler: BaseHandler, workers: int, emit: Callable[[Any], None]):
+        self.name, self.handler, self.emit = name, handler, emit
+        self.ready: queue.Queue = queue.Queue()  # sessions with a message waiting and no worker on them; None: stop
+        self.waiting: dict = {}  # session -> deque of its messages; a session is here while a worker holds it
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def put(self, msg: Any) -> None:
+        with self.lock:
+            held = msg.session in self.waiting
+            self.waiting.setdefault(msg.session, deque()).append(msg)
+        if not held:
+            self.ready.put(msg.session)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Each worker stops after the work queued before; wait for them `timeout_s` in all. Their sessions are
+        closed by then, so their work is dropped as stale, and what a running call makes is thrown away; one
+        stuck in a model call does not hold the process (the threads are daemons)."""
+        self.close()
+        self.join(time.monotonic() + timeout_s)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.ready.put(None)
+
+    def join(self, deadline: float) -> None:
+        for t in self.threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while True:
+            session = self.ready.get()
+            if session is None:
+                return
+            with self.lock:
+                msg = self.waiting[session].popleft()
+            self._process(msg)
+            with self.lock:
+                more = bool(self.waiting[session])
+                if not more:
+                    del self.waiting[session]
+            if more:  # to the back of the line: the sessions waiting get a worker first
+                self.ready.put(session)
+
+    def _process(self, msg: Any) -> None:
+        session = msg.session
+        if not session.wants(msg.turn):
+            return
+        outputs = self.handler.process(msg)
+        try:
+            for out in outputs:
+                if not session.wants(msg.turn):
+                    break
+                self.emit(out)
+        except Exception as exc:  # one failed model call fails its turn, never the stage
+            if session.wants(msg.turn):
+                logger.exception("%s failed on session %s turn %d", self.name, session.tag, msg.turn)
+                session.fail_turn(msg.turn, f"{self.name}_failed", f"{self.name} failed: {exc}")
+        finally:
+            outputs.close()
+
+
+# ------------------------------------------------------------------------------------------------
 # Remote models: any stage can run behind an OpenAI-compatible HTTP API.
 # ------------------------------------------------------------------------------------------------
 
@@ -869,6 +786,12 @@ class ASRHandler(BaseHandler):
 
     streaming = False  # True: gets the utterance in pieces while the user speaks, sends partial transcripts
     piece_samples = 9600  # a streaming ASR's piece: 600 ms at 16 kHz
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--asr_language", default="auto", help="language: auto, zh, en, yue, ja or ko (SenseVoice); an ISO code or auto (--asr openai)")
+        group.add_argument("--asr_workers", type=int, default=1,
+                           help="ASR worker threads, shared by all sessions (each session's utterances in order). More than 1 needs a thread-safe model (remote APIs are)")
 
     def transcribe(self, audio: np.ndarray) -> str:  # float32 PCM, 16 kHz mono
         raise NotImplementedError
@@ -955,8 +878,15 @@ class FunASRHandler(ASRHandler):
         self.punc_model, self.dtype = punc_model, dtype
 
     @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--asr_model_name", "--stt_model_name", default="iic/SenseVoiceSmall",
+                           help="FunASR model id or local directory: SenseVoiceSmall (iic/SenseVoiceSmall), Paraformer (paraformer-zh), or with --asr funasr_streaming paraformer-zh-streaming")
+        group.add_argument("--asr_punc_model", default="", help="FunASR punctuation model for Paraformer, e.g. ct-punc (SenseVoice punctuates by itself)")
+        group.add_argument("--asr_dtype", "--stt_dtype", choices=["float32", "float16"], default="float32", help="FunASR precision; float16 applies to Paraformer on CUDA")
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> FunASRHandler:
-        return cls(args.stt_model_name, resolve_device(args.device), args.asr_language, args.asr_punc_model, args.stt_dtype)
+        return cls(args.asr_model_name, resolve_device(args.device), args.asr_language, args.asr_punc_model, args.asr_dtype)
 
     def describe(self) -> str:
         return f"funasr {self.model_name} ({type(self.model.model).__name__}) on {self.device}, {self.dtype}"
@@ -964,10 +894,10 @@ class FunASRHandler(ASRHandler):
     def setup(self) -> None:
         local = is_local_path(self.model_name)
         if local and not os.path.isdir(self.model_name):
-            raise SystemExit(f"ASR model {self.model_name} does not exist: give --stt_model_name an existing FunASR model "
+            raise SystemExit(f"ASR model {self.model_name} does not exist: give --asr_model_name an existing FunASR model "
                              f"folder, or a model id such as iic/SenseVoiceSmall to download")
         if local and not os.path.isfile(os.path.join(self.model_name, "config.yaml")):
-            raise SystemExit(f"--stt_model_name {self.model_name}: no FunASR model there (a model directory holds config.yaml)")
+            raise SystemExit(f"--asr_model_name {self.model_name}: no FunASR model there (a model directory holds config.yaml)")
         level = logging.getLogger().level
         with third_party_output():  # importing funasr prints notices and every optional import of its that failed
             AutoModel = require("funasr", "pip install funasr kaldi-native-fbank").AutoModel
@@ -986,7 +916,7 @@ class FunASRHandler(ASRHandler):
                 raise SystemExit(f"ASR model {self.model_name} could not be downloaded from ModelScope: "
                                  f"{download_failure(failed.group(1))}. Download it where there is a network "
                                  f"(modelscope download --model {self.model_name} --local_dir DIR) and start with "
-                                 f"--stt_model_name DIR, or transcribe through an API with --asr openai") from exc
+                                 f"--asr_model_name DIR, or transcribe through an API with --asr openai") from exc
         kind = type(self.model.model).__name__
         self.is_sensevoice = "sensevoice" in kind.lower()
         if self.dtype == "float16":
@@ -995,7 +925,7 @@ class FunASRHandler(ASRHandler):
                 self.model.model.half()
                 self.model.kwargs["fp16"] = True
             else:
-                logger.warning("--stt_dtype float16 needs a Paraformer model on CUDA; %s on %s runs in float32", kind, self.device)
+                logger.warning("--asr_dtype float16 needs a Paraformer model on CUDA; %s on %s runs in float32", kind, self.device)
                 self.dtype = "float32"
 
     def warmup(self) -> None:
@@ -1041,6 +971,11 @@ class OpenAIASRHandler(ASRHandler):
 
     def __init__(self, base_url: str, model: str, language: str, timeout_s: float):
         self.base_url, self.model, self.language, self.timeout_s = base_url, model, language, timeout_s
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--asr_api_url", default="https://api.openai.com/v1", help="--asr openai: base URL of the transcription API")
+        group.add_argument("--asr_api_model", default="whisper-1", help="--asr openai: model name (key from ASR_API_KEY, else LLM_API_KEY)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OpenAIASRHandler:
@@ -1179,6 +1114,19 @@ class LLMHandler(BaseHandler):
                     first_chunk_min_chars=args.first_chunk_min_chars if args.first_chunk == "clause" else None)
 
     @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--lm_model_name", default=None,
+                           help=f"--llm openai: model name at the API (default gpt-4o-mini); --llm transformers: hub id or local directory (default {DEFAULT_LOCAL_LLM})")
+        group.add_argument("--lm_temperature", type=float, default=0.7, help="sampling temperature")
+        group.add_argument("--lm_max_new_tokens", "--max_new_tokens", type=int, default=160, help="most tokens in one answer")
+        group.add_argument("--init_chat_role", default="system", help="role of the prompt that opens every conversation")
+        group.add_argument("--init_chat_prompt", default=DEFAULT_SYSTEM_PROMPT, help="prompt that opens every conversation")
+        group.add_argument("--first_chunk_min_chars", type=int, default=6,
+                           help="the first speakable chunk may end at a comma once it has this many characters (a Chinese character counts as two), so the first audio starts early")
+        group.add_argument("--first_chunk", choices=["clause", "sentence"], default="clause",
+                           help="where the first chunk sent to the TTS may end: clause (see --first_chunk_min_chars) or sentence (as CleanS2S did)")
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> LLMHandler:
         return cls(**cls.common_args(args))
 
@@ -1249,8 +1197,13 @@ class OpenAILLMHandler(LLMHandler):
         self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
 
     @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--lm_model_url", default=None, help="--llm openai: base URL of the API (default https://api.openai.com/v1)")
+        group.add_argument("--lm_timeout_s", type=float, default=30.0, help="--llm openai: seconds to wait for the API to connect or send the next token")
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> OpenAILLMHandler:
-        return cls(args.lm_model_url, args.lm_model_name, args.lm_temperature, args.max_new_tokens,
+        return cls(args.lm_model_url, args.lm_model_name, args.lm_temperature, args.lm_max_new_tokens,
                    args.lm_timeout_s, **cls.common_args(args))
 
     def describe(self) -> str:
@@ -1361,9 +1314,17 @@ class TransformersLLMHandler(LLMHandler):
         self.prefixes = PrefixCache(prefix_cache) if prefix_cache > 0 else None
 
     @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--lm_dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16", help="--llm transformers: precision")
+        group.add_argument("--lm_compile", action="store_true", help="--llm transformers: torch.compile the model (slower start, faster tokens on GPU)")
+        group.add_argument("--lm_prefix_cache", type=int, default=None,
+                           help="--llm transformers: keep the attention cache of this many recent conversations, so a turn computes only "
+                                "the tokens its prompt does not share with an earlier one (0: off; default: --max_sessions)")
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> TransformersLLMHandler:
         return cls(args.lm_model_name, resolve_device(args.device), args.lm_dtype, args.lm_temperature,
-                   args.max_new_tokens, args.lm_compile,
+                   args.lm_max_new_tokens, args.lm_compile,
                    args.max_sessions if args.lm_prefix_cache is None else args.lm_prefix_cache, **cls.common_args(args))
 
     def describe(self) -> str:
@@ -1507,6 +1468,11 @@ class TTSHandler(BaseHandler):
 
     reads_text_stream = False  # True: synthesize() also takes a generator of text pieces (--tts_text_stream)
 
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--tts_workers", type=int, default=2, help="TTS worker threads, shared by all sessions (each session's sentences in order); "
+                           "more let more sessions speak at once, if the model takes concurrent calls")
+
     def choose_voice(self) -> Any:
         return None
 
@@ -1552,6 +1518,12 @@ class EspeakTTSHandler(TTSHandler):
 
     def __init__(self, voice_en: str, voice_zh: str, speed: int):
         self.voice_en, self.voice_zh, self.speed = voice_en, voice_zh, speed
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--tts_voice_en", default="en-us", help="espeak-ng voice for text without Chinese characters")
+        group.add_argument("--tts_voice_zh", default="cmn", help="espeak-ng voice for text with Chinese characters")
+        group.add_argument("--tts_speed", type=int, default=175, help="espeak-ng speaking rate in words per minute")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EspeakTTSHandler:
@@ -1645,6 +1617,13 @@ class OpenAITTSHandler(TTSHandler):
         self.response_format, self.timeout_s = response_format, timeout_s
 
     @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--tts_api_url", default="https://api.openai.com/v1", help="--tts openai: base URL of the speech API")
+        group.add_argument("--tts_api_model", default="tts-1", help="--tts openai: model name (key from TTS_API_KEY, else LLM_API_KEY)")
+        group.add_argument("--tts_api_voice", default="alloy", help="--tts openai: voice name")
+        group.add_argument("--tts_api_format", choices=["wav", "pcm"], default="wav", help="--tts openai: audio format asked for (pcm: 24 kHz int16, as OpenAI sends it)")
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> OpenAITTSHandler:
         return cls(args.tts_api_url, args.tts_api_model, args.tts_api_voice, args.tts_api_format, args.speech_api_timeout_s)
 
@@ -1710,6 +1689,18 @@ class CosyVoiceTTSHandler(TTSHandler):
         self.model_dir, self.ref_dir, self.voice_choice = model_dir, ref_dir, voice
         self.fp16, self.load_jit, self.reads_text_stream = fp16, load_jit, text_stream
         self.lock = threading.Lock()  # one synthesis at a time: the model object keeps per-call state
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--tts_model_name", default=None,
+                           help="--tts cosyvoice: model directory (CosyVoice-300M, CosyVoice2-0.5B or Fun-CosyVoice3-0.5B); default pretrained_models/CosyVoice2-0.5B")
+        group.add_argument("--tts_dtype", choices=["float32", "float16"], default="float32", help="--tts cosyvoice: precision (float16 needs CUDA)")
+        group.add_argument("--ref_dir", default=None, help="--tts cosyvoice: folder of reference voices with ref.json (CleanS2S's format); default ref_audio")
+        group.add_argument("--tts_voice", default="random", help="--tts cosyvoice: voice of each session: random, first, or a voice's file name without .wav")
+        group.add_argument("--tts_text_stream", action="store_true",
+                           help="--tts cosyvoice (2 and 3): feed the LLM's text to the TTS as it is written instead of sentence by sentence")
+        group.add_argument("--tts_load_jit", action="store_true", help="--tts cosyvoice (300M and 2): load the JIT-compiled parts (CUDA)")
+        group.add_argument("--cosyvoice_dir", default=None, help="--tts cosyvoice: a clone of the CosyVoice repository, added to the import path")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CosyVoiceTTSHandler:
@@ -1789,176 +1780,12 @@ TTS_HANDLERS: dict = {"espeak": EspeakTTSHandler, "openai": OpenAITTSHandler, "c
 
 
 # ------------------------------------------------------------------------------------------------
-# Sender side: how answers and events are written for each kind of client.
-# ------------------------------------------------------------------------------------------------
-
-LEGACY_END_PCM = bytes(2 * SAMPLE_RATE // 50)  # 20 ms of silence: carries end_flag to a legacy client
-FAILED_SEQ = 2**31 - 1  # seq of the end marker of an answer whose stage failed
-CLOSE_TOO_SLOW = 4429
-
-
-class ClientWriter:
-    """Everything the server writes to one connection goes through here, so nothing ever waits for a client:
-    send() queues and returns at once, and a task of the connection's own writes. A client that falls behind (more
-    than --send_buffer_kb waiting, or one message not taken within --send_timeout_s) is closed with 4429: a slow or
-    stuck reader costs only itself, and what waits for it is bounded."""
-
-    def __init__(self, ws: ServerConnection, max_bytes: int, timeout_s: float, on_give_up: Callable[[str], None]):
-        self.ws, self.max_bytes, self.timeout_s, self.on_give_up = ws, max_bytes, timeout_s, on_give_up
-        self.pending: deque = deque()  # str or bytes messages, oldest first
-        self.pending_bytes = 0
-        self.wake = asyncio.Event()
-        self.closed = False
-        self.task = asyncio.get_running_loop().create_task(self._run(), name="writer")
-
-    def send(self, message: Any) -> None:
-        if self.closed:
-            return
-        self.pending.append(message)
-        self.pending_bytes += len(message)
-        transport = self.ws.transport
-        unsent = self.pending_bytes + (transport.get_write_buffer_size() if transport else 0)
-        if unsent > self.max_bytes:
-            self.give_up(f"too slow: more than {self.max_bytes // 1024} KiB waiting to be sent")
-            return
-        self.wake.set()
-
-    async def _run(self) -> None:
-        while not self.closed:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.pending and not self.closed:
-                message = self.pending.popleft()
-                self.pending_bytes -= len(message)
-                try:
-                    async with asyncio.timeout(self.timeout_s):
-                        await self.ws.send(message)
-                except TimeoutError:
-                    self.give_up(f"too slow: a message waited more than {self.timeout_s:g} s to be taken")
-                except websockets.ConnectionClosed:
-                    self.closed = True
-
-    def give_up(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.pending.clear()
-        self.pending_bytes = 0
-        self.wake.set()
-        self.on_give_up(reason)
-        asyncio.get_running_loop().create_task(close_within(self.ws, CLOSE_TOO_SLOW, reason, timeout_s=2.0))
-
-    def stop(self) -> None:
-        self.closed = True
-        self.wake.set()
-
-
-async def close_within(ws: ServerConnection, code: int, reason: str, timeout_s: float = 3.0) -> None:
-    """Close a connection with a code and a reason, or drop it if that takes longer than timeout_s (a little more than
-    the library's own close_timeout of 2 s): the library waits, without a deadline, for a full send buffer to drain
-    before its close can time out, and a client that does not read never drains it."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            await ws.close(code, reason)
-    except TimeoutError:
-        ws.transport.abort()
-
-
-SENTENCE_END = re.compile(r"[.!?。！？…]\s*$")
-# CleanS2S's client queues each audio message 200 ms after it arrives, and an interrupt clears only what is queued:
-# audio that arrived in the 200 ms before it still plays. So nothing is sent to it while the user may be that close
-# (plus audio on its way to the VAD) to cutting in.
-LEGACY_QUEUE_DELAY_S = 0.2
-CUT_IN_MARGIN_S = 0.1
-AUDIO_GAP_S = 0.5  # a client that sends no audio for this long is not about to cut in (a microphone sends every ~64 ms)
-# How long a chunk that ends a sentence waits for the answer's end, to carry its end_flag: the LLM's end follows the
-# last sentence by about a token (a local model on a CPU writes ~10 a second).
-LEGACY_END_WAIT_S = 0.1
-
-
-class LegacyAnswer:
-    """One turn's answer cut as CleanS2S's own server cut it, for its client: a message per chunk with the chunk's
-    text and all of its audio, end_flag on the last. That client shows each message's text as a bubble whose replay
-    button plays that message's audio, and it ends an answer (takes its "still answering" bubble away) only on a
-    message with text, audio and end_flag; an end marker of its own would leave that bubble on screen. Only the turn's
-    first audio goes out before its chunk is whole, once the chunk has a second piece (its text then rides on the
-    rest): a TTS that makes a chunk in one piece (espeak-ng) costs nothing, a streaming one a piece."""
-
-    def __init__(self):
-        self._new_turn(-1)
-
-    def _new_turn(self, turn: int) -> None:
-        self.turn, self.started = turn, False  # started: the turn's first message went out
-        self.pieces, self.text = [], ""  # the chunk under way
-        self.waiting: Optional[AnswerAudio] = None  # a whole chunk ending a sentence, which may be the answer's last
-
-    def push(self, item: AnswerAudio) -> list:
-        """The messages to send now (AnswerAudio, a chunk each), given the next item from the TTS."""
-        if item.turn != self.turn:
-            self._new_turn(item.turn)
-        out = []
-        if self.waiting is not None:
-            waiting, self.waiting = self.waiting, None
-            if item.last and not item.pcm and not item.text.strip() and not self.pieces:  # the answer ended there
-                return [dataclasses.replace(waiting, text=waiting.text + item.text, last=True)]
-            out.append(waiting)
-        self.text += item.text
-        if item.pcm:
-            if not self.started and len(self.pieces) == 1:  # the turn's first audio may wait no longer
-                out.append(dataclasses.replace(item, text="", pcm=self.pieces.pop(), last=False))
-                self.started = True
-            self.pieces.append(item.pcm)
-            return out
-        whole = dataclasses.replace(item, text=self.text, pcm=b"".join(self.pieces))
-        self.pieces, self.text = [], ""
-        if not whole.text and not whole.pcm and not whole.last:
-            return out
-        self.started = True
-        if not whole.last and SENTENCE_END.search(whole.text):
-            self.waiting = whole
-        else:
-            out.append(whole)
-        return out
-
-    def flush(self) -> list:
-        """The chunk that waited for the answer's end in vain."""
-        waiting, self.waiting = self.waiting, None
-        return [waiting] if waiting is not None else []
-
-
-class SenderConnection:
-    """One client on the sender socket. An extended client's connection belongs to one session (it presented the
-    session's key); a legacy one (CleanS2S's client) hears every legacy session and keeps its own uid's messages."""
-
-    def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, session: Optional[Session]):
-        self.ws, self.writer, self.address, self.session = ws, writer, address, session
-        self.extended = session is not None
-
-    def send_event(self, event: ServerEvent) -> None:
-        if self.extended:
-            self.writer.send(event.to_json())
-
-    def send_audio(self, item: AnswerAudio, question: Optional[str], first: bool) -> None:
-        if self.extended:
-            self.writer.send(json.dumps({"event": "answer", "turn": item.turn, "seq": item.seq,
-                                         "text": item.text, "end": item.last}, ensure_ascii=False))
-            if item.pcm:
-                self.writer.send(struct.pack("<II", item.turn, item.seq) + item.pcm)
-            return
-        # CleanS2S format. Its client shows question_text and answer_text when non-empty, and turns a
-        # message without audio into a text bubble, so every message carries some audio.
-        self.writer.send(json.dumps({
-            "uid": item.session.uid, "user_input_count": item.turn,
-            "question_text": question if first else None, "answer_text": item.text,
-            "answer_audio": base64.b64encode(item.pcm or LEGACY_END_PCM).decode(), "end_flag": item.last,
-        }, ensure_ascii=False))
-
-
-# ------------------------------------------------------------------------------------------------
-# Sessions: one per client, with its own VAD state, history, turn counter and outbox.
+# The session: one user's conversation, with no socket in it. hear() and type() start turns, the stages above
+# answer them, and output() gives back the session's events and its answer audio, paced to the client's playback.
 # ------------------------------------------------------------------------------------------------
 
 PLAYING_GRACE_S = 5.0  # a client's "playing" report outlasts the answer's audio by at most this: it cannot hold a session open
+FAILED_SEQ = 2**31 - 1  # seq of the end marker of an answer whose stage failed
 
 
 def uid_tag(uid: str) -> str:
@@ -1967,51 +1794,131 @@ def uid_tag(uid: str) -> str:
 
 
 class Session:
-    """Everything one client owns. Turn state changes on the event loop; worker threads read `turn`, fill
-    timings in Turn records and hand results back through send_event()/deliver() (thread-safe).
+    """One user's conversation: its VAD state, turns, history, and what goes back to the client. It knows no
+    socket: a wire adapter (further down) turns a client's messages into hear(), type(), played() and new_topic(),
+    and output() into messages. Turn state changes on the event loop; worker threads read `turn`, fill timings in
+    Turn records and hand results back through send_event() and deliver(), which are thread-safe."""
 
-    An extended session is reached only with its key, a secret the receiver's `ready` event hands to the client
-    that opened it: its sender connections presented the key, and so does a receiver that comes back to it. A
-    legacy session (CleanS2S's client, which knows no key) is heard by every legacy sender connection."""
-
-    def __init__(self, uid: str, extended: bool, address: str, server: VoiceAgentServer):
-        self.uid, self.extended, self.address, self.server = uid, extended, address, server
-        self.key = secrets.token_urlsafe(24)  # 192 random bits
-        self.tag = uid_tag(uid)
-        self.loop = server.loop
-        self.args = server.args
-        self.senders: set = set()  # an extended session's SenderConnections
-        self.receiver: Optional[ReceiverConnection] = None
-        self.detached_at: Optional[float] = None  # its receiver closed; it ends --resume_s later unless one comes back
+    def __init__(self, uid: str, pipeline: Pipeline, args: argparse.Namespace, legacy: bool = False,
+                 on_turn_end: Optional[Callable[[Session, Turn, bool], None]] = None):
+        self.uid, self.tag, self.pipeline, self.args = uid, uid_tag(uid), pipeline, args
+        self.loop = asyncio.get_running_loop()
+        self.on_turn_end = on_turn_end  # the server's metrics and --save_data; True when the turn was reported before
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
         self.speech_turn = 0  # the turn the utterance under way started
         self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
-        self.turns: dict = {}
-        self.history = ChatHistory(self.args.chat_size)
-        self.vad = VADSegmenter(server.vad_model, self.args.min_speech_ms, self.args.min_silence_ms,
-                                self.args.speech_pad_ms, self.args.max_speech_ms)
+        self.turns: dict = {}  # the current turn and the one before it
+        self.history = ChatHistory(args.chat_size)
+        self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
+                                args.max_speech_ms)
         self.resampler = None
-        if self.args.sample_rate != SAMPLE_RATE:
+        if args.sample_rate != SAMPLE_RATE:
             import soxr
-            self.resampler = soxr.ResampleStream(self.args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
-        # Filled by this session's own stages only: at most one answer (--max_new_tokens) waits here, however slow
-        # its clients, because the loop below hands every message on to their writers without waiting.
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.wake = asyncio.Event()  # set on interrupt: ends a pacing wait at once
-        self.client_playing_turn: Optional[int] = None  # the turn the client last said it was playing
-        self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
-        self.play_start = 0.0  # loop clock when the current answer's audio would have started playing
-        self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
-        self.legacy_answer = None if extended else LegacyAnswer()
-        self.holding = False  # the sender waits while the user may be cutting in (see cut_in_may_come)
+            self.resampler = soxr.ResampleStream(args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
         self.heard_audio_at = 0.0  # when the VAD last took audio from the client
+        self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
+        self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
         self.closed = False
-        self.sender_task = self.loop.create_task(self._send_loop(), name=f"sender-{self.tag}")
+        self.speaker = Speaker(args, legacy)
 
-    def recipients(self) -> list:
-        return list(self.senders if self.extended else self.server.legacy_senders)
+    # ---- what the client does ----
 
-    # ---- turn state (event loop) ----
+    async def hear(self, audio: np.ndarray) -> int:
+        """The client's audio (float32 in [-1, 1], --sample_rate, mono): the VAD (in a worker thread) starts and ends
+        the user's turns in it. Returns how many turns started."""
+        if self.resampler is not None:
+            audio = self.resampler.resample_chunk(audio)
+        if not self.args.enable_interruption and self.assistant_busy():
+            self.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
+            return 0
+        events = await self.loop.run_in_executor(self.pipeline.vad_pool, self.vad.feed, audio)
+        self.heard_audio_at = now()
+        late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
+        started = 0
+        for ev in events:
+            if isinstance(ev, SpeechStarted):
+                self.speech_heard_at = ev.heard_at
+            if isinstance(ev, SpeechEnded if late else SpeechStarted):
+                self._speech_starts_turn()
+                started += 1
+            if isinstance(ev, SpeechEnded):
+                self._speech_ends_turn(ev)
+        self._stream_to_asr()
+        self.speaker.heard_more()
+        return started
+
+    def _speech_starts_turn(self) -> None:
+        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way."""
+        t = self.start_turn(spoken=True, heard_at=self.speech_heard_at)
+        self.speech_turn = t.number
+        self.speaker.put(SpeechStartEvent(t.number))
+
+    def _speech_ends_turn(self, ev: SpeechEnded) -> None:
+        if not self.is_current(self.speech_turn):  # typed text in the middle of the speech took over the turn
+            return
+        t = self.current()
+        t.speech_end, t.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
+        t.move(TurnState.ANSWERING)
+        asr = self.pipeline.asr
+        asr.put(Utterance(self, t.number, ev.untaken if asr.handler.streaming else ev.audio))
+
+    def _stream_to_asr(self) -> None:
+        """A streaming ASR hears the utterance under way in pieces, as it comes."""
+        asr = self.pipeline.asr
+        if asr.handler.streaming and self.args.interrupt_at != "speech_end" and self.is_current(self.speech_turn):
+            piece = self.vad.take_new(asr.handler.piece_samples)
+            if piece is not None:
+                asr.put(Utterance(self, self.speech_turn, piece, final=False))
+
+    def type(self, text: str) -> None:
+        """Text the user typed: a turn of its own, straight to the LLM. "new topic" clears the history instead (and,
+        as CleanS2S's client counts it, takes a turn number)."""
+        if text == "new topic":
+            self.new_topic()
+            return
+        t = self.start_turn(spoken=False)
+        t.question, t.speech_end = text, now()
+        t.move(TurnState.ANSWERING)
+        self.pipeline.llm.put(UserText(self, t.number, text))
+
+    def new_topic(self) -> None:
+        self.start_turn(spoken=False).move(TurnState.SENT)
+        self.history.clear()
+
+    def played(self, turn: Optional[int], played_ms: Optional[float], playing: Optional[bool]) -> None:
+        """The client's word on a turn's playback (None: the current turn): how much of it it played, whether it
+        still plays."""
+        turn = self.turn if turn is None else turn
+        if playing is not None:
+            self.speaker.client_playing_turn = turn if playing else None
+        if played_ms is not None and turn in self.turns:
+            self.turns[turn].played_ms = played_ms
+
+    def output(self) -> AsyncIterator[Any]:
+        return self.speaker.output(self)
+
+    def leave(self) -> None:
+        """The client is gone, and may come back: its answer stops, and the utterance cut off with its connection is
+        not continued by the next one's audio."""
+        self.stop_answer()
+        self.vad.reset()
+
+    def stop_answer(self) -> None:
+        """The turn under way becomes stale, and so does all its queued work."""
+        t = self.current()
+        if t is not None:
+            t.cancel()
+            if not t.over:
+                t.move(TurnState.INTERRUPTED)
+                self.report_turn(t)
+
+    def close(self) -> None:
+        """The session ends: every queued and running piece of work for it becomes stale, and output() ends."""
+        self.stop_answer()
+        self.closed = True
+        self.speaker.put(None)
+
+    # ---- turns (event loop) ----
 
     def is_current(self, turn: int) -> bool:
         return not self.closed and turn == self.turn
@@ -2030,20 +1937,17 @@ class Session:
         return self.turns.get(self.turn)
 
     def assistant_busy(self) -> bool:
-        """An answer is being made (the user's turn has ended) or is still playing. The client's word that it is
-        playing counts only for the current answer, and only a little past the end of its audio."""
-        t = self.current()
-        if t is None or t.state is TurnState.HEARING:
-            return False
-        audio_end = self.play_start + t.audio_sent_ms / 1000
-        client_playing = self.client_playing_turn == t.number and now() < audio_end + PLAYING_GRACE_S
-        return not t.over or now() < audio_end or client_playing
+        return self.speaker.busy(self.current())
 
     def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
         """A new turn makes the running one stale. Returns the new turn's record."""
         old = self.current()
         if old is not None and self.assistant_busy():
-            self._interrupt(old, heard_at or now())
+            was_sent = old.state is TurnState.SENT  # all sent but still playing: reported once already
+            old.move(TurnState.INTERRUPTED)
+            self.speaker.interrupt(old.number)
+            old.barge_in_ms = round((now() - (heard_at or now())) * 1000, 1)
+            self.report_turn(old, again=was_sent)
         if old is not None:
             old.cancel()
         self.turn += 1
@@ -2052,56 +1956,31 @@ class Session:
         self.turns[self.turn] = record
         return record
 
-    def _interrupt(self, old: Turn, heard_at: float) -> None:
-        was_sent = old.state is TurnState.SENT  # all sent but still playing: reported once already
-        old.move(TurnState.INTERRUPTED)
-        self._drain_outbox()
-        self.wake.set()
-        self.outbox.put_nowait(InterruptEvent(old.number))
-        old.barge_in_ms = round((now() - heard_at) * 1000, 1)
-        self.report_turn(old, again=was_sent)
-
-    def _drain_outbox(self) -> None:
-        kept = []
-        while not self.outbox.empty():
-            item = self.outbox.get_nowait()
-            if isinstance(item, (ErrorEvent, MetricsEvent)):
-                kept.append(item)
-        for item in kept:
-            self.outbox.put_nowait(item)
-
     def finish_turn(self, t: Turn) -> None:
         if t.move(TurnState.SENT):
             self.report_turn(t)
 
     def report_turn(self, t: Turn, again: bool = False) -> None:
-        """One log line, a metrics event, and the saved record of a turn; `again` when its audio was all sent and the
-        user cut in while it still played (its figures are counted once, its barge-in then)."""
+        """One log line and a metrics event for a turn that ended; `again` when its audio was all sent and the user cut
+        in while it still played (its figures are counted once, its barge-in then)."""
         m = t.metrics()
         logger.info("turn session=%s turn=%d %s", self.tag, t.number, " ".join(f"{k}={v}" for k, v in m.items() if v is not None),
                     extra={"fields": {"session": self.tag, "turn": t.number, **m}})
-        self.server.metrics.observe_turn(m, again)
-        self.outbox.put_nowait(MetricsEvent(t.number, m))
-        if self.server.recorder is not None:
-            self.server.recorder.save_turn(self, t)
-
-    def new_topic(self) -> None:
-        self.start_turn(spoken=False).move(TurnState.SENT)
-        self.history.clear()
-
-    def on_playback(self, turn: int, played_ms: Optional[float], playing: Optional[bool]) -> None:
-        if playing is not None:
-            self.client_playing_turn = turn if playing else None
-        if played_ms is not None and turn in self.turns:
-            self.turns[turn].played_ms = played_ms
+        self.speaker.put(MetricsEvent(t.number, m))
+        if self.on_turn_end is not None:
+            self.on_turn_end(self, t, again)
 
     # ---- hand-offs from worker threads (thread-safe) ----
 
     def send_event(self, event: ServerEvent) -> None:
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+        self._from_thread(event)
 
     def deliver(self, item: AnswerAudio) -> None:
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        self._from_thread(item)
+
+    def _from_thread(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: so has the session, and no one would hear it
+            self.loop.call_soon_threadsafe(self.speaker.put, item)
 
     def fail_turn(self, turn: int, code: str, message: str) -> None:
         """End a turn whose stage raised: the client hears an error, later turns go on."""
@@ -2111,47 +1990,104 @@ class Session:
         self.send_event(ErrorEvent(code, message, turn))
         self.deliver(AnswerAudio(self, turn, FAILED_SEQ, "", b"", last=True))
 
-    # ---- the sender: drains the outbox to this session's clients, pacing audio to playback ----
 
-    async def _send_loop(self) -> None:
+# CleanS2S's client queues each audio message 200 ms after it arrives, and an interrupt clears only what is queued:
+# audio that arrived in the 200 ms before it still plays. So nothing is sent to it while the user may be that close
+# (plus audio on its way to the VAD) to cutting in.
+LEGACY_QUEUE_DELAY_S = 0.2
+CUT_IN_MARGIN_S = 0.1
+AUDIO_GAP_S = 0.5  # a client that sends no audio for this long is not about to cut in (a microphone sends every ~64 ms)
+# How long a chunk that ends a sentence waits for the answer's end, to carry its end_flag (see LegacyAnswer): the
+# LLM's end follows the last sentence by about a token (a local model on a CPU writes ~10 a second).
+LEGACY_END_WAIT_S = 0.1
+
+
+class Speaker:
+    """What goes back to one session's client, in order: its events at once, its answer audio paced to the
+    client's playback. Filled by the session and its stages; at most one answer (--lm_max_new_tokens) waits here,
+    since whoever reads output() hands every message on without waiting (a slow client costs only its writer).
+    It keeps no reference to its session (output() is given it), so a closed session is freed at once, without
+    waiting for the garbage collector to find a cycle."""
+
+    def __init__(self, args: argparse.Namespace, legacy: bool):
+        self.args = args
+        self.outbox: asyncio.Queue = asyncio.Queue()  # ServerEvents and AnswerAudio; None ends output()
+        self.wake = asyncio.Event()  # ends a pacing wait at once: an interrupt, or new audio heard during a hold
+        self.play_start = 0.0  # loop clock when the current answer's audio would have started playing
+        self.client_playing_turn: Optional[int] = None  # the turn the client last said it was playing
+        # CleanS2S's own client: answers cut its way (LegacyAnswer), and nothing sent while the user may cut in.
+        self.legacy_answer = LegacyAnswer() if legacy else None
+        self.holding = False  # a legacy answer waits to see whether the user cuts in
+
+    def put(self, item: Any) -> None:
+        self.outbox.put_nowait(item)
+
+    def busy(self, t: Optional[Turn]) -> bool:
+        """An answer is being made (the user's turn has ended) or is still playing. The client's word that it is
+        playing counts only for the current answer, and only a little past the end of its audio."""
+        if t is None or t.state is TurnState.HEARING:
+            return False
+        audio_end = self.play_start + t.audio_sent_ms / 1000
+        client_playing = self.client_playing_turn == t.number and now() < audio_end + PLAYING_GRACE_S
+        return not t.over or now() < audio_end or client_playing
+
+    def interrupt(self, turn: int) -> None:
+        """The user cut in: nothing queued of the answer goes out (errors and figures do), and an interrupt event does."""
+        kept = []
+        while not self.outbox.empty():
+            item = self.outbox.get_nowait()
+            if isinstance(item, (ErrorEvent, MetricsEvent)):
+                kept.append(item)
+        for item in kept + [InterruptEvent(turn)]:
+            self.outbox.put_nowait(item)
+        self.wake.set()
+
+    def heard_more(self) -> None:
+        if self.holding:  # a hold waits to see whether the user cuts in: the VAD has heard more
+            self.wake.set()
+
+    async def output(self, session: Session) -> AsyncIterator[Any]:
+        """Everything for the client, in order, until the session closes: ServerEvents as they come, AnswerAudio when
+        its playback nears (a legacy client's cut by LegacyAnswer)."""
+        legacy = self.legacy_answer
         while True:
-            legacy = self.legacy_answer
             try:
-                if legacy is not None and legacy.waiting is not None:
-                    try:
-                        item = await asyncio.wait_for(self.outbox.get(), LEGACY_END_WAIT_S)
-                    except TimeoutError:
-                        for message in legacy.flush():
-                            await self._send_audio(message)
-                        continue
-                else:
+                async with asyncio.timeout(LEGACY_END_WAIT_S if legacy is not None and legacy.waiting else None):
                     item = await self.outbox.get()
+            except TimeoutError:  # a legacy chunk that ends a sentence waited for the answer's end in vain
+                pieces = legacy.flush()
+            else:
                 if item is None:
                     return
-                if isinstance(item, AnswerAudio):
-                    for message in legacy.push(item) if legacy is not None else [item]:
-                        await self._send_audio(message)
-                else:
-                    if isinstance(item, ErrorEvent):
-                        self.server.metrics.errors.labels(item.code).inc()
-                    for conn in self.recipients():
-                        conn.send_event(item)
-            except Exception:
-                logger.exception("sender failed on session %s", self.tag)
+                if isinstance(item, ServerEvent):
+                    yield item
+                    continue
+                pieces = legacy.push(item) if legacy is not None else [item]
+            for piece in pieces:
+                try:
+                    piece = await self._ready(session, piece)
+                except Exception:
+                    logger.exception("sender failed on session %s", session.tag)
+                    continue
+                if piece is not None:
+                    yield piece
 
-    async def _send_audio(self, item: AnswerAudio) -> None:
-        if not self.is_current(item.turn) or not (item.pcm or item.text or item.last):  # (a chunk's end, for legacy)
-            return
-        t = self.turns[item.turn]
+    async def _ready(self, session: Session, item: AnswerAudio) -> Optional[AnswerAudio]:
+        """Wait for this piece's moment and count it as sent; None if it must not go out (stale, or empty)."""
+        if not session.is_current(item.turn) or not (item.pcm or item.text or item.last):  # (a chunk's end, for legacy)
+            return None
+        t = session.turns[item.turn]
         if t.over:  # its end was sent (an early end, if a stage failed): nothing of it may follow
-            return
-        await self._pace(t)
-        if not self.is_current(item.turn):  # interrupted while waiting
-            return
-        first = t.messages_sent == 0
-        if first and item.last and not item.text and not item.pcm:  # an empty answer: nothing to send
-            self.finish_turn(t)
-            return
+            return None
+        await self._pace(session, t)
+        if not session.is_current(item.turn):  # interrupted while waiting
+            return None
+        if t.messages_sent == 0:
+            if item.last and not item.text and not item.pcm:  # an empty answer: nothing to send
+                session.finish_turn(t)
+                return None
+            if t.spoken:  # CleanS2S's client shows the question with the answer's first message
+                item = dataclasses.replace(item, question=t.question)
         t.messages_sent += 1
         t.move(TurnState.SPEAKING)
         moment = now()
@@ -2162,25 +2098,24 @@ class Session:
             self.play_start = moment - t.audio_sent_ms / 1000
         if item.text:
             t.answer_chunks.append((t.audio_sent_ms, item.text))
-        for conn in self.recipients():
-            conn.send_audio(item, t.question if t.spoken else None, first)
         if item.pcm:
             t.answer_audio.append(item.pcm)
             t.audio_sent_ms += len(item.pcm) / 2 / SAMPLE_RATE * 1000
         if item.last:
-            self.finish_turn(t)
+            session.finish_turn(t)
+        return item
 
-    async def _pace(self, t: Turn) -> None:
+    async def _pace(self, session: Session, t: Turn) -> None:
         """Wait until this audio is within --playback_lead_ms of the client's playback position, and, for a legacy
         client, while the user may be about to cut in. An interrupt, or new audio heard, ends a wait at once."""
         lead_s = self.args.playback_lead_ms / 1000
-        while self.is_current(t.number):
+        while session.is_current(t.number):
             wait_s = 0.0
             if lead_s > 0 and t.first_audio_sent is not None:
                 wait_s = self.play_start + t.audio_sent_ms / 1000 - now() - lead_s
             # If the client's audio stops in the middle of a sound, the VAD cannot decide: the hold ends soon after.
-            hold_until = self.heard_audio_at + AUDIO_GAP_S
-            self.holding = self.cut_in_may_come() and now() < hold_until
+            hold_until = session.heard_audio_at + AUDIO_GAP_S
+            self.holding = self.cut_in_may_come(session) and now() < hold_until
             if self.holding:
                 wait_s = max(wait_s, hold_until - now())
             if wait_s <= 0:
@@ -2193,1043 +2128,49 @@ class Session:
             finally:
                 self.holding = False
 
-    def cut_in_may_come(self) -> bool:
+    def cut_in_may_come(self, session: Session) -> bool:
         """For a legacy client: could the user's speech start a turn, and so interrupt this answer, before audio sent
         now is queued by the client (LEGACY_QUEUE_DELAY_S)?"""
-        if self.extended or not self.args.enable_interruption:
+        if self.legacy_answer is None or not self.args.enable_interruption:
             return False
-        due_ms = self.vad.turn_due_ms(at_end=self.args.interrupt_at == "speech_end")
+        due_ms = session.vad.turn_due_ms(at_end=self.args.interrupt_at == "speech_end")
         return due_ms is not None and due_ms / 1000 < LEGACY_QUEUE_DELAY_S + CUT_IN_MARGIN_S
-
-    def stop_answer(self) -> None:
-        """The client is gone (for now): the turn under way becomes stale, and so does all its queued work."""
-        t = self.current()
-        if t is not None:
-            t.cancel()
-            if not t.over:
-                t.move(TurnState.INTERRUPTED)
-                self.report_turn(t)
-
-    def close(self) -> None:
-        """The session ends: every queued and running piece of work for it becomes stale."""
-        self.stop_answer()
-        self.closed = True
-        self.outbox.put_nowait(None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Saving turns (--save_data): a writer thread, so file I/O never blocks the event loop.
-# ------------------------------------------------------------------------------------------------
-
-class TurnRecorder:
-    """Writes each session's turns into a folder of its own, DIR/<start time>-<uid hash>-<random>/, a name no other
-    session gets: no later session, with the same uid or any other, can write over them. Files appear whole (written
-    to a temp file, then renamed); a failed write removes its temp file, and the writer thread first removes those a
-    crash left. Saving stops, with one warning, when DIR holds --save_data_max_mb; the queue of files to write is
-    bounded too."""
-
-    TMP = ".tmp"
-    MAX_QUEUED = 256  # files waiting to be written; past it a file is dropped (and counted in the log)
-
-    def __init__(self, directory: str, max_bytes: float, log: LogLimiter):
-        self.dir, self.max_bytes, self.log = directory, max_bytes, log
-        os.makedirs(directory, exist_ok=True)
-        self.used = 0  # bytes DIR holds, measured by the writer thread before its first file
-        self.queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
-        self.full_warned = False
-        self.dropped = 0
-        self.thread = threading.Thread(target=self._run, name="recorder", daemon=True)
-        self.thread.start()
-
-    def _clean_and_measure(self) -> int:
-        """Remove temp files left by a crash; return the bytes DIR holds. A walk over every saved file: on the writer
-        thread, so a large DIR does not hold up start-up."""
-        used = 0
-        for root, _, files in os.walk(self.dir):
-            for name in files:
-                path = os.path.join(root, name)
-                with contextlib.suppress(OSError):
-                    if name.endswith(self.TMP):
-                        os.remove(path)
-                    else:
-                        used += os.path.getsize(path)
-        return used
-
-    def session_dir(self, session: Session) -> str:
-        """The session's own folder, made on its first saved file."""
-        if session.save_dir is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            session.save_dir = os.path.join(self.dir, f"{stamp}-{session.tag}-{secrets.token_hex(4)}")
-        return session.save_dir
-
-    def save_input(self, session: Session, turn: int, audio: np.ndarray) -> None:
-        self._put(self.session_dir(session), f"turn{turn:05d}_input.wav", wav_bytes(to_pcm16(audio)))
-
-    def save_turn(self, session: Session, t: Turn) -> None:
-        record = {"uid": session.uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
-                  "answer": t.heard_text(), "interrupted": t.state is TurnState.INTERRUPTED, "metrics": t.metrics()}
-        text = json.dumps(record, ensure_ascii=False, indent=1)
-        folder = self.session_dir(session)
-        self._put(folder, f"turn{t.number:05d}.json", text.encode("utf-8", "backslashreplace"))  # a lone surrogate stays readable
-        if t.answer_audio:
-            self._put(folder, f"turn{t.number:05d}_answer.wav", wav_bytes(b"".join(t.answer_audio)))
-
-    def _put(self, folder: str, name: str, data: bytes) -> None:
-        try:
-            self.queue.put_nowait((folder, name, data))
-        except queue.Full:
-            self.dropped += 1
-            self.log.warning("save_queue_full", f"--save_data: the disk is slower than the turns; {self.dropped} files not saved so far")
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=10)
-
-    def _run(self) -> None:
-        self.used = self._clean_and_measure()
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            folder, name, data = item
-            if self.max_bytes and self.used + len(data) > self.max_bytes:
-                if not self.full_warned:
-                    self.full_warned = True
-                    logger.warning("--save_data: %s holds its budget of %.0f MiB (--save_data_max_mb); no more turns are saved "
-                                   "until it is emptied and the server restarted", self.dir, self.max_bytes / 2**20)
-                continue
-            self._write(folder, name, data)
-
-    def _write(self, folder: str, name: str, data: bytes) -> None:
-        path = os.path.join(folder, name)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            try:  # write then rename: a reader never sees half a file
-                with open(path + self.TMP, "wb") as f:
-                    f.write(data)
-                os.replace(path + self.TMP, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.remove(path + self.TMP)  # a full disk stays no fuller than it was
-                raise
-            self.used += len(data)
-        except OSError as exc:
-            self.log.warning("save_failed", f"--save_data: could not save {path}: {exc}")
-
-
-def wav_bytes(pcm: bytes) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm)
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------------------
-# The server: both sockets, the sessions, and the stages between them.
-# ------------------------------------------------------------------------------------------------
-
-class BadMessage(ValueError):
-    """A client message we cannot use; `code` goes to the client in an error event."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-PLACEHOLDER = json.dumps({"placeholder": ""})
-VAD_DETECTED = json.dumps({"return_info": "VAD detected"})
-
-
-UID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # safe in file names (--save_data) and logs
-
-
-def check_uid(uid: Any) -> str:
-    if not isinstance(uid, str) or not UID.fullmatch(uid):
-        raise BadMessage("bad_uid", "uid must be 1-64 letters, digits, '_', '-' or '.', not starting with '.'")
-    return uid
-
-
-def decode_float32_audio(b64: Any, max_samples: int) -> np.ndarray:
-    if not isinstance(b64, str):
-        raise BadMessage("bad_audio", "audio must be a base64 string")
-    if len(b64) > (max_samples * 4 + 2) // 3 * 4:  # refused before decoding: 4 base64 characters per 3 bytes
-        raise BadMessage("audio_too_long", f"more than {max_samples} samples of audio in one message")
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadMessage("bad_audio", f"audio is not valid base64: {exc}") from None
-    if len(raw) % 4:
-        raise BadMessage("bad_audio", "audio must be float32 PCM (a multiple of 4 bytes)")
-    return check_audio(np.frombuffer(raw, "<f4"))
-
-
-def check_audio(audio: np.ndarray) -> np.ndarray:
-    if not np.all(np.isfinite(audio)):
-        raise BadMessage("bad_audio", "audio contains NaN or infinity")
-    return np.clip(audio, -1.0, 1.0).astype(np.float32)
-
-
-class Refused(Exception):
-    """A connection that may not stay: closed with `code` and `reason`, which the client can show."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
-CLOSE_UNKNOWN_SESSION = Refused(4404, "unknown session or wrong session key")  # the same for any uid: it tells nothing
-
-
-class LogLimiter:
-    """At most one warning per cause per interval, so no client can flood the log; the next line counts the ones
-    held back."""
-
-    def __init__(self, interval_s: float = 10.0):
-        self.interval_s = interval_s
-        self.last: dict = {}  # cause -> when its last line was written
-        self.held: dict = {}  # cause -> lines held back since
-        self.lock = threading.Lock()  # the recorder thread logs through it too
-
-    def warning(self, cause: str, message: str) -> None:
-        with self.lock:
-            t = now()
-            if t - self.last.get(cause, -self.interval_s) < self.interval_s:
-                self.held[cause] = self.held.get(cause, 0) + 1
-                return
-            self.last[cause] = t
-            held = self.held.pop(cause, 0)
-        logger.warning("%s%s", message, f" (and {held} more like it in the last {self.interval_s:g} s)" if held else "")
-
-
-def token_matches(token: bytes, presented: str) -> bool:
-    """The shared secret (--auth_token), compared in constant time."""
-    return hmac.compare_digest(presented.encode(), token)
-
-
-class AccessPolicy:
-    """Who may open a socket: the shared token (--auth_token) and the page origin (--allowed_origins). Checked
-    before a connection gets anything else; a refusal closes it with a code and a reason the client can show."""
-
-    SUBPROTOCOL = "s2s"  # a browser that offers subprotocols must get one back, or it drops the connection
-    TOKEN_PREFIX = "s2s.token."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
-    KEY_PREFIX = "s2s.key."  # and so does the session key
-    LOOPBACK = {"localhost", "127.0.0.1", "::1"}
-
-    def __init__(self, token: Optional[str], allowed_origins: str):
-        self.token = token.encode() if token else None
-        self.origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
-
-    def refusal(self, request: Any, secure: bool) -> Optional[Refused]:
-        """`secure`: the client's connection came over TLS (to this server, or to a trusted proxy that says so)."""
-        if self.token is not None and not token_matches(self.token, self.presented(request, self.TOKEN_PREFIX, "token")):
-            return Refused(4401, "unauthorized: missing or wrong token")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", ""), secure):
-            return Refused(4403, f"origin not allowed: {origin[:100]}")
-        return None
-
-    @staticmethod
-    def presented(request: Any, prefix: str, query_name: str) -> str:
-        """A secret the client presents as the subprotocol PREFIX+value, or as ?query_name= in the URL; "" if none."""
-        for offered in request.headers.get_all("Sec-WebSocket-Protocol"):
-            for name in offered.split(","):
-                if name.strip().startswith(prefix):
-                    return name.strip()[len(prefix):]
-        values = parse_qs(urlparse(request.path).query).get(query_name)
-        return values[0] if values else ""
-
-    def origin_allowed(self, origin: str, host: str, secure: bool = False) -> bool:
-        """auto admits pages from the names the server is really reached by. A page's own host name equal to the
-        Host header is not proof of that: a DNS-rebinding page (evil.example resolving to this server) sets both.
-        It cannot when the name is an IP address, a loopback name, or a name whose certificate this server holds
-        (TLS); any other name must be listed."""
-        if "*" in self.origins or origin.rstrip("/") in self.origins:
-            return True
-        if "auto" not in self.origins:
-            return False
-        page = urlparse(origin).hostname or ""
-        server = urlparse(f"//{host}").hostname or ""
-        if page in self.LOOPBACK and server in self.LOOPBACK:
-            return True
-        return page == server and (secure or ip_address(page) is not None)
-
-    @classmethod
-    def select_subprotocol(cls, ws: ServerConnection, offered: list) -> Optional[str]:
-        return cls.SUBPROTOCOL if cls.SUBPROTOCOL in offered else None
-
-
-def ip_address(host: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """`host` as an IP address, or None for a name."""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def is_loopback(address: str) -> bool:
-    ip = ip_address(address)
-    return ip is not None and ip.is_loopback
-
-
-def bad_request(ws: ServerConnection, request: Any) -> Optional[Response]:
-    """400 for a handshake no honest client sends, before anything reads it: several Host, Origin or
-    Sec-WebSocket-Key headers."""
-    for name in ("Host", "Origin", "Sec-WebSocket-Key"):
-        if len(request.headers.get_all(name)) > 1:
-            return ClientFiles.response(400, "text/plain", f"more than one {name} header\n".encode())
-    return None
-
-
-class RateLimit:
-    """A token bucket: `rate` messages per second, in bursts of up to one second's worth."""
-
-    def __init__(self, rate: float):
-        self.rate, self.tokens, self.last = rate, rate, now()
-
-    def allow(self) -> bool:
-        t = now()
-        self.tokens = min(self.rate, self.tokens + (t - self.last) * self.rate)
-        self.last = t
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-class ClientFiles:
-    """The built browser client (a static export), served over plain HTTP on the receiver port, so one
-    command starts everything. A WebSocket upgrade passes through; any other GET gets a file, or
-    /s2s-config.json, which tells the page where the sender socket is."""
-
-    CONFIG_PATH = "/s2s-config.json"
-
-    def __init__(self, root: str, config: dict):
-        self.root = os.path.realpath(root)
-        self.config = json.dumps(config).encode()
-
-    def find(self, url_path: str) -> Optional[str]:
-        """The file a URL path (without its query) names: /x -> x, x.html or x/index.html; None outside the root
-        or missing. Raises ValueError for a path no file can have (a NUL byte)."""
-        rel = unquote(url_path, errors="strict").lstrip("/")
-        if "\0" in rel:
-            raise ValueError("NUL in path")
-        base = os.path.realpath(os.path.join(self.root, rel))
-        if base != self.root and not base.startswith(self.root + os.sep):
-            return None
-        for path in (base, base + ".html", os.path.join(base, "index.html")):
-            if os.path.isfile(path):
-                return path
-        return None
-
-    async def process_request(self, ws: ServerConnection, request: Any) -> Any:
-        if "websocket" in request.headers.get("Upgrade", "").lower():
-            return None
-        path = request.path.split("?", 1)[0]
-        if path == self.CONFIG_PATH:
-            return self.response(200, "application/json", self.config)
-        try:
-            file = self.find(path)
-        except ValueError:  # also UnicodeDecodeError: percent-escapes that are not UTF-8
-            return self.response(400, "text/plain", b"bad path\n")
-        if file is None:
-            return self.response(404, "text/plain", b"not found\n")
-        try:
-            body = await asyncio.to_thread(self.read, file)
-        except OSError:  # removed or unreadable since find()
-            return self.response(404, "text/plain", b"not found\n")
-        content_type = mimetypes.guess_type(file)[0] or "application/octet-stream"
-        # Next.js puts content-hashed names under _next/static, so those never change.
-        cache = "public, max-age=31536000, immutable" if "/_next/static/" in path else "no-cache"
-        return self.response(200, content_type, body, cache)
-
-    @staticmethod
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
-    @staticmethod
-    def response(status: int, content_type: str, body: bytes, cache: str = "no-cache") -> Response:
-        headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                           ("Cache-Control", cache), ("X-Content-Type-Options", "nosniff"), ("Connection", "close")])
-        return Response(status, http.HTTPStatus(status).phrase, headers, body)
-
-
-def public_socket(address: str) -> Optional[dict]:
-    """A --public_*_url as /s2s-config.json tells it: {"port": P} for ":P" (the page's own host), or {"url": U,
-    "port": P} for a ws:// or wss:// URL (the port too, for pages that read only ports). None if it is neither."""
-    if re.fullmatch(r":\d{1,5}", address):
-        port = int(address[1:])
-        return {"port": port} if 0 < port < 65536 else None
-    try:
-        url = urlparse(address)
-        port = url.port or (443 if url.scheme == "wss" else 80)
-    except ValueError:  # a port out of range or not a number
-        return None
-    if url.scheme not in ("ws", "wss") or not url.hostname or url.query or url.fragment:
-        return None
-    return {"url": address, "port": port}
-
-
-def page_config(args: argparse.Namespace) -> dict:
-    """/s2s-config.json: where the page opens its two sockets, the public addresses when a proxy stands in front."""
-    config = {"protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE}
-    for side, public, port in (("receiver", args.public_receiver_url, args.recv_port),
-                               ("sender", args.public_sender_url, args.send_port)):
-        for key, value in (public_socket(public) if public else {"port": port}).items():
-            config[f"{side}_{key}"] = value
-    return config
-
-
-def find_client_dir(client_dir: str) -> Optional[str]:
-    """--client_dir as a folder to serve, or None; "auto" is the built client beside this file, if any."""
-    if client_dir == "auto":
-        built = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frontend_nextjs", "out")
-        return built if os.path.isfile(os.path.join(built, "index.html")) else None
-    return client_dir or None
-
-
-def query_uid(ws: ServerConnection) -> Optional[str]:
-    values = parse_qs(urlparse(ws.request.path).query).get("uid")
-    return check_uid(values[0]) if values else None
-
-
-def client_address(ws: ServerConnection, trusted_proxies: frozenset) -> str:
-    """The client's IP address: the peer's, or, when the peer is a trusted proxy, the last address in
-    X-Forwarded-For that no trusted proxy added (the ones before it can be anything the client wrote)."""
-    address = ws.remote_address[0] if ws.remote_address else "?"
-    if address not in trusted_proxies:
-        return address
-    forwarded = [a.strip() for h in ws.request.headers.get_all("X-Forwarded-For") for a in h.split(",") if a.strip()]
-    for hop in reversed(forwarded):
-        address = hop
-        if hop not in trusted_proxies:
-            break
-    return address[:64]
-
-
-class HandshakeGate:
-    """Bounds the connections still in their opening handshake: --max_pending_connections in all, and PER_PEER from
-    one address (a trusted proxy excepted: it sends whole requests at once). Past a bound, the oldest of them is
-    dropped: an honest handshake takes a millisecond, so what waits longest is a client that sends its request
-    slowly or never. A flood of slow handshakes thus cannot use up the process's descriptors, nor keep a newcomer out."""
-
-    PER_PEER = 16
-
-    def __init__(self, limit: int, trusted_proxies: frozenset, on_drop: Callable[[str], None]):
-        self.limit, self.trusted_proxies, self.on_drop = limit, trusted_proxies, on_drop
-        self.pending: dict = {}  # GatedConnection -> its peer's address, oldest first
-
-    def enter(self, conn: GatedConnection, peer: str) -> None:
-        self.pending[conn] = peer
-        if len(self.pending) > self.limit:
-            self.drop(next(iter(self.pending)))
-        if peer not in self.trusted_proxies:
-            same_peer = [c for c, p in self.pending.items() if p == peer]  # at most `limit` to look through
-            if len(same_peer) > self.PER_PEER:
-                self.drop(same_peer[0])
-
-    def drop(self, conn: GatedConnection) -> None:
-        peer = self.pending.pop(conn)
-        conn.transport.abort()
-        self.on_drop(peer)
-
-    def leave(self, conn: GatedConnection) -> None:
-        self.pending.pop(conn, None)
-
-
-class GatedConnection(ServerConnection):
-    """A server connection that waits at the HandshakeGate from its accept to its request (or its end), and whose
-    kernel send buffer is fixed: left to itself, Linux grows it to 4 MiB for a client that does not read, and
-    ClientWriter would see the client fall behind only after that much."""
-
-    KERNEL_SEND_BUFFER = 256 * 1024  # bytes; 6 s of 16 kHz int16 audio, and far above what a 300 ms link needs
-
-    def __init__(self, gate: HandshakeGate, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.gate = gate
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.KERNEL_SEND_BUFFER)
-        self.gate.enter(self, (transport.get_extra_info("peername") or ("?",))[0])
-
-    def process_event(self, event: Any) -> None:
-        if self.request is None:  # the request has arrived: its handshake no longer waits on the client
-            self.gate.leave(self)
-        super().process_event(event)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.gate.leave(self)
-        super().connection_lost(exc)
-
-
-class ReceiverConnection:
-    """One client on the receiver socket: its session (once it has named its uid) and its limits."""
-
-    def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, max_messages_per_s: float):
-        self.ws, self.writer, self.address = ws, writer, address
-        self.session: Optional[Session] = None
-        self.rate = RateLimit(max_messages_per_s)
-        self.last_refusal = -1.0  # when the last rate_limited error went out: one a second is enough
-
-
-class VoiceAgentServer:
-    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any,
-                 ops: Optional[OpsEndpoints] = None):
-        self.args = args
-        self.vad_model = vad_model
-        self.ops = ops or OpsEndpoints(args.auth_token)  # main() makes it before the models load, for --ops_port
-        self.metrics = self.ops.metrics
-        self.loop: asyncio.AbstractEventLoop = None
-        self.log = LogLimiter()
-        self.sessions: dict = {}  # session key -> Session
-        self.legacy_sessions: dict = {}  # uid -> Session, for CleanS2S's client, whose uid is its only name
-        self.legacy_senders: set = set()
-        self.legacy_allowed = legacy_clients_allowed(args)
-        self.recorder = TurnRecorder(args.save_data, args.save_data_max_mb * 2**20, self.log) if args.save_data else None
-        # The pipeline, in the order an utterance takes it: each stage hands what it makes to the next one.
-        self.asr_stage = Stage("asr", asr, args.asr_workers, lambda text: self.llm_stage.put(text))
-        # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
-        self.llm_stage = Stage("llm", llm, args.max_sessions, lambda chunk: self.tts_stage.put(chunk))
-        self.tts_stage = Stage("tts", tts, args.tts_workers, lambda audio: audio.session.deliver(audio))
-        self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
-        self.access = AccessPolicy(args.auth_token, args.allowed_origins)
-        self.trusted_proxies = frozenset(a.strip() for a in args.trusted_proxies.split(",") if a.strip())
-        self.connections: dict = {}  # every open, admitted WebSocket -> its client's address; closed at shutdown
-        self.per_address: dict = {}  # client address -> its open connections
-        self.max_samples = args.max_audio_ms_per_message * args.sample_rate // 1000  # per message, at the client's rate
-        self.stopped: asyncio.Event = None
-
-    async def run(self, ready: Optional[Callable[[], None]] = None) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.loop.set_exception_handler(self.on_loop_error)
-        self.stopped = asyncio.Event()
-        for stage in (self.asr_stage, self.llm_stage, self.tts_stage):
-            stage.start()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.loop.add_signal_handler(sig, self.stopped.set)
-            except (NotImplementedError, RuntimeError):
-                pass
-        a = self.args
-        files = ClientFiles(a.client_dir, page_config(a)) if a.client_dir else None
-        tls = None
-        if a.ssl_certfile:
-            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            tls.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
-        def dropped(peer: str) -> None:
-            self.log.warning("handshakes", f"dropped a connection from {peer}: too many opening handshakes in progress")
-            self.metrics.handshakes_dropped.inc()
-        gate = HandshakeGate(a.max_pending_connections, self.trusted_proxies, dropped)
-
-        async def receiver_request(ws: ServerConnection, request: Any) -> Any:
-            return (bad_request(ws, request) or self.ops.response(request.path, request.headers)
-                    or (await files.process_request(ws, request) if files else None))
-
-        # close_timeout: a refused client whose messages we no longer read cannot answer our close (the library
-        # stops reading the socket when its queue is full), so the close ends after 2 s, not websockets' 10.
-        # compression=None: PCM does not compress, and permessage-deflate would let a 500-byte frame inflate to the
-        # whole --max_message_kb, a thousandfold, before any limit applies.
-        common = dict(ssl=tls, max_size=a.max_message_kb * 1024, ping_interval=a.ping_interval_s or None,
-                      ping_timeout=a.ping_timeout_s or None, close_timeout=2, compression=None,
-                      select_subprotocol=AccessPolicy.select_subprotocol, create_connection=functools.partial(GatedConnection, gate))
-        async with serve(self.handle_receiver, a.recv_host, a.recv_port, **common, process_request=receiver_request), \
-                serve(self.handle_sender, a.send_host, a.send_port, **common, process_request=bad_request):
-            ws_scheme, http_scheme = ("wss", "https") if tls else ("ws", "http")
-            if files:
-                logger.info("browser client: %s://%s:%d/ (from %s)", http_scheme, a.recv_host, a.recv_port, a.client_dir)
-            if a.public_receiver_url or a.public_sender_url:
-                logger.info("pages are told the sockets are at receiver %s, sender %s", a.public_receiver_url or a.recv_port,
-                            a.public_sender_url or a.send_port)
-            logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s%s", ws_scheme, a.recv_host, a.recv_port,
-                        ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "",
-                        "" if self.legacy_allowed else " (legacy clients refused)")
-            self.ops.live = self.stages_running
-            if ready:
-                ready()
-            await self.stopped.wait()
-            self.ops.live = None  # /healthz: 503 while shutting down
-            logger.info("shutting down: closing %d connections", len(self.connections))
-            await asyncio.gather(*(close_within(ws, 1001, "server shutting down") for ws in list(self.connections)))
-        for session in list(self.sessions.values()) + list(self.legacy_sessions.values()):
-            self.end_session(session)
-        await asyncio.gather(*(asyncio.to_thread(stage.stop) for stage in (self.asr_stage, self.llm_stage, self.tts_stage)))
-        self.vad_pool.shutdown(wait=False)
-        if self.recorder:  # every turn record queued so far is written before the process exits
-            await asyncio.to_thread(self.recorder.close)
-
-    def stages_running(self) -> bool:
-        return all(t.is_alive() for stage in (self.asr_stage, self.llm_stage, self.tts_stage) for t in stage.threads)
-
-    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        """asyncio's own errors. Out of descriptors, it logs a traceback for every accept it retries (megabytes a minute
-        under a flood): one line per interval is enough."""
-        if "accept" in context.get("message", ""):
-            self.log.warning("accept", f"{context['message']}: {context.get('exception')}")
-            return
-        loop.default_exception_handler(context)
-
-    # ---- sessions ----
-
-    def registry(self, session: Session) -> tuple:
-        """(dict, name) the session is found under: an extended one by its key, a legacy one by its uid (its only name)."""
-        return (self.sessions, session.key) if session.extended else (self.legacy_sessions, session.uid)
-
-    def active(self) -> int:
-        return len(self.sessions) + len(self.legacy_sessions)
-
-    def open_session(self, uid: str, conn: ReceiverConnection, extended: bool) -> Session:
-        """A new session for the client on `conn`, which becomes its receiver."""
-        if not extended and uid in self.legacy_sessions:
-            raise Refused(1008, f"uid {uid} already has a connected receiver")
-        if self.active() >= self.args.max_sessions:
-            detached = [s for s in self.sessions.values() if s.receiver is None]
-            if not detached:
-                raise Refused(1013, f"server full: {self.args.max_sessions} sessions; try again later")
-            self.end_session(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
-        session = Session(uid, extended, conn.address, self)
-        registry, name = self.registry(session)
-        registry[name] = session
-        self.metrics.sessions.inc()
-        logger.info("session %s opened from %s (%d active)", session.tag, conn.address, self.active())
-        session.receiver, conn.session = conn, session
-        return session
-
-    def resume_session(self, uid: str, key: str, conn: ReceiverConnection) -> Session:
-        """The extended session whose key the client presents, with `conn` as its receiver; its old receiver, if still
-        open, gives way."""
-        session = self.sessions.get(key)
-        if session is None or not hmac.compare_digest(session.uid.encode(), uid.encode()):
-            raise CLOSE_UNKNOWN_SESSION
-        old = session.receiver
-        if old is not None:
-            old.session = None
-            self.loop.create_task(self.close(old.ws, 4409, "replaced by a newer connection to this session"))
-        session.detached_at = None
-        logger.info("session %s resumed from %s", session.tag, conn.address)
-        session.receiver, conn.session = conn, session
-        return session
-
-    def detach(self, session: Session, conn: ReceiverConnection) -> None:
-        """The session's receiver closed. An extended session waits --resume_s for its client to come back; a legacy
-        one ends."""
-        if session.receiver is not conn:
-            return
-        session.receiver = None
-        if not session.extended or self.args.resume_s <= 0:
-            self.end_session(session)
-            return
-        session.stop_answer()
-        session.vad.reset()  # an utterance cut off with the connection is not continued by the next one's audio
-        session.detached_at = now()
-        logger.info("session %s left; kept %g s for its client to come back", session.tag, self.args.resume_s)
-        self.loop.call_later(self.args.resume_s, self.expire, session, session.detached_at)
-
-    def expire(self, session: Session, detached_at: float) -> None:
-        if session.detached_at == detached_at:  # not come back since
-            self.end_session(session)
-
-    def end_session(self, session: Session) -> None:
-        registry, name = self.registry(session)
-        if registry.get(name) is not session:
-            return
-        del registry[name]
-        self.metrics.sessions.dec()
-        session.close()
-        for conn in list(session.senders):
-            self.loop.create_task(self.close(conn.ws, 1000, "session ended"))
-        logger.info("session %s closed (%d active)", session.tag, self.active())
-
-    # ---- connections: admission, per-address limits ----
-
-    async def admit(self, ws: ServerConnection) -> Optional[ClientWriter]:
-        """Close a connection the access policy refuses, or one too many, before it costs anything else; else its writer."""
-        address = client_address(ws, self.trusted_proxies)
-        via_proxy = ws.remote_address is not None and ws.remote_address[0] in self.trusted_proxies
-        secure = bool(self.args.ssl_certfile) or (via_proxy and ws.request.headers.get_all("X-Forwarded-Proto")[-1:] == ["https"])
-        refusal = self.access.refusal(ws.request, secure)
-        if refusal is None and len(self.connections) >= 3 * self.args.max_sessions:  # a receiver and a sender each, and spares
-            refusal = Refused(1013, "server full: too many connections; try again later")
-        if (refusal is None and self.per_address.get(address, 0) >= self.args.max_connections_per_client
-                and not is_loopback(address)):  # the machine itself (an SSH tunnel, a local test) is one user
-            refusal = Refused(1013, f"too many connections from your address ({self.args.max_connections_per_client}); try again later")
-        if refusal is not None:
-            await self.refuse(ws, refusal, address)
-            return None
-        self.connections[ws] = address
-        self.per_address[address] = self.per_address.get(address, 0) + 1
-        def too_slow(reason: str) -> None:
-            self.log.warning("slow", f"closed a slow client from {address}: {reason}")
-            self.metrics.closed.labels(str(CLOSE_TOO_SLOW)).inc()
-        return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, too_slow)
-
-    async def close(self, ws: ServerConnection, code: int, reason: str) -> None:
-        """Close a connection the server was serving, counted by its code (/metrics)."""
-        self.metrics.closed.labels(str(code)).inc()
-        await close_within(ws, code, reason)
-
-    async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
-        self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")
-        self.metrics.refused.labels(str(refusal.code)).inc()
-        await close_within(ws, refusal.code, refusal.reason)
-
-    def release(self, ws: ServerConnection, writer: ClientWriter) -> None:
-        writer.stop()
-        address = self.connections.pop(ws, None)
-        if address is not None:
-            self.per_address[address] -= 1
-            if not self.per_address[address]:
-                del self.per_address[address]
-
-    # ---- receiver socket: client -> server ----
-
-    async def handle_receiver(self, ws: ServerConnection) -> None:
-        writer = await self.admit(ws)
-        if writer is None:
-            return
-        conn = ReceiverConnection(ws, writer, self.connections[ws], self.args.max_messages_per_s)
-        idle_s = self.args.idle_timeout_s or None
-        try:
-            await self.open_receiver(conn)
-            while True:
-                try:
-                    async with asyncio.timeout(idle_s):
-                        message = await ws.recv()
-                except TimeoutError:
-                    if conn.session is not None and conn.session.assistant_busy():
-                        continue  # listening to an answer is not idle
-                    await self.close(ws, 4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
-                    return
-                if not conn.rate.allow():
-                    if now() - conn.last_refusal >= 1:
-                        conn.last_refusal = now()
-                        self.report(conn, "rate_limited", f"more than {self.args.max_messages_per_s} messages a second; the excess is dropped")
-                    continue
-                try:
-                    await self.on_message(conn, message)
-                except BadMessage as exc:
-                    self.report(conn, exc.code, str(exc))
-                    if isinstance(message, str):
-                        writer.send(PLACEHOLDER)
-        except BadMessage as exc:  # a bad uid in the URL
-            await self.refuse(ws, Refused(1008, str(exc)), conn.address)
-        except Refused as refusal:  # no session for this connection
-            await self.refuse(ws, refusal, conn.address)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.release(ws, writer)
-            if conn.session is not None:
-                self.detach(conn.session, conn)
-
-    async def open_receiver(self, conn: ReceiverConnection) -> None:
-        """An extended client names its uid in the URL: it gets a new session, or, presenting a key, its own back, and
-        the session's key in a ready event. A legacy client names its uid in its first message (see on_message)."""
-        uid = query_uid(conn.ws)
-        if uid is None:
-            if not self.legacy_allowed:
-                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
-            return
-        key = AccessPolicy.presented(conn.ws.request, AccessPolicy.KEY_PREFIX, "key")
-        session = self.resume_session(uid, key, conn) if key else self.open_session(uid, conn, extended=True)
-        conn.writer.send(SessionReadyEvent(uid, session_key=session.key, resumed=bool(key)).to_json())
-
-    async def on_message(self, conn: ReceiverConnection, message: Any) -> None:
-        """Check one message from the receiver socket and act on it."""
-        session = conn.session
-        if isinstance(message, bytes):
-            if session is None:
-                raise BadMessage("no_session", "send ?uid= in the URL before binary audio")
-            if len(message) % 2:
-                raise BadMessage("bad_audio", "binary audio must be int16 PCM (an even number of bytes)")
-            if len(message) // 2 > self.max_samples:
-                raise BadMessage("audio_too_long", f"more than {self.args.max_audio_ms_per_message} ms of audio in one message")
-            await self.on_audio(session, np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)
-            return
-        try:
-            data = json.loads(message)
-        except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting like [[[[...
-            raise BadMessage("bad_json", f"message is not JSON: {str(exc)[:100]}") from None
-        if not isinstance(data, dict):
-            raise BadMessage("bad_message", "a message must be a JSON object")
-        if session is None:
-            if "uid" not in data:
-                raise BadMessage("no_uid", "the first message must carry a string uid")
-            try:
-                uid = check_uid(data["uid"])
-            except BadMessage as exc:
-                raise Refused(1008, str(exc)) from None
-            session = self.open_session(uid, conn, extended=False)
-        elif "uid" in data and data["uid"] != session.uid:
-            raise BadMessage("uid_mismatch", "this connection belongs to another uid")
-        for reply in await self.on_json(session, data):
-            conn.writer.send(reply)
-
-    def report(self, conn: ReceiverConnection, code: str, message: str) -> None:
-        """A bad message: an error event to the session's clients, and a log line (at most one per code and interval)."""
-        session = conn.session
-        self.log.warning(f"bad {code}", f"bad message from {conn.address}: {message}")
-        if session is not None:
-            session.outbox.put_nowait(ErrorEvent(code, message))
-
-    async def on_json(self, session: Session, data: dict) -> list:
-        """Act on one JSON message; return the replies: one "VAD detected" per user turn started, else a placeholder."""
-        kind = data.get("type")
-        if kind is not None and not isinstance(kind, str):
-            raise BadMessage("bad_message", "type must be a string")
-        if "is_playing" in data:  # CleanS2S's client reports playback as the strings "true"/"false"
-            playing = {"true": True, "false": False, True: True, False: False}.get(data["is_playing"]) \
-                if isinstance(data["is_playing"], (str, bool)) else None
-            if playing is None:
-                raise BadMessage("bad_message", 'is_playing must be "true" or "false"')
-            session.client_playing_turn = session.turn if playing else None
-        if kind == "audio_input":
-            started = await self.on_audio(session, decode_float32_audio(data.get("audio"), self.max_samples))
-            return [VAD_DETECTED] * started or [PLACEHOLDER]
-        if kind == "user_input":
-            text = data.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise BadMessage("bad_text", "user_input needs a non-empty text")
-            if len(text) > self.args.max_text_chars:
-                raise BadMessage("text_too_long", f"text longer than {self.args.max_text_chars} characters")
-            try:  # JSON can escape a lone surrogate (\ud800), which no UTF-8 text, and so no model or log, can hold
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadMessage("bad_text", "text is not valid Unicode (a lone surrogate)") from None
-            self.on_text(session, text.strip())
-            return [PLACEHOLDER]
-        if kind == "playback":
-            turn, played, playing = data.get("turn"), data.get("played_ms"), data.get("playing")
-            if (not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < 2**32
-                    or (played is not None and (isinstance(played, bool) or not isinstance(played, (int, float))
-                                                or not 0 <= played < 1e9))
-                    or (playing is not None and not isinstance(playing, bool))):
-                raise BadMessage("bad_playback", "playback needs an integer turn, a played_ms of 0 or more, and a boolean playing")
-            session.on_playback(turn, played, playing)
-        return [PLACEHOLDER]  # other types (keepalive, ...) are ignored, as CleanS2S does
-
-    async def on_audio(self, session: Session, audio: np.ndarray) -> int:
-        """Feed audio to the session's VAD (in a worker thread). Returns how many user turns started in it."""
-        audio = check_audio(audio)
-        if session.resampler is not None:
-            audio = session.resampler.resample_chunk(audio)
-        if not self.args.enable_interruption and session.assistant_busy():
-            session.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
-            return 0
-        events = await self.loop.run_in_executor(self.vad_pool, session.vad.feed, audio)
-        session.heard_audio_at = now()
-        streaming = self.asr_stage.handler.streaming
-        late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
-        started = 0
-        for ev in events:
-            if isinstance(ev, SpeechStarted):
-                session.speech_heard_at = ev.heard_at
-                if not late:
-                    self.begin_spoken_turn(session)
-                    started += 1
-                continue
-            if late:
-                self.begin_spoken_turn(session)
-                started += 1
-            if session.is_current(session.speech_turn):
-                t = session.current()  # (typed text in the middle of speech would have taken over the turn)
-                t.speech_end, t.eot_wait_ms = now(), ev.silence_ms
-                t.move(TurnState.ANSWERING)
-                if self.recorder:
-                    self.recorder.save_input(session, t.number, ev.audio)
-                self.asr_stage.put(Utterance(session, t.number, ev.untaken if streaming else ev.audio))
-        if streaming and not late and session.is_current(session.speech_turn):
-            piece = session.vad.take_new(self.asr_stage.handler.piece_samples)
-            if piece is not None:
-                self.asr_stage.put(Utterance(session, session.speech_turn, piece, final=False))
-        if session.holding:  # its sender waits to see whether this is a cut-in: the VAD has heard more
-            session.wake.set()
-        return started
-
-    def begin_spoken_turn(self, session: Session) -> None:
-        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way."""
-        t = session.start_turn(spoken=True, heard_at=session.speech_heard_at)
-        session.speech_turn = t.number
-        session.outbox.put_nowait(SpeechStartEvent(t.number))
-
-    def on_text(self, session: Session, text: str) -> None:
-        if text == "new topic":  # CleanS2S's client counts it like any text, so the turn number moves too
-            session.new_topic()
-            return
-        t = session.start_turn(spoken=False)
-        t.question, t.speech_end = text, now()
-        t.move(TurnState.ANSWERING)
-        self.llm_stage.put(UserText(session, t.number, text))
-
-    # ---- sender socket: server -> client ----
-
-    async def handle_sender(self, ws: ServerConnection) -> None:
-        writer = await self.admit(ws)
-        if writer is None:
-            return
-        address, conn = self.connections[ws], None
-        try:
-            conn = self.open_sender(ws, writer, address)
-            await self.serve_sender(conn)
-        except BadMessage as exc:  # a bad uid in the URL
-            await self.refuse(ws, Refused(1008, str(exc)), address)
-        except Refused as refusal:
-            await self.refuse(ws, refusal, address)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            if conn is not None:
-                (conn.session.senders if conn.extended else self.legacy_senders).discard(conn)
-            self.release(ws, writer)
-
-    def open_sender(self, ws: ServerConnection, writer: ClientWriter, address: str) -> SenderConnection:
-        """An extended client presents its session's key (from the receiver's ready event) and hears that session
-        only; a client without a uid is CleanS2S's and hears every legacy session, never an extended one."""
-        uid = query_uid(ws)
-        if uid is None:
-            if not self.legacy_allowed:
-                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
-            conn = SenderConnection(ws, writer, address, None)
-            self.legacy_senders.add(conn)
-            return conn
-        key = AccessPolicy.presented(ws.request, AccessPolicy.KEY_PREFIX, "key")
-        session = self.sessions.get(key) if key else None
-        if session is None or not hmac.compare_digest(session.uid.encode(), uid.encode()):
-            raise CLOSE_UNKNOWN_SESSION
-        conn = SenderConnection(ws, writer, address, session)
-        session.senders.add(conn)
-        conn.send_event(ReadyEvent(uid))
-        return conn
-
-    async def serve_sender(self, conn: SenderConnection) -> None:
-        """Clients do not write here; reading notices the close. A legacy sender is idle while no legacy session is
-        open from its address: after --idle_timeout_s of that it is closed. An extended one ends with its session."""
-        idle_s = None if conn.extended else self.args.idle_timeout_s or None
-        while True:
-            try:
-                async with asyncio.timeout(idle_s):
-                    await conn.ws.recv()
-            except TimeoutError:
-                if not any(s.address == conn.address for s in self.legacy_sessions.values()):
-                    await self.close(conn.ws, 4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
-                    return
-
-
-def legacy_clients_allowed(args: argparse.Namespace) -> bool:
-    """--legacy_clients auto: CleanS2S's client, which cannot keep its session private, only on a server that no
-    other machine reaches and that wants no token."""
-    if args.legacy_clients != "auto":
-        return args.legacy_clients == "allow"
-    local = all(host == "localhost" or is_loopback(host) for host in (args.recv_host, args.send_host))
-    return local and not args.auth_token
-
-
-# ------------------------------------------------------------------------------------------------
-# Operations: Prometheus metrics, a health check for nginx and Kubernetes probes, logs a machine can read.
-# ------------------------------------------------------------------------------------------------
-
-TURN_FIGURES = ("eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
-                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms")  # the per-turn metrics, and voice-to-voice
-MS_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
-
-
-class ServerMetrics:
-    """What the server counts for Prometheus, in a registry of its own."""
-
-    def __init__(self):
-        pc = require("prometheus_client", "pip install -r requirements.txt")
-        self.registry = pc.CollectorRegistry()
-        self.exposition = functools.partial(pc.generate_latest, self.registry)
-        r = {"registry": self.registry}
-        self.sessions = pc.Gauge("s2s_sessions", "Sessions open, those waiting --resume_s for their client included", **r)
-        self.refused = pc.Counter("s2s_connections_refused", "Connections refused, by close code (docs/protocol.md)", ["code"], **r)
-        self.closed = pc.Counter("s2s_connections_closed", "Connections the server closed while serving them, by close code", ["code"], **r)
-        self.handshakes_dropped = pc.Counter("s2s_handshakes_dropped", "Connections dropped in their opening handshake "
-                                             "(--max_pending_connections)", **r)
-        self.turns = pc.Counter("s2s_turns", "Turns finished, by whether the user cut them off", ["interrupted"], **r)
-        self.errors = pc.Counter("s2s_errors", "Error events sent to clients, by code", ["code"], **r)
-        self.turn_ms = pc.Histogram("s2s_turn_ms", "Per-turn timings in ms, as in the metrics event; voice_to_voice_ms is "
-                                    "eot_wait_ms + first_audio_ms", ["figure"], buckets=MS_BUCKETS, **r)
-
-    def observe_turn(self, m: dict, again: bool) -> None:
-        if again:  # reported before; now only its barge-in is new
-            self.turn_ms.labels("barge_in_ms").observe(m["barge_in_ms"])
-            return
-        self.turns.labels(str(m["interrupted"]).lower()).inc()
-        figures = dict(m, voice_to_voice_ms=None if m["first_audio_ms"] is None else m["eot_wait_ms"] + m["first_audio_ms"])
-        for name in TURN_FIGURES:
-            if figures.get(name) is not None:
-                self.turn_ms.labels(name).observe(figures[name])
-
-
-class OpsEndpoints:
-    """GET /metrics (Prometheus text; with --auth_token, only for `Authorization: Bearer TOKEN` or ?token=) and GET
-    /healthz (200 once the models are loaded and every stage runs, else 503; open to all: it tells nothing more). On
-    the receiver port, and with --ops_port on a port of their own that is up before the models load."""
-
-    def __init__(self, token: Optional[str]):
-        self.token = token.encode() if token else None
-        self.metrics = ServerMetrics()
-        self.live: Optional[Callable[[], bool]] = None  # set by the server while it serves: are the stages running
-
-    def response(self, path: str, headers: Any) -> Optional[Response]:
-        """The answer to a GET of `path`, or None for a path that is not theirs."""
-        route = path.split("?", 1)[0]
-        if route == "/healthz":
-            healthy = self.live is not None and self.live()
-            return ClientFiles.response(200 if healthy else 503, "text/plain", b"ok\n" if healthy else b"not ready\n")
-        if route != "/metrics":
-            return None
-        if self.token is not None:
-            bearer = next((v[7:] for v in headers.get_all("Authorization") if v.startswith("Bearer ")), None)
-            presented = bearer if bearer is not None else (parse_qs(urlparse(path).query).get("token") or [""])[0]
-            if not token_matches(self.token, presented):
-                return ClientFiles.response(401, "text/plain", b"unauthorized: missing or wrong token\n")
-        return ClientFiles.response(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.exposition())
-
-    def serve_http(self, host: str, port: int) -> None:
-        """The same two paths on a port of their own, in a thread, from now on."""
-        ops = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                answer = ops.response(self.path, Headers(self.headers.items())) or \
-                    ClientFiles.response(404, "text/plain", b"not found\n")
-                self.send_response(answer.status_code)
-                for name, value in answer.headers.raw_items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(answer.body)
-
-            def log_message(self, *args: Any) -> None:  # probes every few seconds: not worth a log line each
-                pass
-
-        httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-        httpd.daemon_threads = True
-        threading.Thread(target=httpd.serve_forever, name="ops-http", daemon=True).start()
-        logger.info("metrics and health: http://%s:%d/metrics, /healthz", host, port)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """--log_format json: one JSON object a line. A turn's line carries its figures as fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-                 "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-                 **getattr(record, "fields", {})}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 # ------------------------------------------------------------------------------------------------
 # Main: build the handlers from the flags, load and warm them up, serve.
 # ------------------------------------------------------------------------------------------------
+
+class Pipeline:
+    """The models every session shares, wired in the order an utterance takes them: the VAD (on a small pool of
+    threads), then ASR -> LLM -> TTS, each stage handing what it makes to the next; the TTS's audio goes back to
+    its session."""
+
+    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any):
+        self.vad_model = vad_model
+        self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
+        self.asr = Stage("asr", asr, args.asr_workers, lambda text: self.llm.put(text))
+        # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
+        self.llm = Stage("llm", llm, args.max_sessions, lambda chunk: self.tts.put(chunk))
+        self.tts = Stage("tts", tts, args.tts_workers, lambda audio: audio.session.deliver(audio))
+        self.stages = (self.asr, self.llm, self.tts)
+
+    def start(self) -> None:
+        for stage in self.stages:
+            stage.start()
+
+    def running(self) -> bool:
+        return all(t.is_alive() for stage in self.stages for t in stage.threads)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Every stage stops, as Stage.stop says, within `timeout_s` in all."""
+        for stage in self.stages:
+            stage.close()
+        deadline = time.monotonic() + timeout_s
+        for stage in self.stages:
+            stage.join(deadline)
+        self.vad_pool.shutdown(wait=False)
+
 
 def major_version(module: Any) -> int:
     """5 for a module whose __version__ is "5.23.0"."""
@@ -3345,7 +2286,7 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
         load(name, component)
     llm.text_stream = tts.reads_text_stream
-    server = VoiceAgentServer(args, asr, llm, tts, vad_model, ops)
+    server = VoiceAgentServer(args, Pipeline(args, asr, llm, tts, vad_model), ops)
     # The libraries and models leave about half a million long-lived objects. A full garbage collection walks them
     # all (~250 ms on 2 cores) and holds every thread meanwhile, at a moment no one chooses: mid-turn. Collect once
     # now and put them out of the collector's sight, so later collections see only what turns allocate.
@@ -3353,6 +2294,1295 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     gc.freeze()
     raise_descriptor_limit()
     asyncio.run(server.run())
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Wire formats: what a client's messages mean to its session, and how the session's output is written for it.
+# CleanS2S's format (its own client, which knows no session key) and the extended protocol of docs/protocol.md,
+# which adds binary audio, playback reports and events to it. They only translate: a session is the same for both.
+# ------------------------------------------------------------------------------------------------
+
+class BadMessage(ValueError):
+    """A client message we cannot use; `code` goes to the client in an error event."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+UID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # safe in file names (--save_data) and logs
+
+
+def check_uid(uid: Any) -> str:
+    if not isinstance(uid, str) or not UID.fullmatch(uid):
+        raise BadMessage("bad_uid", "uid must be 1-64 letters, digits, '_', '-' or '.', not starting with '.'")
+    return uid
+
+
+@dataclass
+class ClientAudio:  # -> Session.hear()
+    audio: np.ndarray  # float32 in [-1, 1], the client's --sample_rate, mono
+
+
+@dataclass
+class ClientText:  # -> Session.type()
+    text: str
+
+
+@dataclass
+class ClientPlayback:  # -> Session.played()
+    turn: Optional[int]  # None: the current turn (CleanS2S's is_playing names none)
+    played_ms: Optional[float] = None
+    playing: Optional[bool] = None
+
+
+def parse_json(message: str) -> dict:
+    try:
+        data = json.loads(message)
+    except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting like [[[[...
+        raise BadMessage("bad_json", f"message is not JSON: {str(exc)[:100]}") from None
+    if not isinstance(data, dict):
+        raise BadMessage("bad_message", "a message must be a JSON object")
+    return data
+
+
+def read_actions(message: bytes | dict, max_samples: int, max_text_chars: int) -> list:
+    """What one message (binary audio, or a parsed JSON one) asks of its session: ClientAudio, ClientText and
+    ClientPlayback, in the order the session takes them. Raises BadMessage."""
+    if isinstance(message, bytes):  # extended protocol: int16 PCM
+        if len(message) % 2:
+            raise BadMessage("bad_audio", "binary audio must be int16 PCM (an even number of bytes)")
+        if len(message) // 2 > max_samples:
+            raise BadMessage("audio_too_long", f"more than {max_samples} samples of audio in one message")
+        return [ClientAudio(np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)]
+    kind = message.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise BadMessage("bad_message", "type must be a string")
+    actions = []
+    if "is_playing" in message:  # CleanS2S's client reports playback as the strings "true"/"false"
+        playing = {"true": True, "false": False, True: True, False: False}.get(message["is_playing"]) \
+            if isinstance(message["is_playing"], (str, bool)) else None
+        if playing is None:
+            raise BadMessage("bad_message", 'is_playing must be "true" or "false"')
+        actions.append(ClientPlayback(None, playing=playing))
+    if kind == "audio_input":
+        actions.append(ClientAudio(decode_float32_audio(message.get("audio"), max_samples)))
+    elif kind == "user_input":
+        actions.append(ClientText(check_text(message.get("text"), max_text_chars)))
+    elif kind == "playback":
+        actions.append(check_playback(message))
+    return actions  # other types (keepalive, ...) ask nothing, as in CleanS2S
+
+
+def decode_float32_audio(b64: Any, max_samples: int) -> np.ndarray:
+    if not isinstance(b64, str):
+        raise BadMessage("bad_audio", "audio must be a base64 string")
+    if len(b64) > (max_samples * 4 + 2) // 3 * 4:  # refused before decoding: 4 base64 characters per 3 bytes
+        raise BadMessage("audio_too_long", f"more than {max_samples} samples of audio in one message")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadMessage("bad_audio", f"audio is not valid base64: {exc}") from None
+    if len(raw) % 4:
+        raise BadMessage("bad_audio", "audio must be float32 PCM (a multiple of 4 bytes)")
+    audio = np.frombuffer(raw, "<f4")
+    if not np.all(np.isfinite(audio)):
+        raise BadMessage("bad_audio", "audio contains NaN or infinity")
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+def check_text(text: Any, max_chars: int) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise BadMessage("bad_text", "user_input needs a non-empty text")
+    if len(text) > max_chars:
+        raise BadMessage("text_too_long", f"text longer than {max_chars} characters")
+    try:  # JSON can escape a lone surrogate (\ud800), which no UTF-8 text, and so no model or log, can hold
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadMessage("bad_text", "text is not valid Unicode (a lone surrogate)") from None
+    return text.strip()
+
+
+def check_playback(data: dict) -> ClientPlayback:
+    turn, played, playing = data.get("turn"), data.get("played_ms"), data.get("playing")
+    if (not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < 2**32
+            or (played is not None and (isinstance(played, bool) or not isinstance(played, (int, float))
+                                        or not 0 <= played < 1e9))
+            or (playing is not None and not isinstance(playing, bool))):
+        raise BadMessage("bad_playback", "playback needs an integer turn, a played_ms of 0 or more, and a boolean playing")
+    return ClientPlayback(turn, played, playing)
+
+
+async def take(session: Session, actions: list) -> int:
+    """Hand a message's actions to its session. Returns how many user turns its audio started."""
+    started = 0
+    for action in actions:
+        if isinstance(action, ClientAudio):
+            started += await session.hear(action.audio)
+        elif isinstance(action, ClientText):
+            session.type(action.text)
+        else:
+            session.played(action.turn, action.played_ms, action.playing)
+    return started
+
+
+# Replies on the receiver socket, to every JSON message: CleanS2S's client waits for one.
+PLACEHOLDER = json.dumps({"placeholder": ""})
+VAD_DETECTED = json.dumps({"return_info": "VAD detected"})  # a user turn started: the client stops its playback
+LEGACY_END_PCM = bytes(2 * SAMPLE_RATE // 50)  # 20 ms of silence: carries end_flag to a legacy client
+
+
+def extended_messages(item: Any) -> list:
+    """The extended protocol: events as JSON; each piece of an answer as a JSON "answer" header, then its audio in
+    a binary frame that starts with the turn and seq (little-endian uint32 each)."""
+    if isinstance(item, ServerEvent):
+        return [item.to_json()]
+    header = json.dumps({"event": "answer", "turn": item.turn, "seq": item.seq, "text": item.text, "end": item.last},
+                        ensure_ascii=False)
+    return [header, struct.pack("<II", item.turn, item.seq) + item.pcm] if item.pcm else [header]
+
+
+def legacy_messages(item: Any) -> list:
+    """CleanS2S's format: no events; a JSON message per piece of the answer. Its client shows question_text and
+    answer_text when non-empty, and turns a message without audio into a text bubble, so every one carries audio."""
+    if not isinstance(item, AnswerAudio):
+        return []
+    return [json.dumps({
+        "uid": item.session.uid, "user_input_count": item.turn, "question_text": item.question,
+        "answer_text": item.text, "answer_audio": base64.b64encode(item.pcm or LEGACY_END_PCM).decode(),
+        "end_flag": item.last,
+    }, ensure_ascii=False)]
+
+
+SENTENCE_END = re.compile(r"[.!?。！？…]\s*$")
+
+
+class LegacyAnswer:
+    """One turn's answer cut as CleanS2S's own server cut it, for its client: a message per chunk with the chunk's
+    text and all of its audio, end_flag on the last. That client shows each message's text as a bubble whose replay
+    button plays that message's audio, and it ends an answer (takes its "still answering" bubble away) only on a
+    message with text, audio and end_flag; an end marker of its own would leave that bubble on screen. Only the turn's
+    first audio goes out before its chunk is whole, once the chunk has a second piece (its text then rides on the
+    rest): a TTS that makes a chunk in one piece (espeak-ng) costs nothing, a streaming one a piece."""
+
+    def __init__(self):
+        self._new_turn(-1)
+
+    def _new_turn(self, turn: int) -> None:
+        self.turn, self.started = turn, False  # started: the turn's first message went out
+        self.pieces, self.text = [], ""  # the chunk under way
+        self.waiting: Optional[AnswerAudio] = None  # a whole chunk ending a sentence, which may be the answer's last
+
+    def push(self, item: AnswerAudio) -> list:
+        """The messages to send now (AnswerAudio, a chunk each), given the next item from the TTS."""
+        if item.turn != self.turn:
+            self._new_turn(item.turn)
+        out = []
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            if item.last and not item.pcm and not item.text.strip() and not self.pieces:  # the answer ended there
+                return [dataclasses.replace(waiting, text=waiting.text + item.text, last=True)]
+            out.append(waiting)
+        self.text += item.text
+        if item.pcm:
+            if not self.started and len(self.pieces) == 1:  # the turn's first audio may wait no longer
+                out.append(dataclasses.replace(item, text="", pcm=self.pieces.pop(), last=False))
+                self.started = True
+            self.pieces.append(item.pcm)
+            return out
+        whole = dataclasses.replace(item, text=self.text, pcm=b"".join(self.pieces))
+        self.pieces, self.text = [], ""
+        if not whole.text and not whole.pcm and not whole.last:
+            return out
+        self.started = True
+        if not whole.last and SENTENCE_END.search(whole.text):
+            self.waiting = whole
+        else:
+            out.append(whole)
+        return out
+
+    def flush(self) -> list:
+        """The chunk that waited for the answer's end in vain."""
+        waiting, self.waiting = self.waiting, None
+        return [waiting] if waiting is not None else []
+
+
+# ------------------------------------------------------------------------------------------------
+# The network shell: sockets, admission, limits, TLS, the static client, saved turns and operations. Nothing
+# here knows a model; a fork that swaps one need not read on.
+# ------------------------------------------------------------------------------------------------
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    net = p.add_argument_group("network")
+    net.add_argument("--recv_host", default="localhost", help="host of the receiver socket (client -> server); 0.0.0.0 to accept other machines")
+    net.add_argument("--recv_port", type=int, default=9001, help="port of the receiver socket")
+    net.add_argument("--send_host", default="localhost", help="host of the sender socket (server -> client)")
+    net.add_argument("--send_port", type=int, default=9002, help="port of the sender socket")
+    net.add_argument("--max_sessions", type=int, default=16, help="clients served at once; the next one is refused with close code 1013")
+    net.add_argument("--client_dir", default="auto",
+                     help="built browser client to serve over HTTP on the receiver port (open http://RECV_HOST:RECV_PORT/); "
+                          "auto: frontend_nextjs/out beside this file when it is built; '' serves none")
+    net.add_argument("--public_receiver_url", default=None,
+                     help="where clients reach the receiver socket when a proxy (nginx) stands in front: ws[s]://HOST[:PORT][/PATH], "
+                          "or :PORT for that port on the page's own host. The page learns it from /s2s-config.json. "
+                          "Default: --recv_port on the page's host")
+    net.add_argument("--public_sender_url", default=None,
+                     help="where clients reach the sender socket when a proxy stands in front; as --public_receiver_url. "
+                          "Default: --send_port on the page's host")
+
+    sec = p.add_argument_group("security and limits")
+    sec.add_argument("--auth_token", default=None,
+                     help="shared secret both sockets require (query ?token= or WebSocket subprotocol s2s.token.TOKEN); "
+                          "default: the S2S_AUTH_TOKEN environment variable (preferred: a flag shows in the process list), else none")
+    sec.add_argument("--allowed_origins", default="auto",
+                     help="browser pages that may connect, comma-separated (https://app.example.com,http://localhost:3000); "
+                          "auto: pages from the server's own host name, and clients that send no Origin; * allows any")
+    sec.add_argument("--trusted_proxies", default="127.0.0.1,::1",
+                     help="addresses of reverse proxies (nginx) whose X-Forwarded-For header names the client, comma-separated; "
+                          "the logs show that client instead of the proxy. Empty: trust none")
+    sec.add_argument("--ssl_certfile", default=None, help="TLS certificate (PEM): serves wss:// and the browser client over https")
+    sec.add_argument("--ssl_keyfile", default=None, help="TLS private key (PEM) of --ssl_certfile")
+    sec.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
+    sec.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
+    sec.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
+    sec.add_argument("--max_messages_per_s", type=int, default=100,
+                     help="messages per second per connection (a microphone sends about 31); the excess is dropped (error rate_limited)")
+    sec.add_argument("--idle_timeout_s", type=float, default=300.0,
+                     help="close a receiver connection that sends nothing for this long, and a legacy sender that has no legacy "
+                          "session from its address for this long (code 4408); 0 never does")
+    sec.add_argument("--resume_s", type=float, default=30.0,
+                     help="keep a session this long after its receiver closes, so the client can come back to it with its session "
+                          "key; a new session that needs the slot ends it sooner")
+    sec.add_argument("--legacy_clients", choices=["auto", "allow", "refuse"], default="auto",
+                     help="CleanS2S's own client (no uid in its URLs; it hears every legacy session's answers and keeps its own): "
+                          "auto allows it only with no --auth_token and both sockets on localhost; refused ones get code 4426")
+    sec.add_argument("--max_connections_per_client", type=int, default=8,
+                     help="open connections from one client address (the forwarded one behind --trusted_proxies); the next is refused "
+                          "with 1013. Clients on the machine itself (loopback, an SSH tunnel) are not limited")
+    sec.add_argument("--max_pending_connections", type=int, default=512,
+                     help="connections still in their opening handshake, in all; past it (or past 16 from one address) the one "
+                          "waiting longest is dropped, so slow handshakes cannot keep a new client out")
+    sec.add_argument("--send_timeout_s", type=float, default=10.0,
+                     help="close a connection (code 4429) whose client has not taken a message within this many seconds")
+    sec.add_argument("--send_buffer_kb", type=int, default=4096,
+                     help="close a connection (code 4429) that has more than this many KiB waiting to be sent to its client")
+    sec.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
+    sec.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
+                      help="store every turn (input wav, transcript, answer text, answer wav) in DIR, a folder per session; bare flag: s2s_data")
+    data.add_argument("--save_data_max_mb", type=float, default=1024,
+                      help="stop saving (one warning in the log) once DIR holds this many MiB; 0: no limit")
+    data.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    data.add_argument("--log_format", choices=["text", "json"], default="text",
+                      help="json: one JSON object per line (time, level, logger, message, and a turn line's figures as fields)")
+
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--ops_port", type=int, default=0,
+                     help="also serve /metrics (Prometheus) and /healthz on this port of --recv_host, from before the models load, "
+                          "so /healthz says 503 until they are ready; 0: only on the receiver port, which listens once they are")
+
+
+class VoiceAgentServer:
+    """Both sockets: the receiver, where a client's messages go to its session, and the sender, where it hears it."""
+
+    def __init__(self, args: argparse.Namespace, pipeline: Pipeline, ops: Optional[OpsEndpoints] = None):
+        self.args, self.pipeline = args, pipeline
+        self.ops = ops or OpsEndpoints(args.auth_token)  # main() makes it before the models load, for --ops_port
+        self.metrics = self.ops.metrics
+        self.log = LogLimiter()
+        self.recorder = TurnRecorder(args.save_data, args.save_data_max_mb * 2**20, self.log) if args.save_data else None
+        self.sessions = SessionRegistry(self)
+        self.admission = Admission(self)
+        self.legacy_allowed = legacy_clients_allowed(args)
+        self.receiver, self.sender = ReceiverSocket(self), SenderSocket(self)
+        self.stopped: asyncio.Event = None
+
+    async def run(self, ready: Optional[Callable[[], None]] = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self.on_loop_error)
+        self.stopped = asyncio.Event()
+        self.pipeline.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stopped.set)
+        async with self.serve():
+            self.ops.live = self.pipeline.running
+            if ready:
+                ready()
+            await self.stopped.wait()
+            self.ops.live = None  # /healthz: 503 while shutting down
+            logger.info("shutting down: closing %d connections", len(self.admission.connections))
+            await asyncio.gather(*(close_within(ws, 1001, "server shutting down") for ws in list(self.admission.connections)))
+        for link in self.sessions.all():
+            self.sessions.end(link)
+        await asyncio.to_thread(self.pipeline.stop)
+        if self.recorder:  # every turn record queued so far is written before the process exits
+            await asyncio.to_thread(self.recorder.close)
+
+    @contextlib.asynccontextmanager
+    async def serve(self) -> AsyncIterator[None]:
+        """Both sockets listen, and the built client is served on the receiver port, while this is entered."""
+        a = self.args
+        files = ClientFiles(a.client_dir, page_config(a)) if a.client_dir else None
+        tls = None
+        if a.ssl_certfile:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
+        def dropped(peer: str) -> None:
+            self.log.warning("handshakes", f"dropped a connection from {peer}: too many opening handshakes in progress")
+            self.metrics.handshakes_dropped.inc()
+        gate = HandshakeGate(a.max_pending_connections, self.admission.trusted_proxies, dropped)
+
+        async def receiver_request(ws: ServerConnection, request: Any) -> Any:
+            return (bad_request(ws, request) or self.ops.response(request.path, request.headers)
+                    or (await files.process_request(ws, request) if files else None))
+
+        # close_timeout: a refused client whose messages we no longer read cannot answer our close (the library
+        # stops reading the socket when its queue is full), so the close ends after 2 s, not websockets' 10.
+        # compression=None: PCM does not compress, and permessage-deflate would let a 500-byte frame inflate to the
+        # whole --max_message_kb, a thousandfold, before any limit applies.
+        common = dict(ssl=tls, max_size=a.max_message_kb * 1024, ping_interval=a.ping_interval_s or None,
+                      ping_timeout=a.ping_timeout_s or None, close_timeout=2, compression=None,
+                      select_subprotocol=AccessPolicy.select_subprotocol, create_connection=functools.partial(GatedConnection, gate))
+        async with serve(self.receiver.handle, a.recv_host, a.recv_port, **common, process_request=receiver_request), \
+                serve(self.sender.handle, a.send_host, a.send_port, **common, process_request=bad_request):
+            ws_scheme, http_scheme = ("wss", "https") if tls else ("ws", "http")
+            if files:
+                logger.info("browser client: %s://%s:%d/ (from %s)", http_scheme, a.recv_host, a.recv_port, a.client_dir)
+            if a.public_receiver_url or a.public_sender_url:
+                logger.info("pages are told the sockets are at receiver %s, sender %s", a.public_receiver_url or a.recv_port,
+                            a.public_sender_url or a.send_port)
+            logger.info("ready: receiver %s://%s:%d  sender %s://%s:%d%s%s", ws_scheme, a.recv_host, a.recv_port,
+                        ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "",
+                        "" if self.legacy_allowed else " (legacy clients refused)")
+            yield
+
+    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own errors. Out of descriptors, it logs a traceback for every accept it retries (megabytes a minute
+        under a flood): one line per interval is enough."""
+        if "accept" in context.get("message", ""):
+            self.log.warning("accept", f"{context['message']}: {context.get('exception')}")
+            return
+        loop.default_exception_handler(context)
+
+    def turn_ended(self, session: Session, t: Turn, again: bool) -> None:
+        self.metrics.observe_turn(t.metrics(), again)
+        if self.recorder is not None:
+            self.recorder.save_turn(session, t, again)
+
+    async def close(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection the server was serving, counted by its code (/metrics)."""
+        self.metrics.closed.labels(str(code)).inc()
+        await close_within(ws, code, reason)
+
+
+def legacy_clients_allowed(args: argparse.Namespace) -> bool:
+    """--legacy_clients auto: CleanS2S's client, which cannot keep its session private, only on a server that no
+    other machine reaches and that wants no token."""
+    if args.legacy_clients != "auto":
+        return args.legacy_clients == "allow"
+    local = all(host == "localhost" or is_loopback(host) for host in (args.recv_host, args.send_host))
+    return local and not args.auth_token
+
+
+class ReceiverSocket:
+    """Client -> server: each connection opens or resumes its session, and its messages, checked and within its
+    limits, go to that session."""
+
+    def __init__(self, server: VoiceAgentServer):
+        self.server, self.args, self.log = server, server.args, server.log
+        self.sessions, self.admission, self.legacy_allowed = server.sessions, server.admission, server.legacy_allowed
+        self.max_samples = self.args.max_audio_ms_per_message * self.args.sample_rate // 1000  # per message, at the client's rate
+
+    async def handle(self, ws: ServerConnection) -> None:
+        writer = await self.admission.admit(ws)
+        if writer is None:
+            return
+        conn = ReceiverConnection(ws, writer, self.admission.connections[ws], self.args.max_messages_per_s)
+        try:
+            self.open(conn)
+            while (message := await self.next_message(conn)) is not None:
+                try:
+                    await self.on_message(conn, message)
+                except BadMessage as exc:
+                    self.report(conn, exc.code, str(exc))
+                    if isinstance(message, str):
+                        writer.send(PLACEHOLDER)
+        except BadMessage as exc:  # a bad uid in the URL
+            await self.admission.refuse(ws, Refused(1008, str(exc)), conn.address)
+        except Refused as refusal:  # no session for this connection
+            await self.admission.refuse(ws, refusal, conn.address)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.admission.release(ws, writer)
+            if conn.link is not None:
+                self.sessions.detach(conn.link, conn)
+
+    def open(self, conn: ReceiverConnection) -> None:
+        """An extended client names its uid in the URL: it gets a new session, or, presenting a key, its own back, and
+        the session's key in a ready event. A legacy client names its uid in its first message (see on_message)."""
+        uid = query_uid(conn.ws)
+        if uid is None:
+            if not self.legacy_allowed:
+                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
+            return
+        key = AccessPolicy.presented(conn.ws.request, AccessPolicy.KEY_PREFIX, "key")
+        link = self.sessions.resume(uid, key, conn) if key else self.sessions.open(uid, conn, extended=True)
+        conn.writer.send(SessionReadyEvent(uid, session_key=link.key, resumed=bool(key)).to_json())
+
+    async def next_message(self, conn: ReceiverConnection) -> Any:
+        """The next message within the rate limit; None once the client has been idle for --idle_timeout_s (and is
+        closed)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.args.idle_timeout_s or None):
+                    message = await conn.ws.recv()
+            except TimeoutError:
+                if conn.link is not None and conn.link.session.assistant_busy():
+                    continue  # listening to an answer is not idle
+                await self.server.close(conn.ws, 4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
+                return None
+            if conn.rate.allow():
+                return message
+            if now() - conn.last_refusal >= 1:
+                conn.last_refusal = now()
+                self.report(conn, "rate_limited", f"more than {self.args.max_messages_per_s} messages a second; the excess is dropped")
+
+    async def on_message(self, conn: ReceiverConnection, message: Any) -> None:
+        """Check one message from the receiver socket and hand it to its session; answer a JSON one."""
+        data = message if isinstance(message, bytes) else parse_json(message)
+        if conn.link is None:
+            if isinstance(data, bytes):
+                raise BadMessage("no_session", "send ?uid= in the URL before binary audio")
+            if "uid" not in data:
+                raise BadMessage("no_uid", "the first message must carry a string uid")
+            try:
+                uid = check_uid(data["uid"])
+            except BadMessage as exc:
+                raise Refused(1008, str(exc)) from None
+            self.sessions.open(uid, conn, extended=False)
+        elif isinstance(data, dict) and "uid" in data and data["uid"] != conn.link.session.uid:
+            raise BadMessage("uid_mismatch", "this connection belongs to another uid")
+        started = await take(conn.link.session, read_actions(data, self.max_samples, self.args.max_text_chars))
+        if isinstance(data, dict):
+            for reply in [VAD_DETECTED] * started or [PLACEHOLDER]:
+                conn.writer.send(reply)
+
+    def report(self, conn: ReceiverConnection, code: str, message: str) -> None:
+        """A bad message: an error event to the session's clients, and a log line (at most one per code and interval)."""
+        self.log.warning(f"bad {code}", f"bad message from {conn.address}: {message}")
+        if conn.link is not None:
+            conn.link.session.speaker.put(ErrorEvent(code, message))
+
+
+class ReceiverConnection:
+    """One client on the receiver socket: its session (once it has named its uid) and its limits."""
+
+    def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, max_messages_per_s: float):
+        self.ws, self.writer, self.address = ws, writer, address
+        self.link: Optional[SessionLink] = None
+        self.rate = RateLimit(max_messages_per_s)
+        self.last_refusal = -1.0  # when the last rate_limited error went out: one a second is enough
+
+
+def query_uid(ws: ServerConnection) -> Optional[str]:
+    values = parse_qs(urlparse(ws.request.path).query).get("uid")
+    return check_uid(values[0]) if values else None
+
+
+class SessionRegistry:
+    """The open sessions, an extended one found by its key, a legacy one by its uid (its only name): opened,
+    resumed, left and ended here, each with a task that writes its output to its clients."""
+
+    def __init__(self, server: VoiceAgentServer):
+        self.server, self.args, self.metrics = server, server.args, server.metrics
+        self.by_key: dict = {}  # session key -> SessionLink
+        self.legacy: dict = {}  # uid -> SessionLink, for CleanS2S's client
+        self.legacy_senders: set = set()
+
+    def all(self) -> list:
+        return list(self.by_key.values()) + list(self.legacy.values())
+
+    def open(self, uid: str, conn: ReceiverConnection, extended: bool) -> SessionLink:
+        """A new session for the client on `conn`, which becomes its receiver."""
+        if not extended and uid in self.legacy:
+            raise Refused(1008, f"uid {uid} already has a connected receiver")
+        if len(self.by_key) + len(self.legacy) >= self.args.max_sessions:
+            detached = [s for s in self.by_key.values() if s.receiver is None]
+            if not detached:
+                raise Refused(1013, f"server full: {self.args.max_sessions} sessions; try again later")
+            self.end(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
+        session = Session(uid, self.server.pipeline, self.args, legacy=not extended, on_turn_end=self.server.turn_ended)
+        link = SessionLink(session, extended, conn.address)
+        (self.by_key if extended else self.legacy)[link.key if extended else uid] = link
+        asyncio.get_running_loop().create_task(self.send_output(link), name=f"sender-{session.tag}")
+        self.metrics.sessions.inc()
+        logger.info("session %s opened from %s (%d active)", session.tag, conn.address, len(self.all()))
+        link.receiver, conn.link = conn, link
+        return link
+
+    def find(self, uid: str, key: str) -> SessionLink:
+        """The extended session whose key the client presents, if the uid is its own too."""
+        link = self.by_key.get(key) if key else None
+        if link is None or not hmac.compare_digest(link.session.uid.encode(), uid.encode()):
+            raise CLOSE_UNKNOWN_SESSION
+        return link
+
+    def resume(self, uid: str, key: str, conn: ReceiverConnection) -> SessionLink:
+        """The extended session whose key the client presents, with `conn` as its receiver; its old receiver, if still
+        open, gives way."""
+        link = self.find(uid, key)
+        old = link.receiver
+        if old is not None:
+            old.link = None
+            asyncio.get_running_loop().create_task(
+                self.server.close(old.ws, 4409, "replaced by a newer connection to this session"))
+        link.detached_at = None
+        logger.info("session %s resumed from %s", link.session.tag, conn.address)
+        link.receiver, conn.link = conn, link
+        return link
+
+    def detach(self, link: SessionLink, conn: ReceiverConnection) -> None:
+        """The session's receiver closed. An extended session waits --resume_s for its client to come back; a legacy
+        one ends."""
+        if link.receiver is not conn:
+            return
+        link.receiver = None
+        if not link.extended or self.args.resume_s <= 0:
+            self.end(link)
+            return
+        link.session.leave()
+        link.detached_at = now()
+        logger.info("session %s left; kept %g s for its client to come back", link.session.tag, self.args.resume_s)
+        asyncio.get_running_loop().call_later(self.args.resume_s, self.expire, link, link.detached_at)
+
+    def expire(self, link: SessionLink, detached_at: float) -> None:
+        if link.detached_at == detached_at:  # not come back since
+            self.end(link)
+
+    def end(self, link: SessionLink) -> None:
+        registry, name = (self.by_key, link.key) if link.extended else (self.legacy, link.session.uid)
+        if registry.get(name) is not link:
+            return
+        del registry[name]
+        self.metrics.sessions.dec()
+        link.session.close()
+        for conn in list(link.senders):
+            asyncio.get_running_loop().create_task(self.server.close(conn.ws, 1000, "session ended"))
+        logger.info("session %s closed (%d active)", link.session.tag, len(self.all()))
+
+    async def send_output(self, link: SessionLink) -> None:
+        """The session's output, written in its format to each of its clients' writers (which never wait)."""
+        async for item in link.session.output():
+            try:
+                if isinstance(item, ErrorEvent):
+                    self.metrics.errors.labels(item.code).inc()
+                messages = link.messages(item)
+                for conn in list(link.senders if link.extended else self.legacy_senders):
+                    for message in messages:
+                        conn.writer.send(message)
+            except Exception:
+                logger.exception("sender failed on session %s", link.session.tag)
+
+
+class SessionLink:
+    """What ties a session to the network: the key that proves a client owns it (a secret the receiver's `ready`
+    event hands to the client that opened it), the receiver connection that speaks for it, and the sender
+    connections that hear it. A legacy session (CleanS2S's client, which knows no key) is heard by every legacy
+    sender connection."""
+
+    def __init__(self, session: Session, extended: bool, address: str):
+        self.session, self.extended, self.address = session, extended, address
+        self.key = secrets.token_urlsafe(24)  # 192 random bits
+        self.receiver: Optional[ReceiverConnection] = None
+        self.senders: set = set()  # an extended session's SenderConnections
+        self.detached_at: Optional[float] = None  # its receiver closed; it ends --resume_s later unless one comes back
+        self.messages = extended_messages if extended else legacy_messages
+
+
+class SenderSocket:
+    """Server -> client: an extended connection hears the session whose key it presents; a legacy one hears every
+    legacy session."""
+
+    def __init__(self, server: VoiceAgentServer):
+        self.server, self.args, self.log = server, server.args, server.log
+        self.sessions, self.admission, self.legacy_allowed = server.sessions, server.admission, server.legacy_allowed
+
+    async def handle(self, ws: ServerConnection) -> None:
+        writer = await self.admission.admit(ws)
+        if writer is None:
+            return
+        address, conn = self.admission.connections[ws], None
+        try:
+            conn = self.open(ws, writer, address)
+            await self.serve(conn)
+        except BadMessage as exc:  # a bad uid in the URL
+            await self.admission.refuse(ws, Refused(1008, str(exc)), address)
+        except Refused as refusal:
+            await self.admission.refuse(ws, refusal, address)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            if conn is not None:
+                (conn.link.senders if conn.extended else self.sessions.legacy_senders).discard(conn)
+            self.admission.release(ws, writer)
+
+    def open(self, ws: ServerConnection, writer: ClientWriter, address: str) -> SenderConnection:
+        """An extended client presents its session's key (from the receiver's ready event) and hears that session
+        only; a client without a uid is CleanS2S's and hears every legacy session, never an extended one."""
+        uid = query_uid(ws)
+        if uid is None:
+            if not self.legacy_allowed:
+                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
+            conn = SenderConnection(ws, writer, address, None)
+            self.sessions.legacy_senders.add(conn)
+            return conn
+        link = self.sessions.find(uid, AccessPolicy.presented(ws.request, AccessPolicy.KEY_PREFIX, "key"))
+        conn = SenderConnection(ws, writer, address, link)
+        link.senders.add(conn)
+        writer.send(ReadyEvent(uid).to_json())
+        return conn
+
+    async def serve(self, conn: SenderConnection) -> None:
+        """Clients do not write here; reading notices the close. A legacy sender is idle while no legacy session is
+        open from its address: after --idle_timeout_s of that it is closed. An extended one ends with its session."""
+        idle_s = None if conn.extended else self.args.idle_timeout_s or None
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    await conn.ws.recv()
+            except TimeoutError:
+                if not any(link.address == conn.address for link in self.sessions.legacy.values()):
+                    await self.server.close(conn.ws, 4408, f"idle: no session of this client for {self.args.idle_timeout_s:g} s")
+                    return
+
+
+class SenderConnection:
+    """One client on the sender socket. An extended client's connection belongs to one session (it presented the
+    session's key); a legacy one (CleanS2S's client) hears every legacy session and keeps its own uid's messages."""
+
+    def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, link: Optional[SessionLink]):
+        self.ws, self.writer, self.address, self.link = ws, writer, address, link
+        self.extended = link is not None
+
+
+CLOSE_TOO_SLOW = 4429
+
+
+class ClientWriter:
+    """Everything the server writes to one connection goes through here, so nothing ever waits for a client:
+    send() queues and returns at once, and a task of the connection's own writes. A client that falls behind (more
+    than --send_buffer_kb waiting, or one message not taken within --send_timeout_s) is closed with 4429: a slow or
+    stuck reader costs only itself, and what waits for it is bounded."""
+
+    def __init__(self, ws: ServerConnection, max_bytes: int, timeout_s: float, on_give_up: Callable[[str], None]):
+        self.ws, self.max_bytes, self.timeout_s, self.on_give_up = ws, max_bytes, timeout_s, on_give_up
+        self.pending: deque = deque()  # str or bytes messages, oldest first
+        self.pending_bytes = 0
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="writer")
+
+    def send(self, message: Any) -> None:
+        if self.closed:
+            return
+        self.pending.append(message)
+        self.pending_bytes += len(message)
+        transport = self.ws.transport
+        unsent = self.pending_bytes + (transport.get_write_buffer_size() if transport else 0)
+        if unsent > self.max_bytes:
+            self.give_up(f"too slow: more than {self.max_bytes // 1024} KiB waiting to be sent")
+            return
+        self.wake.set()
+
+    async def _run(self) -> None:
+        while not self.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.pending and not self.closed:
+                message = self.pending.popleft()
+                self.pending_bytes -= len(message)
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        await self.ws.send(message)
+                except TimeoutError:
+                    self.give_up(f"too slow: a message waited more than {self.timeout_s:g} s to be taken")
+                except websockets.ConnectionClosed:
+                    self.closed = True
+
+    def give_up(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.wake.set()
+        self.on_give_up(reason)
+        asyncio.get_running_loop().create_task(close_within(self.ws, CLOSE_TOO_SLOW, reason, timeout_s=2.0))
+
+    def stop(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+async def close_within(ws: ServerConnection, code: int, reason: str, timeout_s: float = 3.0) -> None:
+    """Close a connection with a code and a reason, or drop it if that takes longer than timeout_s (a little more than
+    the library's own close_timeout of 2 s): the library waits, without a deadline, for a full send buffer to drain
+    before its close can time out, and a client that does not read never drains it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ws.close(code, reason)
+    except TimeoutError:
+        ws.transport.abort()
+
+
+class Admission:
+    """Which connections the server takes: the access policy's, and at most so many in all and from one address.
+    Every admitted connection gets a ClientWriter, and is counted until it is released."""
+
+    def __init__(self, server: VoiceAgentServer):
+        self.server, self.args, self.metrics, self.log = server, server.args, server.metrics, server.log
+        self.access = AccessPolicy(self.args.auth_token, self.args.allowed_origins)
+        self.trusted_proxies = frozenset(a.strip() for a in self.args.trusted_proxies.split(",") if a.strip())
+        self.connections: dict = {}  # every open, admitted WebSocket -> its client's address; closed at shutdown
+        self.per_address: dict = {}  # client address -> its open connections
+
+    async def admit(self, ws: ServerConnection) -> Optional[ClientWriter]:
+        """Close a connection the access policy refuses, or one too many, before it costs anything else; else its writer."""
+        address = client_address(ws, self.trusted_proxies)
+        via_proxy = ws.remote_address is not None and ws.remote_address[0] in self.trusted_proxies
+        secure = bool(self.args.ssl_certfile) or (via_proxy and ws.request.headers.get_all("X-Forwarded-Proto")[-1:] == ["https"])
+        refusal = self.access.refusal(ws.request, secure)
+        if refusal is None and len(self.connections) >= 3 * self.args.max_sessions:  # a receiver and a sender each, and spares
+            refusal = Refused(1013, "server full: too many connections; try again later")
+        if (refusal is None and self.per_address.get(address, 0) >= self.args.max_connections_per_client
+                and not is_loopback(address)):  # the machine itself (an SSH tunnel, a local test) is one user
+            refusal = Refused(1013, f"too many connections from your address ({self.args.max_connections_per_client}); try again later")
+        if refusal is not None:
+            await self.refuse(ws, refusal, address)
+            return None
+        self.connections[ws] = address
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        def too_slow(reason: str) -> None:
+            self.log.warning("slow", f"closed a slow client from {address}: {reason}")
+            self.metrics.closed.labels(str(CLOSE_TOO_SLOW)).inc()
+        return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, too_slow)
+
+    async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
+        self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")
+        self.metrics.refused.labels(str(refusal.code)).inc()
+        await close_within(ws, refusal.code, refusal.reason)
+
+    def release(self, ws: ServerConnection, writer: ClientWriter) -> None:
+        writer.stop()
+        address = self.connections.pop(ws, None)
+        if address is not None:
+            self.per_address[address] -= 1
+            if not self.per_address[address]:
+                del self.per_address[address]
+
+
+def client_address(ws: ServerConnection, trusted_proxies: frozenset) -> str:
+    """The client's IP address: the peer's, or, when the peer is a trusted proxy, the last address in
+    X-Forwarded-For that no trusted proxy added (the ones before it can be anything the client wrote)."""
+    address = ws.remote_address[0] if ws.remote_address else "?"
+    if address not in trusted_proxies:
+        return address
+    forwarded = [a.strip() for h in ws.request.headers.get_all("X-Forwarded-For") for a in h.split(",") if a.strip()]
+    for hop in reversed(forwarded):
+        address = hop
+        if hop not in trusted_proxies:
+            break
+    return address[:64]
+
+
+class Refused(Exception):
+    """A connection that may not stay: closed with `code` and `reason`, which the client can show."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+CLOSE_UNKNOWN_SESSION = Refused(4404, "unknown session or wrong session key")  # the same for any uid: it tells nothing
+
+
+class AccessPolicy:
+    """Who may open a socket: the shared token (--auth_token) and the page origin (--allowed_origins). Checked
+    before a connection gets anything else; a refusal closes it with a code and a reason the client can show."""
+
+    SUBPROTOCOL = "s2s"  # a browser that offers subprotocols must get one back, or it drops the connection
+    TOKEN_PREFIX = "s2s.token."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
+    KEY_PREFIX = "s2s.key."  # and so does the session key
+    LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+    def __init__(self, token: Optional[str], allowed_origins: str):
+        self.token = token.encode() if token else None
+        self.origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
+
+    def refusal(self, request: Any, secure: bool) -> Optional[Refused]:
+        """`secure`: the client's connection came over TLS (to this server, or to a trusted proxy that says so)."""
+        if self.token is not None and not token_matches(self.token, self.presented(request, self.TOKEN_PREFIX, "token")):
+            return Refused(4401, "unauthorized: missing or wrong token")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", ""), secure):
+            return Refused(4403, f"origin not allowed: {origin[:100]}")
+        return None
+
+    @staticmethod
+    def presented(request: Any, prefix: str, query_name: str) -> str:
+        """A secret the client presents as the subprotocol PREFIX+value, or as ?query_name= in the URL; "" if none."""
+        for offered in request.headers.get_all("Sec-WebSocket-Protocol"):
+            for name in offered.split(","):
+                if name.strip().startswith(prefix):
+                    return name.strip()[len(prefix):]
+        values = parse_qs(urlparse(request.path).query).get(query_name)
+        return values[0] if values else ""
+
+    def origin_allowed(self, origin: str, host: str, secure: bool = False) -> bool:
+        """auto admits pages from the names the server is really reached by. A page's own host name equal to the
+        Host header is not proof of that: a DNS-rebinding page (evil.example resolving to this server) sets both.
+        It cannot when the name is an IP address, a loopback name, or a name whose certificate this server holds
+        (TLS); any other name must be listed."""
+        if "*" in self.origins or origin.rstrip("/") in self.origins:
+            return True
+        if "auto" not in self.origins:
+            return False
+        page = urlparse(origin).hostname or ""
+        server = urlparse(f"//{host}").hostname or ""
+        if page in self.LOOPBACK and server in self.LOOPBACK:
+            return True
+        return page == server and (secure or ip_address(page) is not None)
+
+    @classmethod
+    def select_subprotocol(cls, ws: ServerConnection, offered: list) -> Optional[str]:
+        return cls.SUBPROTOCOL if cls.SUBPROTOCOL in offered else None
+
+
+def token_matches(token: bytes, presented: str) -> bool:
+    """The shared secret (--auth_token), compared in constant time."""
+    return hmac.compare_digest(presented.encode(), token)
+
+
+def ip_address(host: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """`host` as an IP address, or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_loopback(address: str) -> bool:
+    ip = ip_address(address)
+    return ip is not None and ip.is_loopback
+
+
+def bad_request(ws: ServerConnection, request: Any) -> Optional[Response]:
+    """400 for a handshake no honest client sends, before anything reads it: several Host, Origin or
+    Sec-WebSocket-Key headers."""
+    for name in ("Host", "Origin", "Sec-WebSocket-Key"):
+        if len(request.headers.get_all(name)) > 1:
+            return ClientFiles.response(400, "text/plain", f"more than one {name} header\n".encode())
+    return None
+
+
+class RateLimit:
+    """A token bucket: `rate` messages per second, in bursts of up to one second's worth."""
+
+    def __init__(self, rate: float):
+        self.rate, self.tokens, self.last = rate, rate, now()
+
+    def allow(self) -> bool:
+        t = now()
+        self.tokens = min(self.rate, self.tokens + (t - self.last) * self.rate)
+        self.last = t
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class HandshakeGate:
+    """Bounds the connections still in their opening handshake: --max_pending_connections in all, and PER_PEER from
+    one address (a trusted proxy excepted: it sends whole requests at once). Past a bound, the oldest of them is
+    dropped: an honest handshake takes a millisecond, so what waits longest is a client that sends its request
+    slowly or never. A flood of slow handshakes thus cannot use up the process's descriptors, nor keep a newcomer out."""
+
+    PER_PEER = 16
+
+    def __init__(self, limit: int, trusted_proxies: frozenset, on_drop: Callable[[str], None]):
+        self.limit, self.trusted_proxies, self.on_drop = limit, trusted_proxies, on_drop
+        self.pending: dict = {}  # GatedConnection -> its peer's address, oldest first
+
+    def enter(self, conn: GatedConnection, peer: str) -> None:
+        self.pending[conn] = peer
+        if len(self.pending) > self.limit:
+            self.drop(next(iter(self.pending)))
+        if peer not in self.trusted_proxies:
+            same_peer = [c for c, p in self.pending.items() if p == peer]  # at most `limit` to look through
+            if len(same_peer) > self.PER_PEER:
+                self.drop(same_peer[0])
+
+    def drop(self, conn: GatedConnection) -> None:
+        peer = self.pending.pop(conn)
+        conn.transport.abort()
+        self.on_drop(peer)
+
+    def leave(self, conn: GatedConnection) -> None:
+        self.pending.pop(conn, None)
+
+
+class GatedConnection(ServerConnection):
+    """A server connection that waits at the HandshakeGate from its accept to its request (or its end), and whose
+    kernel send buffer is fixed: left to itself, Linux grows it to 4 MiB for a client that does not read, and
+    ClientWriter would see the client fall behind only after that much."""
+
+    KERNEL_SEND_BUFFER = 256 * 1024  # bytes; 6 s of 16 kHz int16 audio, and far above what a 300 ms link needs
+
+    def __init__(self, gate: HandshakeGate, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.KERNEL_SEND_BUFFER)
+        self.gate.enter(self, (transport.get_extra_info("peername") or ("?",))[0])
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None:  # the request has arrived: its handshake no longer waits on the client
+            self.gate.leave(self)
+        super().process_event(event)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.gate.leave(self)
+        super().connection_lost(exc)
+
+
+class LogLimiter:
+    """At most one warning per cause per interval, so no client can flood the log; the next line counts the ones
+    held back."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self.last: dict = {}  # cause -> when its last line was written
+        self.held: dict = {}  # cause -> lines held back since
+        self.lock = threading.Lock()  # the recorder thread logs through it too
+
+    def warning(self, cause: str, message: str) -> None:
+        with self.lock:
+            t = now()
+            if t - self.last.get(cause, -self.interval_s) < self.interval_s:
+                self.held[cause] = self.held.get(cause, 0) + 1
+                return
+            self.last[cause] = t
+            held = self.held.pop(cause, 0)
+        logger.warning("%s%s", message, f" (and {held} more like it in the last {self.interval_s:g} s)" if held else "")
+
+
+class ClientFiles:
+    """The built browser client (a static export), served over plain HTTP on the receiver port, so one
+    command starts everything. A WebSocket upgrade passes through; any other GET gets a file, or
+    /s2s-config.json, which tells the page where the sender socket is."""
+
+    CONFIG_PATH = "/s2s-config.json"
+
+    def __init__(self, root: str, config: dict):
+        self.root = os.path.realpath(root)
+        self.config = json.dumps(config).encode()
+
+    def find(self, url_path: str) -> Optional[str]:
+        """The file a URL path (without its query) names: /x -> x, x.html or x/index.html; None outside the root
+        or missing. Raises ValueError for a path no file can have (a NUL byte)."""
+        rel = unquote(url_path, errors="strict").lstrip("/")
+        if "\0" in rel:
+            raise ValueError("NUL in path")
+        base = os.path.realpath(os.path.join(self.root, rel))
+        if base != self.root and not base.startswith(self.root + os.sep):
+            return None
+        for path in (base, base + ".html", os.path.join(base, "index.html")):
+            if os.path.isfile(path):
+                return path
+        return None
+
+    async def process_request(self, ws: ServerConnection, request: Any) -> Any:
+        if "websocket" in request.headers.get("Upgrade", "").lower():
+            return None
+        path = request.path.split("?", 1)[0]
+        if path == self.CONFIG_PATH:
+            return self.response(200, "application/json", self.config)
+        try:
+            file = self.find(path)
+        except ValueError:  # also UnicodeDecodeError: percent-escapes that are not UTF-8
+            return self.response(400, "text/plain", b"bad path\n")
+        if file is None:
+            return self.response(404, "text/plain", b"not found\n")
+        try:
+            body = await asyncio.to_thread(self.read, file)
+        except OSError:  # removed or unreadable since find()
+            return self.response(404, "text/plain", b"not found\n")
+        content_type = mimetypes.guess_type(file)[0] or "application/octet-stream"
+        # Next.js puts content-hashed names under _next/static, so those never change.
+        cache = "public, max-age=31536000, immutable" if "/_next/static/" in path else "no-cache"
+        return self.response(200, content_type, body, cache)
+
+    @staticmethod
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    @staticmethod
+    def response(status: int, content_type: str, body: bytes, cache: str = "no-cache") -> Response:
+        headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                           ("Cache-Control", cache), ("X-Content-Type-Options", "nosniff"), ("Connection", "close")])
+        return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def public_socket(address: str) -> Optional[dict]:
+    """A --public_*_url as /s2s-config.json tells it: {"port": P} for ":P" (the page's own host), or {"url": U,
+    "port": P} for a ws:// or wss:// URL (the port too, for pages that read only ports). None if it is neither."""
+    if re.fullmatch(r":\d{1,5}", address):
+        port = int(address[1:])
+        return {"port": port} if 0 < port < 65536 else None
+    try:
+        url = urlparse(address)
+        port = url.port or (443 if url.scheme == "wss" else 80)
+    except ValueError:  # a port out of range or not a number
+        return None
+    if url.scheme not in ("ws", "wss") or not url.hostname or url.query or url.fragment:
+        return None
+    return {"url": address, "port": port}
+
+
+def page_config(args: argparse.Namespace) -> dict:
+    """/s2s-config.json: where the page opens its two sockets, the public addresses when a proxy stands in front."""
+    config = {"protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE}
+    for side, public, port in (("receiver", args.public_receiver_url, args.recv_port),
+                               ("sender", args.public_sender_url, args.send_port)):
+        for key, value in (public_socket(public) if public else {"port": port}).items():
+            config[f"{side}_{key}"] = value
+    return config
+
+
+def find_client_dir(client_dir: str) -> Optional[str]:
+    """--client_dir as a folder to serve, or None; "auto" is the built client beside this file, if any."""
+    if client_dir == "auto":
+        built = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frontend_nextjs", "out")
+        return built if os.path.isfile(os.path.join(built, "index.html")) else None
+    return client_dir or None
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving turns (--save_data): a writer thread, so file I/O never blocks the event loop.
+# ------------------------------------------------------------------------------------------------
+
+class TurnRecorder:
+    """Writes each session's turns into a folder of its own, DIR/<start time>-<uid hash>-<random>/, a name no other
+    session gets: no later session, with the same uid or any other, can write over them. Files appear whole (written
+    to a temp file, then renamed); a failed write removes its temp file, and the writer thread first removes those a
+    crash left. Saving stops, with one warning, when DIR holds --save_data_max_mb; the queue of files to write is
+    bounded too."""
+
+    TMP = ".tmp"
+    MAX_QUEUED = 256  # files waiting to be written; past it a file is dropped (and counted in the log)
+
+    def __init__(self, directory: str, max_bytes: float, log: LogLimiter):
+        self.dir, self.max_bytes, self.log = directory, max_bytes, log
+        os.makedirs(directory, exist_ok=True)
+        self.used = 0  # bytes DIR holds, measured by the writer thread before its first file
+        self.queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
+        self.full_warned = False
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self.thread.start()
+
+    def _clean_and_measure(self) -> int:
+        """Remove temp files left by a crash; return the bytes DIR holds. A walk over every saved file: on the writer
+        thread, so a large DIR does not hold up start-up."""
+        used = 0
+        for root, _, files in os.walk(self.dir):
+            for name in files:
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    if name.endswith(self.TMP):
+                        os.remove(path)
+                    else:
+                        used += os.path.getsize(path)
+        return used
+
+    def session_dir(self, session: Session) -> str:
+        """The session's own folder, made on its first saved file."""
+        if session.save_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            session.save_dir = os.path.join(self.dir, f"{stamp}-{session.tag}-{secrets.token_hex(4)}")
+        return session.save_dir
+
+    def save_turn(self, session: Session, t: Turn, again: bool) -> None:
+        """A turn that ended: what was heard (once), said and measured (again, when a cut-in came as it played)."""
+        folder = self.session_dir(session)
+        if t.heard_audio is not None and not again:
+            self._put(folder, f"turn{t.number:05d}_input.wav", wav_bytes(to_pcm16(t.heard_audio)))
+        record = {"uid": session.uid, "turn": t.number, "spoken": t.spoken, "question": t.question,
+                  "answer": t.heard_text(), "interrupted": t.state is TurnState.INTERRUPTED, "metrics": t.metrics()}
+        text = json.dumps(record, ensure_ascii=False, indent=1)
+        self._put(folder, f"turn{t.number:05d}.json", text.encode("utf-8", "backslashreplace"))  # a lone surrogate stays readable
+        if t.answer_audio:
+            self._put(folder, f"turn{t.number:05d}_answer.wav", wav_bytes(b"".join(t.answer_audio)))
+
+    def _put(self, folder: str, name: str, data: bytes) -> None:
+        try:
+            self.queue.put_nowait((folder, name, data))
+        except queue.Full:
+            self.dropped += 1
+            self.log.warning("save_queue_full", f"--save_data: the disk is slower than the turns; {self.dropped} files not saved so far")
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        self.used = self._clean_and_measure()
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            folder, name, data = item
+            if self.max_bytes and self.used + len(data) > self.max_bytes:
+                if not self.full_warned:
+                    self.full_warned = True
+                    logger.warning("--save_data: %s holds its budget of %.0f MiB (--save_data_max_mb); no more turns are saved "
+                                   "until it is emptied and the server restarted", self.dir, self.max_bytes / 2**20)
+                continue
+            self._write(folder, name, data)
+
+    def _write(self, folder: str, name: str, data: bytes) -> None:
+        path = os.path.join(folder, name)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            try:  # write then rename: a reader never sees half a file
+                with open(path + self.TMP, "wb") as f:
+                    f.write(data)
+                os.replace(path + self.TMP, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.remove(path + self.TMP)  # a full disk stays no fuller than it was
+                raise
+            self.used += len(data)
+        except OSError as exc:
+            self.log.warning("save_failed", f"--save_data: could not save {path}: {exc}")
+
+
+def wav_bytes(pcm: bytes) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Operations: Prometheus metrics, a health check for nginx and Kubernetes probes, logs a machine can read.
+# ------------------------------------------------------------------------------------------------
+
+TURN_FIGURES = ("eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
+                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms")  # the per-turn metrics, and voice-to-voice
+MS_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
+
+
+class ServerMetrics:
+    """What the server counts for Prometheus, in a registry of its own."""
+
+    def __init__(self):
+        pc = require("prometheus_client", "pip install -r requirements.txt")
+        self.registry = pc.CollectorRegistry()
+        self.exposition = functools.partial(pc.generate_latest, self.registry)
+        r = {"registry": self.registry}
+        self.sessions = pc.Gauge("s2s_sessions", "Sessions open, those waiting --resume_s for their client included", **r)
+        self.refused = pc.Counter("s2s_connections_refused", "Connections refused, by close code (docs/protocol.md)", ["code"], **r)
+        self.closed = pc.Counter("s2s_connections_closed", "Connections the server closed while serving them, by close code", ["code"], **r)
+        self.handshakes_dropped = pc.Counter("s2s_handshakes_dropped", "Connections dropped in their opening handshake "
+                                             "(--max_pending_connections)", **r)
+        self.turns = pc.Counter("s2s_turns", "Turns finished, by whether the user cut them off", ["interrupted"], **r)
+        self.errors = pc.Counter("s2s_errors", "Error events sent to clients, by code", ["code"], **r)
+        self.turn_ms = pc.Histogram("s2s_turn_ms", "Per-turn timings in ms, as in the metrics event; voice_to_voice_ms is "
+                                    "eot_wait_ms + first_audio_ms", ["figure"], buckets=MS_BUCKETS, **r)
+
+    def observe_turn(self, m: dict, again: bool) -> None:
+        if again:  # reported before; now only its barge-in is new
+            self.turn_ms.labels("barge_in_ms").observe(m["barge_in_ms"])
+            return
+        self.turns.labels(str(m["interrupted"]).lower()).inc()
+        figures = dict(m, voice_to_voice_ms=None if m["first_audio_ms"] is None else m["eot_wait_ms"] + m["first_audio_ms"])
+        for name in TURN_FIGURES:
+            if figures.get(name) is not None:
+                self.turn_ms.labels(name).observe(figures[name])
+
+
+class OpsEndpoints:
+    """GET /metrics (Prometheus text; with --auth_token, only for `Authorization: Bearer TOKEN` or ?token=) and GET
+    /healthz (200 once the models are loaded and every stage runs, else 503; open to all: it tells nothing more). On
+    the receiver port, and with --ops_port on a port of their own that is up before the models load."""
+
+    def __init__(self, token: Optional[str]):
+        self.token = token.encode() if token else None
+        self.metrics = ServerMetrics()
+        self.live: Optional[Callable[[], bool]] = None  # set by the server while it serves: are the stages running
+
+    def response(self, path: str, headers: Any) -> Optional[Response]:
+        """The answer to a GET of `path`, or None for a path that is not theirs."""
+        route = path.split("?", 1)[0]
+        if route == "/healthz":
+            healthy = self.live is not None and self.live()
+            return ClientFiles.response(200 if healthy else 503, "text/plain", b"ok\n" if healthy else b"not ready\n")
+        if route != "/metrics":
+            return None
+        if self.token is not None:
+            bearer = next((v[7:] for v in headers.get_all("Authorization") if v.startswith("Bearer ")), None)
+            presented = bearer if bearer is not None else (parse_qs(urlparse(path).query).get("token") or [""])[0]
+            if not token_matches(self.token, presented):
+                return ClientFiles.response(401, "text/plain", b"unauthorized: missing or wrong token\n")
+        return ClientFiles.response(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.exposition())
+
+    def serve_http(self, host: str, port: int) -> None:
+        """The same two paths on a port of their own, in a thread, from now on."""
+        ops = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                answer = ops.response(self.path, Headers(self.headers.items())) or \
+                    ClientFiles.response(404, "text/plain", b"not found\n")
+                self.send_response(answer.status_code)
+                for name, value in answer.headers.raw_items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            def log_message(self, *args: Any) -> None:  # probes every few seconds: not worth a log line each
+                pass
+
+        httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, name="ops-http", daemon=True).start()
+        logger.info("metrics and health: http://%s:%d/metrics, /healthz", host, port)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log_format json: one JSON object a line. A turn's line carries its figures as fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+                 **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 if __name__ == "__main__":

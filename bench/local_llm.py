@@ -80,7 +80,7 @@ def main(argv: Optional[list] = None) -> dict:
         weights = find_weights("LLM", model, "config.json")
         for dtype in args.dtypes:
             flags = ["--llm", "transformers", "--lm_model_name", weights.path, "--lm_dtype", dtype,
-                     "--device", args.device, "--max_new_tokens", str(args.answer_tokens), "--client_dir", ""]
+                     "--device", args.device, "--lm_max_new_tokens", str(args.answer_tokens), "--client_dir", ""]
             handler = s2s.TransformersLLMHandler.from_args(s2s.parse_args(flags))
             info = load("LLM", model, weights.kind, handler)
             print(f"{model} {dtype}: loaded in {info.load_s} s; {len(QUESTIONS)} turns ...", flush=True)

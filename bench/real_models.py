@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it to see which starts speaking sooner")
     p.add_argument("--turns", type=int, default=10, help="spoken turns through the server")
     p.add_argument("--answer_tokens", type=int, default=40,
-                   help="most tokens in an answer, the server's --max_new_tokens (random weights always write this many); "
+                   help="most tokens in an answer, the server's --lm_max_new_tokens (random weights always write this many); "
                         f"at most {TINY_ANSWER_TOKENS} with --tiny")
     p.add_argument("--tiny", action="store_true", help="the tiny test models instead of real-size ones: a smoke run in seconds")
     p.add_argument("--out", default=os.path.join("bench", "results", "real_models.json"), help="JSON written here")
@@ -496,8 +496,8 @@ def quiet_libraries() -> None:
 
 def server_flags(args: argparse.Namespace, asr: Weights, llm: Weights, device: str, tts: list) -> list:
     """The server's command line: the in-process measurements build their handlers from the same flags."""
-    return ["--asr", "funasr", "--stt_model_name", asr.path, "--llm", "transformers", "--lm_model_name", llm.path,
-            "--lm_dtype", args.lm_dtype, "--max_new_tokens", str(args.answer_tokens), *tts, "--device", device,
+    return ["--asr", "funasr", "--asr_model_name", asr.path, "--llm", "transformers", "--lm_model_name", llm.path,
+            "--lm_dtype", args.lm_dtype, "--lm_max_new_tokens", str(args.answer_tokens), *tts, "--device", device,
             "--client_dir", "", *([] if args.lm_prefix_cache is None else ["--lm_prefix_cache", str(args.lm_prefix_cache)])]
 
 

@@ -2,7 +2,7 @@
 
     python tests/serve_rag_test_models.py --asr fixed --tts fixed --llm openai --lm_model_url ... --kb_dir DOCS
 """
-import serve_test_models  # registers the fixed ASR and TTS, puts the repository on the import path
+import serve_test_models  # the fixed ASR and TTS; puts the repository on the import path
 
 import s2s_server_pipeline_rag as rag
 

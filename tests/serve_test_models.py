@@ -37,6 +37,14 @@ class FixedLatencyASR(s2s.ASRHandler):
         self.fail_over_s, self.stall_over_s, self.stall_s = fail_over_s, stall_over_s, stall_s
 
     @classmethod
+    def add_args(cls, group):
+        group.add_argument("--asr_latency_ms", type=float, default=50, help="--asr fixed: its latency")
+        group.add_argument("--asr_load_s", type=float, default=0, help="--asr fixed: how long it takes to load")
+        group.add_argument("--asr_fail_over_s", type=float, default=None, help="--asr fixed: raise on an utterance longer than this")
+        group.add_argument("--asr_stall_over_s", type=float, default=None,
+                           help="--asr fixed: take --stall_s longer on an utterance longer than this")
+
+    @classmethod
     def from_args(cls, args):
         return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s, args.asr_load_s)
 
@@ -66,6 +74,13 @@ class FixedLatencyTTS(s2s.TTSHandler):
         self.fail_on, self.stall_on, self.stall_s = fail_on, stall_on, stall_s
 
     @classmethod
+    def add_args(cls, group):
+        group.add_argument("--tts_latency_ms", type=float, default=100, help="--tts fixed: time to its first audio")
+        group.add_argument("--tts_rtf", type=float, default=0.1, help="--tts fixed: its real-time factor after its first audio")
+        group.add_argument("--tts_fail_on", default="", help="--tts fixed: raise on a chunk of text containing this")
+        group.add_argument("--tts_stall_on", default="", help="--tts fixed: take --stall_s longer on a chunk of text containing this")
+
+    @classmethod
     def from_args(cls, args):
         return cls(args.tts_latency_ms / 1000, args.tts_rtf, fail_on=args.tts_fail_on, stall_on=args.tts_stall_on,
                    stall_s=args.stall_s)
@@ -84,23 +99,12 @@ class FixedLatencyTTS(s2s.TTSHandler):
             yield audio[i:i + self.PIECE]
 
 
-s2s.ASR_HANDLERS["fixed"] = FixedLatencyASR
-s2s.TTS_HANDLERS["fixed"] = FixedLatencyTTS
-
-
 def build_parser():
+    """The server's flags, with the fixed ASR and TTS among its choices (each declares its own flags)."""
+    s2s.ASR_HANDLERS["fixed"] = FixedLatencyASR
+    s2s.TTS_HANDLERS["fixed"] = FixedLatencyTTS
     parser = s2s.build_parser()
-    parser.add_argument("--asr_latency_ms", type=float, default=50, help="latency of the fixed ASR")
-    parser.add_argument("--asr_load_s", type=float, default=0, help="how long the fixed ASR takes to load")
-    parser.add_argument("--tts_latency_ms", type=float, default=100, help="time to the first audio of the fixed TTS")
-    parser.add_argument("--tts_rtf", type=float, default=0.1, help="real-time factor of the fixed TTS after its first audio")
-    faults = parser.add_argument_group("test faults (the fixed ASR and TTS)")
-    faults.add_argument("--asr_fail_over_s", type=float, default=None, help="raise on an utterance longer than this")
-    faults.add_argument("--asr_stall_over_s", type=float, default=None,
-                        help="take --stall_s longer on an utterance longer than this")
-    faults.add_argument("--tts_fail_on", default="", help="raise on a chunk of text containing this")
-    faults.add_argument("--tts_stall_on", default="", help="take --stall_s longer on a chunk of text containing this")
-    faults.add_argument("--stall_s", type=float, default=3.0, help="how long a stall lasts")
+    parser.add_argument("--stall_s", type=float, default=3.0, help="how long a stall of the fixed ASR or TTS lasts")
     parser.add_argument("--transformers_version", default=None,
                         help="the version transformers reports, as in CosyVoice's own environment (for the CosyVoice stand-in)")
     return parser

@@ -43,7 +43,7 @@ def test_a_model_that_cannot_be_downloaded_stops_start_up_with_one_sentence():
     last = done.stderr.strip().splitlines()[-1]
     assert last == ("ASR model iic/SenseVoiceSmall could not be downloaded from ModelScope: there is no network (the model "
                     "hub cannot be reached). Download it where there is a network (modelscope download --model "
-                    "iic/SenseVoiceSmall --local_dir DIR) and start with --stt_model_name DIR, or transcribe through an "
+                    "iic/SenseVoiceSmall --local_dir DIR) and start with --asr_model_name DIR, or transcribe through an "
                     "API with --asr openai"), done.stderr[-3000:]
     for noise in ("Registered model keys", "Recorded import failures", "Notice: ffmpeg", "funasr version"):
         assert noise not in done.stdout + done.stderr, noise
@@ -84,7 +84,7 @@ def test_server_streams_partial_transcripts_to_the_client(tmp_path):
     from client import ExtendedClient
     from conftest import ServerProcess
     model = build_paraformer(str(tmp_path / "stream"), streaming=True)
-    srv = ServerProcess("--asr", "funasr_streaming", "--stt_model_name", model, "--device", "cpu", "--llm", "echo")
+    srv = ServerProcess("--asr", "funasr_streaming", "--asr_model_name", model, "--device", "cpu", "--llm", "echo")
     try:
         async def scenario():
             async with ExtendedClient(srv.recv_url, srv.send_url) as c:

@@ -59,6 +59,8 @@ def test_cleans2s_launch_flags_are_accepted():
                            "--sample_rate", "16000", "--min_speech_ms", "400"])
     assert args.llm == "openai" and args.enable_interruption and args.save_data == "s2s_data"
     assert args.min_silence_ms == 1200 and args.vad_thresh == 0.3 and args.chat_size == 1
+    # CleanS2S's names for what this server calls --asr_model_name, --asr_dtype and --lm_max_new_tokens
+    assert (args.asr_model_name, args.asr_dtype, args.lm_max_new_tokens) == ("paraformer-zh", "float16", 160)
 
 
 def test_cleans2s_defaults_pick_the_same_backends():

@@ -453,7 +453,8 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 recorder = s2s.TurnRecorder({dir!r}, {budget}, s2s.LogLimiter())
 session = types.SimpleNamespace(uid="u", tag="0123abcd", save_dir=None)
 for turn, seconds in enumerate({lengths}, 1):
-    recorder.save_input(session, turn, np.zeros(int(seconds * 16000), np.float32))
+    heard = np.zeros(int(seconds * 16000), np.float32)
+    recorder.save_turn(session, s2s.Turn(turn, spoken=True, heard_audio=heard, state=s2s.TurnState.SENT), again=False)
 recorder.close()
 """
 
@@ -467,13 +468,13 @@ def run_recorder(tmp_path, budget: float, lengths: list) -> str:
 
 def test_a_failed_write_leaves_no_temp_file_and_later_saves_go_on(tmp_path):
     log = run_recorder(tmp_path, 0, [1.0, 5.0, 1.0])  # 32 KB, 160 KB (past the 100 KB a file may have), 32 KB
-    saved = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    saved = sorted(p.name for p in tmp_path.rglob("*.wav"))
     assert saved == ["turn00001_input.wav", "turn00003_input.wav"], saved
     assert "could not save" in log and "turn00002_input.wav" in log
 
 
 def test_saving_stops_at_its_budget_with_one_warning(tmp_path):
     log = run_recorder(tmp_path, 70_000, [1.0, 1.0, 1.0, 1.0])  # 32 KB each: two fit in 70 KB
-    saved = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    saved = sorted(p.name for p in tmp_path.rglob("*.wav"))
     assert saved == ["turn00001_input.wav", "turn00002_input.wav"], saved
     assert log.count("--save_data_max_mb") == 1, log

@@ -75,11 +75,11 @@ def test_stale_work_is_dropped_where_taken_and_stopped_mid_stream():
 
 def test_asr_workers_flag_sets_the_asr_stage_threads():
     args = s2s.parse_args(["--asr_workers", "3", "--llm", "echo", "--tts", "espeak", "--client_dir", ""])
-    server = s2s.VoiceAgentServer(args, s2s.ASRHandler(), s2s.EchoLLMHandler(), s2s.EspeakTTSHandler("en-us", "cmn", 175), None)
+    pipeline = s2s.Pipeline(args, s2s.ASRHandler(), s2s.EchoLLMHandler(), s2s.EspeakTTSHandler("en-us", "cmn", 175), None)
     try:
-        assert len(server.asr_stage.threads) == 3
+        assert len(pipeline.asr.threads) == 3
     finally:
-        server.vad_pool.shutdown()
+        pipeline.vad_pool.shutdown()
 
 
 def test_a_free_worker_takes_the_next_session_while_another_is_busy():

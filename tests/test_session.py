@@ -1,0 +1,125 @@
+"""A whole conversation held through the session engine alone: no socket, no server. Audio goes in through
+hear(), text through type(), and everything the client would get comes out of output()."""
+import asyncio
+
+import numpy as np
+
+from client import load_wav
+from conftest import fixture
+import s2s_server_pipeline as s2s
+from serve_test_models import FixedLatencyASR, FixedLatencyTTS
+
+CHUNK = 1024  # samples per hear() call, as a browser sends them
+SILENCE = np.zeros(s2s.SAMPLE_RATE, np.float32)  # 1 s
+
+
+class Conversation:
+    """A session and everything it has said so far, read by a task of its own as a client would."""
+
+    def __init__(self, pipeline, args, legacy=False):
+        self.session = s2s.Session("socket-free", pipeline, args, legacy=legacy)
+        self.said: list = []
+        self.more = asyncio.Condition()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self):
+        async for item in self.session.output():
+            async with self.more:
+                self.said.append(item)
+                self.more.notify_all()
+
+    async def until(self, predicate, timeout_s=10.0):
+        """The first item said (so far, or later) that `predicate` accepts."""
+        async with asyncio.timeout(timeout_s):
+            async with self.more:
+                await self.more.wait_for(lambda: any(predicate(x) for x in self.said))
+        return next(x for x in self.said if predicate(x))
+
+    async def speak(self, audio):
+        """Faster than real time: the VAD counts samples, not seconds."""
+        started = 0
+        for i in range(0, len(audio), CHUNK):
+            started += await self.session.hear(audio[i:i + CHUNK])
+        return started
+
+    def answer(self, turn):
+        return [x for x in self.said if isinstance(x, s2s.AnswerAudio) and x.turn == turn]
+
+
+def with_pipeline(scenario, *flags):
+    args = s2s.parse_args(["--llm", "echo", "--tts", "espeak", "--client_dir", "", *flags])
+    vad = s2s.SileroVAD(args.vad_thresh)
+    vad.setup()
+    pipeline = s2s.Pipeline(args, FixedLatencyASR(0.02), s2s.EchoLLMHandler(), FixedLatencyTTS(0.02, 0.1), vad)
+    pipeline.start()
+    try:
+        asyncio.run(asyncio.wait_for(scenario(pipeline, args), 60))
+    finally:
+        pipeline.stop()
+
+
+def test_a_spoken_turn_a_typed_turn_and_a_barge_in_with_no_socket():
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        question = load_wav(fixture("en_question.wav"))
+        assert await c.speak(np.concatenate([question, SILENCE])) == 1
+
+        transcript = await c.until(lambda x: isinstance(x, s2s.TranscriptEvent) and x.final)
+        assert transcript.turn == 1 and transcript.text.startswith("heard ")
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        assert not metrics.metrics["interrupted"] and metrics.metrics["first_audio_ms"] > 0
+        said = c.answer(1)
+        assert "".join(x.text for x in said).startswith("You said: heard ")
+        assert said[-1].last and sum(len(x.pcm) for x in said) > s2s.SAMPLE_RATE  # over half a second of speech
+        kinds = [type(x).__name__ for x in c.said]
+        assert kinds.index("SpeechStartEvent") < kinds.index("TranscriptEvent") < kinds.index("AnswerAudio")
+
+        # A typed turn with a long answer, cut off by speech while its audio plays.
+        c.session.type("tell me a long story " * 8)  # (it cuts off the first answer if that still plays)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.turn == 2 and x.pcm)
+        assert c.session.assistant_busy()
+        assert await c.speak(load_wav(fixture("en_interrupt.wav"))) == 1
+        interrupt = await c.until(lambda x: isinstance(x, s2s.InterruptEvent) and x.turn == 2)
+        after = c.said[c.said.index(interrupt):]
+        assert not [x for x in after if isinstance(x, s2s.AnswerAudio) and x.turn == 2]
+        cut = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 2)
+        assert cut.metrics["interrupted"] and cut.metrics["barge_in_ms"] is not None
+        said_of_2 = "".join(x.text for x in c.answer(2))
+        assert len(said_of_2) < len("You said: " + "tell me a long story " * 8)  # it did not all go out
+
+        await c.speak(SILENCE)
+        await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 3)
+        past = c.session.history.past()
+        assert [t.number for t in past] == [1, 2, 3]
+        messages = c.session.history.messages("system", "", "next")
+        assert messages[3]["content"].endswith(s2s.INTERRUPTED_MARK)  # the cut answer, as far as it went
+        c.session.close()
+        await c.reader  # output() ends with the session
+    with_pipeline(scenario)
+
+
+def test_a_session_that_closes_mid_answer_stops_its_output_and_reports_the_turn():
+    async def scenario(pipeline, args):
+        ended = []
+        c = Conversation(pipeline, args)
+        c.session.on_turn_end = lambda session, turn, again: ended.append((turn.number, turn.state, again))
+        c.session.type("a long question that gets a long echo " * 6)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        c.session.close()
+        await asyncio.wait_for(c.reader, 5)
+        assert ended == [(1, s2s.TurnState.INTERRUPTED, False)]
+        assert not c.answer(1)[-1].last  # its end never went out
+    with_pipeline(scenario)
+
+
+def test_a_legacy_session_sends_the_answer_in_whole_chunks_with_the_question_on_the_first():
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args, legacy=True)
+        await c.speak(np.concatenate([load_wav(fixture("en_question.wav")), SILENCE]))
+        await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        said = c.answer(1)
+        assert said[0].question.startswith("heard ") and all(x.question is None for x in said[1:])
+        assert said[-1].last and said[-1].text  # CleanS2S's client ends an answer only on a message with text
+        assert all(x.text for x in said[1:])  # after the first audio, a message per chunk, each with its text
+        c.session.close()
+    with_pipeline(scenario)
