@@ -336,10 +336,8 @@ TURN_MOVES = {
 
 
 @dataclass
-class Turn:
-    number: int
-    spoken: bool
-    question: str = ""
+class TurnTimes:
+    """When each step of a turn happened (now(), in s), for its metrics."""
     speech_end: Optional[float] = None  # end of speech detected, after the end-of-turn wait (text: received)
     eot_wait_ms: float = 0.0  # silence waited before speech_end
     transcript: Optional[float] = None
@@ -348,6 +346,32 @@ class Turn:
     tts_first_audio: Optional[float] = None
     first_audio_sent: Optional[float] = None
     barge_in_ms: Optional[float] = None  # new speech first heard -> interrupt sent, when this turn was cut off
+    extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
+
+    def metrics(self) -> dict:
+        """Stage timings in ms, each from the previous milestone, and the voice-to-voice total."""
+        def ms(a: Optional[float], b: Optional[float]) -> Optional[float]:
+            return None if a is None or b is None else round((b - a) * 1000, 1)
+        return {
+            "eot_wait_ms": round(self.eot_wait_ms, 1),
+            "asr_ms": ms(self.speech_end, self.transcript),
+            "llm_first_token_ms": ms(self.transcript or self.speech_end, self.llm_first_token),
+            "llm_first_chunk_ms": ms(self.llm_first_token, self.llm_first_chunk),
+            "tts_first_audio_ms": ms(self.llm_first_chunk, self.tts_first_audio),
+            "send_ms": ms(self.tts_first_audio, self.first_audio_sent),
+            "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
+            "barge_in_ms": self.barge_in_ms,
+            **self.extra_ms,
+        }
+
+
+@dataclass
+class Turn:
+    """One turn: the user's words, the answer as it went out, and where it is in its life (state); its timings
+    apart, in `times`."""
+    number: int
+    spoken: bool
+    question: str = ""
     answer_chunks: list = field(default_factory=list)  # (start_ms in the answer audio, text) of every chunk sent
     answer_audio: list = field(default_factory=list)  # int16 PCM bytes sent
     audio_sent_ms: float = 0.0
@@ -356,7 +380,7 @@ class Turn:
     heard_audio: Optional[np.ndarray] = None  # the utterance as the VAD cut it (float32, 16 kHz), for --save_data
     state: TurnState = TurnState.HEARING
     messages_sent: int = 0  # answer messages that went to the clients
-    extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
+    times: TurnTimes = field(default_factory=TurnTimes)
     notes: dict = field(default_factory=dict)  # what a forked handler keeps with the turn (what the RAG agent found)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
     # (a web lookup) waits on this too, with concurrent.futures.wait(), and gives up at once on a barge-in.
@@ -383,21 +407,7 @@ class Turn:
         return "".join(text for start_ms, text in self.answer_chunks if start_ms <= limit)
 
     def metrics(self) -> dict:
-        """Stage timings in ms, each from the previous milestone, and the voice-to-voice total."""
-        def ms(a: Optional[float], b: Optional[float]) -> Optional[float]:
-            return None if a is None or b is None else round((b - a) * 1000, 1)
-        return {
-            "eot_wait_ms": round(self.eot_wait_ms, 1),
-            "asr_ms": ms(self.speech_end, self.transcript),
-            "llm_first_token_ms": ms(self.transcript or self.speech_end, self.llm_first_token),
-            "llm_first_chunk_ms": ms(self.llm_first_token, self.llm_first_chunk),
-            "tts_first_audio_ms": ms(self.llm_first_chunk, self.tts_first_audio),
-            "send_ms": ms(self.tts_first_audio, self.first_audio_sent),
-            "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
-            "barge_in_ms": self.barge_in_ms,
-            "interrupted": self.state is TurnState.INTERRUPTED,
-            **self.extra_ms,
-        }
+        return {**self.times.metrics(), "interrupted": self.state is TurnState.INTERRUPTED}
 
 
 INTERRUPTED_MARK = " [interrupted by the user]"
@@ -812,7 +822,7 @@ class ASRHandler(BaseHandler):
                 return
         else:
             text = self.transcribe(utt.audio).strip()
-        turn.transcript, turn.question = now(), text
+        turn.times.transcript, turn.question = now(), text
         utt.session.send_event(TranscriptEvent(utt.turn, text))
         yield UserText(utt.session, utt.turn, text)
 
@@ -1151,10 +1161,10 @@ class LLMHandler(BaseHandler):
         tokens = until_cancelled(self.respond(msg, turn, messages), turn.cancelled)
         try:
             for delta in tokens:
-                if turn.llm_first_token is None:
-                    turn.llm_first_token = now()
+                if turn.times.llm_first_token is None:
+                    turn.times.llm_first_token = now()
                     if feed is not None:  # the TTS starts at the first token and reads on as text arrives
-                        turn.llm_first_chunk = turn.llm_first_token
+                        turn.times.llm_first_chunk = turn.times.llm_first_token
                         yield AnswerText(session, msg.turn, 0, "", last=True, feed=feed)
                 if feed is not None:
                     if not session.is_current(msg.turn):
@@ -1162,7 +1172,7 @@ class LLMHandler(BaseHandler):
                     feed.put(delta)
                     continue
                 for chunk in chunker.push(delta):
-                    turn.llm_first_chunk = turn.llm_first_chunk or now()
+                    turn.times.llm_first_chunk = turn.times.llm_first_chunk or now()
                     yield AnswerText(session, msg.turn, seq, chunk, last=False)
                     seq += 1
         except Exception as exc:  # the user hears what was generated, then an error
@@ -1171,17 +1181,17 @@ class LLMHandler(BaseHandler):
             logger.warning("LLM failed on session %s turn %d: %s", session.tag, msg.turn, exc)
             session.send_event(ErrorEvent("llm_failed", f"LLM failed: {exc}", msg.turn))
         else:
-            if turn.llm_first_token is None and session.is_current(msg.turn):  # e.g. a reply in the wrong format
+            if turn.times.llm_first_token is None and session.is_current(msg.turn):  # e.g. a reply in the wrong format
                 logger.warning("LLM sent no text on session %s turn %d", session.tag, msg.turn)
                 session.send_event(ErrorEvent("llm_failed", "LLM failed: it sent no text (an empty or malformed reply)", msg.turn))
         finally:
             tokens.close()
             if feed is not None:
                 feed.close()
-        if feed is None or turn.llm_first_token is None:
+        if feed is None or turn.times.llm_first_token is None:
             rest = chunker.flush()
             if rest.strip():
-                turn.llm_first_chunk = turn.llm_first_chunk or now()
+                turn.times.llm_first_chunk = turn.times.llm_first_chunk or now()
             yield AnswerText(session, msg.turn, seq, rest, last=True)
 
 
@@ -1486,8 +1496,8 @@ class TTSHandler(BaseHandler):
             session.voice = self.choose_voice()
         if chunk.feed is not None:  # the LLM's text as it is written, read by the TTS as it speaks
             for audio in self.synthesize(clean_stream(chunk.feed.pieces()), session.voice):
-                if turn.tts_first_audio is None:
-                    turn.tts_first_audio = now()
+                if turn.times.tts_first_audio is None:
+                    turn.times.tts_first_audio = now()
                 yield AnswerAudio(session, chunk.turn, chunk.seq, chunk.feed.take_read(), to_pcm16(audio), last=False)
             yield AnswerAudio(session, chunk.turn, chunk.seq, chunk.feed.take_read(), b"", last=True)
             return
@@ -1495,8 +1505,8 @@ class TTSHandler(BaseHandler):
         text = chunk.text
         if SPEAKABLE.search(spoken):
             for audio in self.synthesize(spoken, session.voice):
-                if turn.tts_first_audio is None:
-                    turn.tts_first_audio = now()
+                if turn.times.tts_first_audio is None:
+                    turn.times.tts_first_audio = now()
                 yield AnswerAudio(session, chunk.turn, chunk.seq, text, to_pcm16(audio), last=False)
                 text = ""
         # The chunk's end (with its text, if it made no sound): a legacy client gets a chunk in one message.
@@ -1803,7 +1813,7 @@ class Session:
                  on_turn_end: Optional[Callable[[Session, Turn, bool], None]] = None):
         self.uid, self.tag, self.pipeline, self.args = uid, uid_tag(uid), pipeline, args
         self.loop = asyncio.get_running_loop()
-        self.on_turn_end = on_turn_end  # the server's metrics and --save_data; True when the turn was reported before
+        self.on_turn_end = on_turn_end  # (session, turn, again): the server's metrics and --save_data, as each turn ends
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
         self.speech_turn = 0  # the turn the utterance under way started
         self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
@@ -1857,7 +1867,7 @@ class Session:
         if not self.is_current(self.speech_turn):  # typed text in the middle of the speech took over the turn
             return
         t = self.current()
-        t.speech_end, t.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
+        t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
         t.move(TurnState.ANSWERING)
         asr = self.pipeline.asr
         asr.put(Utterance(self, t.number, ev.untaken if asr.handler.streaming else ev.audio))
@@ -1877,7 +1887,7 @@ class Session:
             self.new_topic()
             return
         t = self.start_turn(spoken=False)
-        t.question, t.speech_end = text, now()
+        t.question, t.times.speech_end = text, now()
         t.move(TurnState.ANSWERING)
         self.pipeline.llm.put(UserText(self, t.number, text))
 
@@ -1946,7 +1956,7 @@ class Session:
             was_sent = old.state is TurnState.SENT  # all sent but still playing: reported once already
             old.move(TurnState.INTERRUPTED)
             self.speaker.interrupt(old.number)
-            old.barge_in_ms = round((now() - (heard_at or now())) * 1000, 1)
+            old.times.barge_in_ms = round((now() - (heard_at or now())) * 1000, 1)
             self.report_turn(old, again=was_sent)
         if old is not None:
             old.cancel()
@@ -2091,8 +2101,8 @@ class Speaker:
         t.messages_sent += 1
         t.move(TurnState.SPEAKING)
         moment = now()
-        if item.pcm and t.first_audio_sent is None:
-            t.first_audio_sent = moment
+        if item.pcm and t.times.first_audio_sent is None:
+            t.times.first_audio_sent = moment
             self.play_start = moment
         if item.pcm and moment > self.play_start + t.audio_sent_ms / 1000:  # the client ran dry: its clock restarts
             self.play_start = moment - t.audio_sent_ms / 1000
@@ -2111,7 +2121,7 @@ class Speaker:
         lead_s = self.args.playback_lead_ms / 1000
         while session.is_current(t.number):
             wait_s = 0.0
-            if lead_s > 0 and t.first_audio_sent is not None:
+            if lead_s > 0 and t.audio_sent_ms > 0:
                 wait_s = self.play_start + t.audio_sent_ms / 1000 - now() - lead_s
             # If the client's audio stops in the middle of a sound, the VAD cannot decide: the hold ends soon after.
             hold_until = session.heard_audio_at + AUDIO_GAP_S
@@ -2776,7 +2786,7 @@ class ReceiverSocket:
         """A bad message: an error event to the session's clients, and a log line (at most one per code and interval)."""
         self.log.warning(f"bad {code}", f"bad message from {conn.address}: {message}")
         if conn.link is not None:
-            conn.link.session.speaker.put(ErrorEvent(code, message))
+            conn.link.session.send_event(ErrorEvent(code, message))
 
 
 class ReceiverConnection:

@@ -677,7 +677,7 @@ class LookupRun:
         self.wait(self.deadline - now())
         finished = [f is not None and f.done() for f in self.futures]  # before the stop makes the rest fail
         s2s.settle(self.stop)  # whatever still runs is abandoned: its sockets close now
-        self.turn.extra_ms["lookup_ms"] = round((now() - self.start) * 1000, 1)
+        self.turn.times.extra_ms["lookup_ms"] = round((now() - self.start) * 1000, 1)
         if self.turn.cancelled.done():
             return None
         results = []

@@ -243,7 +243,7 @@ def test_a_slow_search_is_given_up_at_the_budget_and_a_failed_one_reported():
         assert results[0].error == "no answer within 0.5 s" and results[0].sources == []
         assert "did not work" in results[0].for_llm()
         assert serper.hung_up.wait(2) and serper.hangups[0] - t0 < 1.0  # its connection was closed, not left waiting
-        assert 500 <= turn.extra_ms["lookup_ms"] < 1000
+        assert 500 <= turn.times.extra_ms["lookup_ms"] < 1000
     with FakeSerper(web_results, PAGES) as serper:
         serper.fail_with = 500
         results = lookup(serper, 5.0, s2s.Turn(1, spoken=False))
