@@ -119,7 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--webrtc_mode", type=int, choices=[0, 1, 2, 3], default=3, help="webrtcvad aggressiveness, 3 rejects most noise")
     talk.add_argument("--min_speech_ms", type=int, default=200,
                       help="speech needed before a turn starts; shorter sounds are ignored. With interruption on, this much speech interrupts the assistant")
-    talk.add_argument("--min_silence_ms", type=int, default=600, help="end-of-turn wait: silence after speech before the server answers")
+    talk.add_argument("--min_silence_ms", type=int, default=600,
+                      help="--turn_detection silence: the end-of-turn wait, silence after speech before the server answers")
+    talk.add_argument("--turn_detection", choices=["silence", "smart_turn"], default="silence",
+                      help="what ends the user's turn: silence (--min_silence_ms of it), or smart_turn: at a pause of --turn_pause_ms, "
+                           "the Smart Turn model hears whether the turn is complete; if not, the server waits on, up to "
+                           "--max_turn_silence_ms (README: Turn-taking)")
+    talk.add_argument("--turn_pause_ms", type=int, default=200, help="--turn_detection smart_turn: the pause after which the model is asked")
+    talk.add_argument("--max_turn_silence_ms", type=int, default=2000,
+                      help="--turn_detection smart_turn: silence that ends the turn, whatever the model said")
+    talk.add_argument("--smart_turn_model", default="",
+                      help="--turn_detection smart_turn: the Smart Turn v3 ONNX file; default: the one the pipecat-ai wheel ships "
+                           "(pip install --no-deps pipecat-ai==1.14.0)")
+    talk.add_argument("--smart_turn_threshold", type=float, default=0.5,
+                      help="--turn_detection smart_turn: the probability from which the model's answer is 'complete'")
     talk.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
     talk.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
     talk.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
@@ -339,7 +352,7 @@ TURN_MOVES = {
 class TurnTimes:
     """When each step of a turn happened (now(), in s), for its metrics."""
     speech_end: Optional[float] = None  # end of speech detected, after the end-of-turn wait (text: received)
-    eot_wait_ms: float = 0.0  # silence waited before speech_end
+    eot_wait_ms: float = 0.0  # silence waited before speech_end, and the turn model's time to decide
     transcript: Optional[float] = None
     llm_first_token: Optional[float] = None
     llm_first_chunk: Optional[float] = None  # the first speakable chunk went to the TTS
@@ -513,6 +526,62 @@ class WebRTCVAD:
 VAD_MODELS = {"silero": SileroVAD, "webrtc": WebRTCVAD}
 
 
+class SmartTurn:
+    """Smart Turn v3 (pipecat-ai's end-of-turn model, BSD-2 licence, 23 languages, Mandarin and English among
+    them): from the last 8 s of an utterance, the probability that the speaker has finished their turn, heard in
+    how they speak, not in what. 8 M parameters, about 50 ms a call on one CPU thread; one model serves every
+    session. Its features are Whisper's log-mel (80 bins, normalised), computed by transformers."""
+
+    WINDOW = 8 * SAMPLE_RATE  # samples: the model hears the last 8 s, zero-padded in front when shorter
+    BUNDLED = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"  # inside the pipecat-ai wheel
+
+    def __init__(self, path: str = "", threshold: float = 0.5):
+        self.path, self.threshold = path, threshold
+
+    def setup(self) -> None:
+        onnxruntime = require("onnxruntime", "pip install onnxruntime")
+        transformers = require("transformers", "pip install transformers")
+        self.path = self.path or bundled_smart_turn()
+        if not os.path.isfile(self.path):
+            raise SystemExit(f"--smart_turn_model {self.path} does not exist")
+        opts = onnxruntime.SessionOptions()
+        opts.inter_op_num_threads = 1  # a call is short, and the VAD's thread pool runs several at once
+        opts.intra_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.features = transformers.WhisperFeatureExtractor(chunk_length=self.WINDOW // SAMPLE_RATE)
+
+    def warmup(self) -> None:
+        self.probability(np.zeros(SAMPLE_RATE, np.float32))
+
+    def describe(self) -> str:
+        return f"Smart Turn {os.path.basename(self.path)}, complete from {self.threshold:g}"
+
+    def probability(self, audio: np.ndarray) -> float:
+        """P(the turn is complete) for an utterance so far (float32, 16 kHz mono)."""
+        audio = audio[-self.WINDOW:]
+        audio = np.pad(audio, (self.WINDOW - len(audio), 0))
+        x = self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", do_normalize=True).input_features
+        return float(self.session.run(None, {"input_features": x.astype(np.float32)})[0].reshape(-1)[0])
+
+    def is_complete(self, audio: np.ndarray) -> bool:
+        return self.probability(audio) >= self.threshold
+
+
+def bundled_smart_turn() -> str:
+    """The model file the pipecat-ai wheel ships, found without importing pipecat (none of its dependencies are
+    needed: pip install --no-deps pipecat-ai)."""
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files("pipecat-ai") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f) == SmartTurn.BUNDLED:
+            return str(f.locate())
+    raise SystemExit("--turn_detection smart_turn needs the Smart Turn model: pip install --no-deps pipecat-ai==1.14.0 "
+                     "(it ships the file; none of pipecat is imported), or give --smart_turn_model PATH")
+
+
 @dataclass
 class SpeechStarted:
     heard_at: float  # when the first speech window of this utterance arrived
@@ -521,15 +590,21 @@ class SpeechStarted:
 @dataclass
 class SpeechEnded:
     audio: np.ndarray  # float32 PCM, 16 kHz mono, speech plus padding
-    silence_ms: float  # end-of-turn wait that preceded this event
+    silence_ms: float  # end-of-turn wait that preceded this event: silence heard, and the turn model's time to decide
     untaken: np.ndarray  # the part of the utterance take_new() has not handed out yet
 
 
 class VADSegmenter:
     """Per-session state machine over VAD probabilities: start a turn after `min_speech_ms` of speech, end it
-    after `min_silence_ms` of silence. Keeps `speech_pad_ms` of audio on both sides of the speech."""
+    after `min_silence_ms` of silence. Keeps `speech_pad_ms` of audio on both sides of the speech.
 
-    def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int):
+    With a turn model (SmartTurn), a pause of `pause_ms` asks it whether the turn is complete: yes ends the turn
+    there; no waits on, and the next pause asks again; `max_silence_ms` of silence ends it whatever it said."""
+
+    def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int,
+                 turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000):
+        self.turn_model, self.pause_ms, self.max_silence_ms = turn_model, pause_ms, max_silence_ms
+        self.end_ms = pause_ms if turn_model is not None else min_silence_ms  # the shortest pause that can end a turn
         self.model = model
         self.state = model.new_state()
         self.window_ms = model.window * 1000 / SAMPLE_RATE
@@ -549,6 +624,8 @@ class VADSegmenter:
         self.silence_ms = 0.0
         self.loudest = 0.0  # RMS of the loudest speech window so far
         self.heard_at: Optional[float] = None
+        self.asked = False  # the turn model was asked about the pause under way
+        self.decide_ms = 0.0  # what asking it cost, on the call that ended the turn
 
     def reset(self) -> None:
         """Forget everything heard so far (used while speech is ignored)."""
@@ -582,6 +659,7 @@ class VADSegmenter:
         if prob >= self.threshold:
             self.speech_ms += self.window_ms
             self.silence_ms = 0.0
+            self.asked = False
             self.loudest = max(self.loudest, rms(window))
         elif prob < self.neg_threshold:
             if self.silence_ms == 0.0:  # the wait counts from where the voice stopped, not where the VAD noticed
@@ -596,13 +674,27 @@ class VADSegmenter:
                 self._reset_utterance()
             return None
         too_long = len(self.windows) * self.window_ms >= self.max_speech_ms
-        if self.silence_ms >= self.min_silence_ms or too_long:
+        if too_long or self._turn_over():
             drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))  # trailing silence beyond the pad
             audio = np.concatenate(self.windows[:len(self.windows) - drop])
-            event = SpeechEnded(audio, self.silence_ms, concat(self.windows[self.taken:]))
+            event = SpeechEnded(audio, self.silence_ms + self.decide_ms, concat(self.windows[self.taken:]))
             self._reset_utterance()
             return event
         return None
+
+    def _turn_over(self) -> bool:
+        """Does the silence so far end the user's turn?"""
+        if self.turn_model is None:
+            return self.silence_ms >= self.min_silence_ms
+        if self.silence_ms >= self.max_silence_ms:
+            return True
+        if self.silence_ms < self.pause_ms or self.asked:
+            return False
+        self.asked = True
+        t0 = now()
+        complete = self.turn_model.is_complete(np.concatenate(self.windows))
+        self.decide_ms = (now() - t0) * 1000
+        return complete
 
     def turn_due_ms(self, at_end: bool) -> Optional[float]:
         """The least audio, in ms, after which the utterance under way could start a turn (at_end: end one, where
@@ -610,7 +702,7 @@ class VADSegmenter:
         if self.heard_at is None or (self.started and not at_end):
             return None
         to_start = 0.0 if self.started else max(0.0, self.min_speech_ms - self.speech_ms)
-        return to_start + (self.min_silence_ms - (self.silence_ms if self.started else 0.0) if at_end else 0.0)
+        return to_start + (self.end_ms - (self.silence_ms if self.started else 0.0) if at_end else 0.0)
 
     def quiet_tail(self) -> int:
         """Windows before this one that were already quiet (26 dB under the utterance's loudest), at most two:
@@ -1820,7 +1912,7 @@ class Session:
         self.turns: dict = {}  # the current turn and the one before it
         self.history = ChatHistory(args.chat_size)
         self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
-                                args.max_speech_ms)
+                                args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms)
         self.resampler = None
         if args.sample_rate != SAMPLE_RATE:
             import soxr
@@ -2156,8 +2248,9 @@ class Pipeline:
     threads), then ASR -> LLM -> TTS, each stage handing what it makes to the next; the TTS's audio goes back to
     its session."""
 
-    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any):
-        self.vad_model = vad_model
+    def __init__(self, args: argparse.Namespace, asr: ASRHandler, llm: LLMHandler, tts: TTSHandler, vad_model: Any,
+                 turn_model: Optional[SmartTurn] = None):
+        self.vad_model, self.turn_model = vad_model, turn_model
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
         self.asr = Stage("asr", asr, args.asr_workers, lambda text: self.llm.put(text))
         # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
@@ -2219,6 +2312,8 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
         parser.error("--sample_rate, --max_sessions, --asr_workers and --tts_workers must be positive")
     if (args.lm_prefix_cache or 0) < 0:
         parser.error("--lm_prefix_cache must be 0 (off) or more")
+    if not 0 < args.turn_pause_ms < args.max_turn_silence_ms:
+        parser.error("--turn_pause_ms must be positive and shorter than --max_turn_silence_ms")
     args.auth_token = args.auth_token or os.environ.get("S2S_AUTH_TOKEN") or None
     if args.auth_token and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.auth_token):
         parser.error("--auth_token must be 8-256 letters, digits or . _ ~ - (it travels in a URL or a subprotocol name); "
@@ -2293,10 +2388,12 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
                     DEFAULT_LOCAL_LLM)
     asr, llm, tts = handlers(args)
     vad_model = VAD_MODELS[args.vad](args.vad_thresh if args.vad == "silero" else args.webrtc_mode)
-    for name, component in (("VAD", vad_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
-        load(name, component)
+    turn_model = SmartTurn(args.smart_turn_model, args.smart_turn_threshold) if args.turn_detection == "smart_turn" else None
+    for name, component in (("VAD", vad_model), ("turn model", turn_model), ("ASR", asr), ("LLM", llm), ("TTS", tts)):
+        if component is not None:
+            load(name, component)
     llm.text_stream = tts.reads_text_stream
-    server = VoiceAgentServer(args, Pipeline(args, asr, llm, tts, vad_model), ops)
+    server = VoiceAgentServer(args, Pipeline(args, asr, llm, tts, vad_model, turn_model), ops)
     # The libraries and models leave about half a million long-lived objects. A full garbage collection walks them
     # all (~250 ms on 2 cores) and holds every thread meanwhile, at a moment no one chooses: mid-turn. Collect once
     # now and put them out of the collector's sight, so later collections see only what turns allocate.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up everything the server needs, once: the espeak-ng program, a Python virtual environment in .venv
-# with requirements.txt (plus requirements-rag.txt and requirements-dev.txt when called with --dev), and, when
-# Node.js is installed, the browser client built into frontend_nextjs/out. With --dev also what only the tests use:
-# Chromium (the browser test), nginx (the scale-out test) and openssl (certificates for the TLS test).
+# Sets up everything the server needs, once: the espeak-ng program, a Python virtual environment in .venv with
+# requirements.txt and requirements-turn.txt (plus requirements-rag.txt and requirements-dev.txt when called with
+# --dev), and, when Node.js is installed, the browser client built into frontend_nextjs/out. With --dev also what
+# only the tests use: Chromium (the browser test), nginx (the scale-out test) and openssl (certificates for the TLS
+# test).
 # Safe to re-run: each part is redone only when its inputs change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,10 +50,11 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat requirements.txt requirements-rag.txt requirements-dev.txt | cksum | cut -d' ' -f1)${1:-}"
+stamp=".venv/.installed-$(cat requirements.txt requirements-turn.txt requirements-rag.txt requirements-dev.txt | cksum | cut -d' ' -f1)${1:-}"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
+  .venv/bin/python -m pip install -q --no-deps -r requirements-turn.txt
   # The tests cover the RAG agent too (s2s_server_pipeline_rag.py), so --dev installs what it adds.
   if [ "${1:-}" = "--dev" ]; then .venv/bin/python -m pip install -q -r requirements-rag.txt -r requirements-dev.txt; fi
   touch "$stamp"
