@@ -731,6 +731,68 @@ def concat(windows: list) -> np.ndarray:
     return np.concatenate(windows) if windows else np.zeros(0, np.float32)
 
 
+class Listener:
+    """What one session hears, and the turn-taking that follows from it: the client's audio, resampled to 16 kHz,
+    goes through the session's VAD (on the VAD's thread pool); a user turn starts when speech starts (with
+    --interrupt_at speech_end, when it ends, as CleanS2S did), and the utterance goes to the ASR when the turn
+    ends (a streaming ASR hears it in pieces as it comes). It keeps no reference to its session: hear() is given it."""
+
+    def __init__(self, args: argparse.Namespace, pipeline: Pipeline):
+        self.args, self.pipeline = args, pipeline
+        self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
+                                args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms)
+        self.resampler = None
+        if args.sample_rate != SAMPLE_RATE:
+            import soxr
+            self.resampler = soxr.ResampleStream(args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
+        self.speech_turn = 0  # the turn the utterance under way started
+        self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
+        self.heard_audio_at = 0.0  # when the VAD last took audio from the client
+
+    async def hear(self, session: Session, audio: np.ndarray) -> int:
+        """Returns how many user turns started in this audio."""
+        if self.resampler is not None:
+            audio = self.resampler.resample_chunk(audio)
+        if not self.args.enable_interruption and session.assistant_busy():
+            self.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
+            return 0
+        events = await asyncio.get_running_loop().run_in_executor(self.pipeline.vad_pool, self.vad.feed, audio)
+        self.heard_audio_at = now()
+        late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
+        started = 0
+        for ev in events:
+            if isinstance(ev, SpeechStarted):
+                self.speech_heard_at = ev.heard_at
+            if isinstance(ev, SpeechEnded if late else SpeechStarted):
+                self.speech_turn = session.start_spoken_turn(self.speech_heard_at).number
+                started += 1
+            if isinstance(ev, SpeechEnded):
+                self._turn_ends(session, ev)
+        self._stream_to_asr(session)
+        session.speaker.heard_more()
+        return started
+
+    def _turn_ends(self, session: Session, ev: SpeechEnded) -> None:
+        if not session.is_current(self.speech_turn):  # typed text in the middle of the speech took over the turn
+            return
+        t = session.current()
+        t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
+        t.move(TurnState.ANSWERING)
+        asr = self.pipeline.asr
+        asr.put(Utterance(session, t.number, ev.untaken if asr.handler.streaming else ev.audio))
+
+    def _stream_to_asr(self, session: Session) -> None:
+        asr = self.pipeline.asr
+        if asr.handler.streaming and self.args.interrupt_at != "speech_end" and session.is_current(self.speech_turn):
+            piece = self.vad.take_new(asr.handler.piece_samples)
+            if piece is not None:
+                asr.put(Utterance(session, self.speech_turn, piece, final=False))
+
+    def forget(self) -> None:
+        """The client is gone: an utterance cut off with its connection is not continued by the next one's audio."""
+        self.vad.reset()
+
+
 # ------------------------------------------------------------------------------------------------
 # Handler base and stage plumbing. TRY NOT TO MODIFY: models plug in below, in the handlers.
 # ------------------------------------------------------------------------------------------------
@@ -1896,10 +1958,11 @@ def uid_tag(uid: str) -> str:
 
 
 class Session:
-    """One user's conversation: its VAD state, turns, history, and what goes back to the client. It knows no
-    socket: a wire adapter (further down) turns a client's messages into hear(), type(), played() and new_topic(),
-    and output() into messages. Turn state changes on the event loop; worker threads read `turn`, fill timings in
-    Turn records and hand results back through send_event() and deliver(), which are thread-safe."""
+    """One user's conversation: what it hears (Listener, with the turn-taking), its turns and history, and what goes
+    back to the client (Speaker). It knows no socket: a wire adapter (further down) turns a client's messages into
+    hear(), type(), played() and new_topic(), and output() into messages. Turn state changes on the event loop;
+    worker threads read `turn`, fill timings in Turn records and hand results back through send_event() and
+    deliver(), which are thread-safe."""
 
     def __init__(self, uid: str, pipeline: Pipeline, args: argparse.Namespace, legacy: bool = False,
                  on_turn_end: Optional[Callable[[Session, Turn, bool], None]] = None):
@@ -1907,17 +1970,9 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.on_turn_end = on_turn_end  # (session, turn, again): the server's metrics and --save_data, as each turn ends
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
-        self.speech_turn = 0  # the turn the utterance under way started
-        self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
         self.turns: dict = {}  # the current turn and the one before it
         self.history = ChatHistory(args.chat_size)
-        self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
-                                args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms)
-        self.resampler = None
-        if args.sample_rate != SAMPLE_RATE:
-            import soxr
-            self.resampler = soxr.ResampleStream(args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
-        self.heard_audio_at = 0.0  # when the VAD last took audio from the client
+        self.listener = Listener(args, pipeline)
         self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
         self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
         self.closed = False
@@ -1926,51 +1981,8 @@ class Session:
     # ---- what the client does ----
 
     async def hear(self, audio: np.ndarray) -> int:
-        """The client's audio (float32 in [-1, 1], --sample_rate, mono): the VAD (in a worker thread) starts and ends
-        the user's turns in it. Returns how many turns started."""
-        if self.resampler is not None:
-            audio = self.resampler.resample_chunk(audio)
-        if not self.args.enable_interruption and self.assistant_busy():
-            self.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
-            return 0
-        events = await self.loop.run_in_executor(self.pipeline.vad_pool, self.vad.feed, audio)
-        self.heard_audio_at = now()
-        late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
-        started = 0
-        for ev in events:
-            if isinstance(ev, SpeechStarted):
-                self.speech_heard_at = ev.heard_at
-            if isinstance(ev, SpeechEnded if late else SpeechStarted):
-                self._speech_starts_turn()
-                started += 1
-            if isinstance(ev, SpeechEnded):
-                self._speech_ends_turn(ev)
-        self._stream_to_asr()
-        self.speaker.heard_more()
-        return started
-
-    def _speech_starts_turn(self) -> None:
-        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way."""
-        t = self.start_turn(spoken=True, heard_at=self.speech_heard_at)
-        self.speech_turn = t.number
-        self.speaker.put(SpeechStartEvent(t.number))
-
-    def _speech_ends_turn(self, ev: SpeechEnded) -> None:
-        if not self.is_current(self.speech_turn):  # typed text in the middle of the speech took over the turn
-            return
-        t = self.current()
-        t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
-        t.move(TurnState.ANSWERING)
-        asr = self.pipeline.asr
-        asr.put(Utterance(self, t.number, ev.untaken if asr.handler.streaming else ev.audio))
-
-    def _stream_to_asr(self) -> None:
-        """A streaming ASR hears the utterance under way in pieces, as it comes."""
-        asr = self.pipeline.asr
-        if asr.handler.streaming and self.args.interrupt_at != "speech_end" and self.is_current(self.speech_turn):
-            piece = self.vad.take_new(asr.handler.piece_samples)
-            if piece is not None:
-                asr.put(Utterance(self, self.speech_turn, piece, final=False))
+        """The client's audio (float32 in [-1, 1], --sample_rate, mono). Returns how many user turns started in it."""
+        return await self.listener.hear(self, audio)
 
     def type(self, text: str) -> None:
         """Text the user typed: a turn of its own, straight to the LLM. "new topic" clears the history instead (and,
@@ -2003,7 +2015,7 @@ class Session:
         """The client is gone, and may come back: its answer stops, and the utterance cut off with its connection is
         not continued by the next one's audio."""
         self.stop_answer()
-        self.vad.reset()
+        self.listener.forget()
 
     def stop_answer(self) -> None:
         """The turn under way becomes stale, and so does all its queued work."""
@@ -2057,6 +2069,12 @@ class Session:
         self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1}
         self.turns[self.turn] = record
         return record
+
+    def start_spoken_turn(self, heard_at: Optional[float]) -> Turn:
+        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way."""
+        t = self.start_turn(spoken=True, heard_at=heard_at)
+        self.speaker.put(SpeechStartEvent(t.number))
+        return t
 
     def finish_turn(self, t: Turn) -> None:
         if t.move(TurnState.SENT):
@@ -2216,7 +2234,7 @@ class Speaker:
             if lead_s > 0 and t.audio_sent_ms > 0:
                 wait_s = self.play_start + t.audio_sent_ms / 1000 - now() - lead_s
             # If the client's audio stops in the middle of a sound, the VAD cannot decide: the hold ends soon after.
-            hold_until = session.heard_audio_at + AUDIO_GAP_S
+            hold_until = session.listener.heard_audio_at + AUDIO_GAP_S
             self.holding = self.cut_in_may_come(session) and now() < hold_until
             if self.holding:
                 wait_s = max(wait_s, hold_until - now())
@@ -2235,7 +2253,7 @@ class Speaker:
         now is queued by the client (LEGACY_QUEUE_DELAY_S)?"""
         if self.legacy_answer is None or not self.args.enable_interruption:
             return False
-        due_ms = session.vad.turn_due_ms(at_end=self.args.interrupt_at == "speech_end")
+        due_ms = session.listener.vad.turn_due_ms(at_end=self.args.interrupt_at == "speech_end")
         return due_ms is not None and due_ms / 1000 < LEGACY_QUEUE_DELAY_S + CUT_IN_MARGIN_S
 
 
