@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -18,6 +20,14 @@ from server_process import ServerProcess  # noqa: E402
 
 def fixture(name: str) -> str:
     return os.path.join(FIXTURES, name)
+
+
+def run_bench(script: str, out, *flags: str, timeout: float = 600) -> tuple:
+    """Run bench/SCRIPT as its users do, writing its JSON to `out`; return (its stdout, that JSON)."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *flags, "--out", str(out)],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout, json.loads(out.read_text())
 
 
 def saved_file(directory, uid: str, name: str) -> str:

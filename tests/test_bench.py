@@ -1,19 +1,10 @@
 """The benchmark's smoke run: every part runs end to end, so the benchmark cannot rot. No absolute times are
 asserted; what is asserted holds on any machine."""
-import json
-import os
-import subprocess
-import sys
-
-from conftest import ROOT
+from conftest import run_bench
 
 
 def test_quick_benchmark_runs_every_part(tmp_path):
-    out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert run.returncode == 0, run.stdout + run.stderr
-    r = json.loads(out.read_text())
+    stdout, r = run_bench("run.py", tmp_path / "bench.json", "--quick")
     ours, theirs = r["latency"]["ours"], r["latency"]["cleans2s"]
     assert ours["turns"] == theirs["turns"] == 2
     for lat in (ours, theirs):
@@ -32,17 +23,13 @@ def test_quick_benchmark_runs_every_part(tmp_path):
     assert r["barge_in"]["cleans2s"]["barge_in_ms"]["p50"] > r["barge_in"]["ours"]["barge_in_ms"]["p50"] + 1000
     assert [c["sessions"] for c in r["capacity"]][:1] == [1] and r["capacity"][0]["turns"] >= 1
     assert {v["vad"].split(" (")[0] for v in r["vad"]} == {"silero ONNX", "silero JIT", "webrtcvad"}
-    assert "| **voice-to-voice**" in run.stdout and "Capacity" in run.stdout
+    assert "| **voice-to-voice**" in stdout and "Capacity" in stdout
 
 
 def test_real_models_benchmark_runs_tiny(tmp_path):
     """bench/real_models.py --tiny: the real model code paths (FunASR, transformers, espeak-ng) alone and through the
     server, on the tiny test models."""
-    out = tmp_path / "real_models.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "real_models.py"), "--tiny", "--turns", "2",
-                          "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert run.returncode == 0, run.stdout + run.stderr
-    r = json.loads(out.read_text())
+    stdout, r = run_bench("real_models.py", tmp_path / "real_models.json", "--tiny", "--turns", "2", "--device", "cpu")
     assert r["machine"]["label"] == "CPU" and r["device"] == "cpu" and r["tiny"]
     assert [m["info"]["stage"] for m in r["models"]] == ["ASR", "LLM", "TTS"]
     asr, llm, tts = r["models"]
@@ -64,16 +51,13 @@ def test_real_models_benchmark_runs_tiny(tmp_path):
         assert t["voice_to_voice_ms"] > m["eot_wait_ms"] and not m["interrupted"] and t["audio_s"] > 0
         # The overhead is what the stages do not explain: the socket and the edge (VAD decision, mic frame, network).
         assert abs(t["overhead_ms"] - (m["send_ms"] + t["edge_ms"])) < 1
-    assert "## Real models, CPU" in run.stdout and "| **voice-to-voice**" in run.stdout
+    assert "## Real models, CPU" in stdout and "| **voice-to-voice**" in stdout
 
 
 def test_hostile_benchmark_runs_every_row(tmp_path):
     """bench/hostile.py --quick: every attack beside a victim, and what the server does to each."""
-    out = tmp_path / "hostile.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "hostile.py"), "--quick", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stdout + run.stderr
-    rows = json.loads(out.read_text())["rows"]
+    stdout, r = run_bench("hostile.py", tmp_path / "hostile.json", "--quick", timeout=300)
+    rows = r["rows"]
     assert list(rows) == ["key", "stuck", "deflate", "one_address", "handshakes", "token"]
     for row in rows.values():
         assert not row["traceback_in_log"]
@@ -87,19 +71,17 @@ def test_hostile_benchmark_runs_every_row(tmp_path):
     assert held["127.0.0.2"] == 16 and sum(held.values()) <= rows["handshakes"]["max_pending_connections"]
     assert rows["handshakes"]["beside"]["get_page_status"] == "HTTP/1.1 200"
     assert rows["token"]["codes"] == {"4401": 60} and rows["token"]["refusal_log_lines"] <= 2
-    assert "| attack | what the server does |" in run.stdout
+    assert "| attack | what the server does |" in stdout
 
 
 def test_local_llm_benchmark_runs(tmp_path):
     """bench/local_llm.py on the tiny test model: a whole conversation through the server's handler, every figure."""
     from tiny_chat_model import build_tiny_chat_model
-    model, out = build_tiny_chat_model(str(tmp_path / "llm")), tmp_path / "local_llm.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "local_llm.py"), "--models", model,
-                          "--dtypes", "float32", "--answer_tokens", "8", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stdout + run.stderr
-    (row,) = json.loads(out.read_text())["models"]
+    model = build_tiny_chat_model(str(tmp_path / "llm"))
+    stdout, r = run_bench("local_llm.py", tmp_path / "local_llm.json", "--models", model, "--dtypes", "float32",
+                          "--answer_tokens", "8", timeout=300)
+    (row,) = r["models"]
     assert row["weights"] == "real" and row["dtype"] == "float32" and row["params"] > 0
     assert row["prompt_tokens"] > 100  # the fifth turn's prompt holds the four before it
     assert 0 < row["first_token_ms"] and 0 < row["first_token_uncached_ms"] and row["tokens_per_s"] > 0 and row["rtf"] > 0
-    assert "| model | dtype |" in run.stdout
+    assert "| model | dtype |" in stdout

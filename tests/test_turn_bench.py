@@ -1,0 +1,15 @@
+"""The turn-taking benchmark's smoke run (bench/turn_taking.py --quick): it runs end to end with the real turn
+model, and what it reports adds up. No absolute times are asserted."""
+from conftest import run_bench
+
+
+def test_quick_turn_taking_benchmark_runs(tmp_path):
+    stdout, r = run_bench("turn_taking.py", tmp_path / "turn_taking.json", "--quick")
+    assert list(r["policies"]) == ["smart_turn"] and r["fixtures"] == 4
+    p = r["policies"]["smart_turn"]
+    assert (p["complete_questions"], p["paused"], p["backchannels_and_noises"], p["interruptions"]) == (1, 1, 1, 1)
+    [q] = p["results"]["questions"]
+    assert q["turns"] >= 1 and q["voice_to_voice_ms"] > 200  # the answer comes after at least the short pause
+    assert p["interruptions_stopped"] == 1 and p["stop_ms"]["p50"] > 200  # a real cut-in stops it, after 200 ms of speech
+    assert p["llm_requests_per_question"] >= 1
+    assert "| smart_turn |" in stdout
