@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "the Smart Turn model hears whether the turn is complete; if not, the server waits on, up to "
                            "--max_turn_silence_ms (README: Turn-taking)")
     talk.add_argument("--turn_pause_ms", type=int, default=200, help="--turn_detection smart_turn: the pause after which the model is asked")
+    talk.add_argument("--turn_reask_ms", type=int, default=300,
+                      help="--turn_detection smart_turn: while the silence goes on after an 'unfinished', ask again every this many ms "
+                           "(the model hears the silence too); 0 asks again only at the next pause")
     talk.add_argument("--max_turn_silence_ms", type=int, default=2000,
                       help="--turn_detection smart_turn: silence that ends the turn, whatever the model said")
     talk.add_argument("--smart_turn_model", default="",
@@ -599,11 +602,13 @@ class VADSegmenter:
     after `min_silence_ms` of silence. Keeps `speech_pad_ms` of audio on both sides of the speech.
 
     With a turn model (SmartTurn), a pause of `pause_ms` asks it whether the turn is complete: yes ends the turn
-    there; no waits on, and the next pause asks again; `max_silence_ms` of silence ends it whatever it said."""
+    there; no waits on, asking again every `reask_ms` of silence (0: not until the next pause); `max_silence_ms` of
+    silence ends it whatever it said."""
 
     def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int,
-                 turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000):
-        self.turn_model, self.pause_ms, self.max_silence_ms = turn_model, pause_ms, max_silence_ms
+                 turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000,
+                 reask_ms: int = 0):
+        self.turn_model, self.pause_ms, self.max_silence_ms, self.reask_ms = turn_model, pause_ms, max_silence_ms, reask_ms
         self.end_ms = pause_ms if turn_model is not None else min_silence_ms  # the shortest pause that can end a turn
         self.model = model
         self.state = model.new_state()
@@ -624,7 +629,7 @@ class VADSegmenter:
         self.silence_ms = 0.0
         self.loudest = 0.0  # RMS of the loudest speech window so far
         self.heard_at: Optional[float] = None
-        self.asked = False  # the turn model was asked about the pause under way
+        self.asked_at: Optional[float] = None  # the silence (ms) at which the turn model was last asked about this pause
         self.decide_ms = 0.0  # what asking it cost, on the call that ended the turn
 
     def reset(self) -> None:
@@ -659,7 +664,7 @@ class VADSegmenter:
         if prob >= self.threshold:
             self.speech_ms += self.window_ms
             self.silence_ms = 0.0
-            self.asked = False
+            self.asked_at = None
             self.loudest = max(self.loudest, rms(window))
         elif prob < self.neg_threshold:
             if self.silence_ms == 0.0:  # the wait counts from where the voice stopped, not where the VAD noticed
@@ -688,9 +693,11 @@ class VADSegmenter:
             return self.silence_ms >= self.min_silence_ms
         if self.silence_ms >= self.max_silence_ms:
             return True
-        if self.silence_ms < self.pause_ms or self.asked:
+        if self.silence_ms < self.pause_ms:
             return False
-        self.asked = True
+        if self.asked_at is not None and (not self.reask_ms or self.silence_ms - self.asked_at < self.reask_ms):
+            return False
+        self.asked_at = self.silence_ms
         t0 = now()
         complete = self.turn_model.is_complete(np.concatenate(self.windows))
         self.decide_ms = (now() - t0) * 1000
@@ -740,7 +747,8 @@ class Listener:
     def __init__(self, args: argparse.Namespace, pipeline: Pipeline):
         self.args, self.pipeline = args, pipeline
         self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
-                                args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms)
+                                args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms,
+                                args.turn_reask_ms)
         self.resampler = None
         if args.sample_rate != SAMPLE_RATE:
             import soxr
@@ -2330,8 +2338,8 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
         parser.error("--sample_rate, --max_sessions, --asr_workers and --tts_workers must be positive")
     if (args.lm_prefix_cache or 0) < 0:
         parser.error("--lm_prefix_cache must be 0 (off) or more")
-    if not 0 < args.turn_pause_ms < args.max_turn_silence_ms:
-        parser.error("--turn_pause_ms must be positive and shorter than --max_turn_silence_ms")
+    if not 0 < args.turn_pause_ms < args.max_turn_silence_ms or args.turn_reask_ms < 0:
+        parser.error("--turn_pause_ms must be positive and shorter than --max_turn_silence_ms, and --turn_reask_ms 0 or more")
     args.auth_token = args.auth_token or os.environ.get("S2S_AUTH_TOKEN") or None
     if args.auth_token and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.auth_token):
         parser.error("--auth_token must be 8-256 letters, digits or . _ ~ - (it travels in a URL or a subprotocol name); "

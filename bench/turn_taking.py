@@ -1,6 +1,6 @@
 """Turn-taking benchmark: how each end-of-turn policy answers, cuts off and is cut off, on speech it did not see.
 
-    .venv/bin/python bench/turn_taking.py           # every policy: about 15 minutes on 2 CPU cores
+    .venv/bin/python bench/turn_taking.py           # four policies: about 40 minutes on 2 CPU cores
     .venv/bin/python bench/turn_taking.py --quick   # a smoke run (the test suite runs it)
 
 The real server (tests/serve_test_models.py, fixed-latency ASR and TTS, the fake chat API: bench/run.py's setup)
@@ -38,8 +38,9 @@ FIXTURES = os.path.join(BENCH, "fixtures", "turn_taking")
 POLICIES = {  # name: the server's flags
     "silence_600": [],
     "silence_1200": ["--min_silence_ms", "1200"],  # CleanS2S's end-of-turn wait
-    "smart_turn": ["--turn_detection", "smart_turn"],  # the model, and 2 s of silence when it hears the turn unfinished
-    "smart_turn_1200": ["--turn_detection", "smart_turn", "--max_turn_silence_ms", "1200"],
+    "smart_turn": ["--turn_detection", "smart_turn"],  # asked at 200, 500, 800... ms of silence, 2 s at most
+    "smart_turn_once": ["--turn_detection", "smart_turn", "--turn_reask_ms", "0"],  # asked once a pause
+    "smart_turn_once_1200": ["--turn_detection", "smart_turn", "--turn_reask_ms", "0", "--max_turn_silence_ms", "1200"],
 }
 SETTLE_S = 2.6  # after the voice ends, every policy has ended the turn (smart_turn's longest silence is 2 s)
 
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="bench/turn_taking.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smoke run: smart_turn, one fixture of four kinds")
-    p.add_argument("--policies", default="silence_600,silence_1200,smart_turn", help=f"policies to run, comma-separated, of {','.join(POLICIES)}")
+    p.add_argument("--policies", default="silence_600,silence_1200,smart_turn,smart_turn_once", help=f"policies to run, comma-separated, of {','.join(POLICIES)}")
     p.add_argument("--out", default=os.path.join("bench", "results", "turn-taking-latest.json"), help="JSON written here")
     args = p.parse_args(argv)
     with open(os.path.join(FIXTURES, "fixtures.json"), encoding="utf-8") as f:

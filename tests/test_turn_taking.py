@@ -37,9 +37,9 @@ def silence(seconds):
     return np.zeros(int(seconds * s2s.SAMPLE_RATE), np.float32)
 
 
-def ends(vad, turn_model, audio, pause_ms=200, max_silence_ms=2000):
+def ends(vad, turn_model, audio, pause_ms=200, max_silence_ms=2000, reask_ms=0):
     """The SpeechEnded events, each with where in the audio (ms) it was decided."""
-    seg = s2s.VADSegmenter(vad, 200, 600, 200, 30000, turn_model, pause_ms, max_silence_ms)
+    seg = s2s.VADSegmenter(vad, 200, 600, 200, 30000, turn_model, pause_ms, max_silence_ms, reask_ms)
     found = []
     for i in range(0, len(audio), vad.window):
         found += [(e, (i + vad.window) * 1000 / s2s.SAMPLE_RATE)
@@ -91,6 +91,22 @@ def test_a_turn_the_model_never_calls_complete_ends_after_the_longest_silence(si
     assert 1500 <= at_ms - voice_ms(speech)[1] < 1500 + 2 * WINDOW_MS
 
 
+def test_asked_again_as_the_silence_goes_on_the_turn_ends_when_it_hears_it_complete(silero):
+    speech = load_wav(fixture("en_question.wav"))
+    start, end = voice_ms(speech)
+    heard_whole = whole(end - start)
+    asked_about_the_end = []
+
+    def rule(heard):  # unfinished the first time it hears the whole question, complete the next
+        if heard_whole(heard):
+            asked_about_the_end.append(heard)
+        return len(asked_about_the_end) > 1
+
+    [(event, at_ms)] = ends(silero, ScriptedTurnModel(rule), np.concatenate([speech, silence(2.5)]), reask_ms=300)
+    assert len(asked_about_the_end) == 2 and 0.29 <= asked_about_the_end[1] - asked_about_the_end[0] < 0.36
+    assert 500 <= at_ms - end < 500 + 3 * WINDOW_MS  # the pause, then 300 ms more (each to the next window): not 2 s
+
+
 def test_the_real_model_loads_from_the_wheel(silero):
     model = s2s.SmartTurn()
     model.setup()
@@ -120,6 +136,8 @@ def test_the_pause_must_be_shorter_than_the_longest_silence(capsys):
     with pytest.raises(SystemExit):
         s2s.parse_args(["--turn_detection", "smart_turn", "--turn_pause_ms", "2500"])
     assert "--turn_pause_ms must be positive and shorter than --max_turn_silence_ms" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        s2s.parse_args(["--turn_reask_ms", "-1"])
 
 
 def test_the_server_answers_a_spoken_turn_ended_by_the_turn_model(chat_api):
@@ -138,6 +156,7 @@ def test_the_server_answers_a_spoken_turn_ended_by_the_turn_model(chat_api):
         srv.stop()
     assert "turn model: Smart Turn smart-turn-v3.2-cpu.onnx" in srv.log()
     assert c.events("transcript", turn=last) and c.events("audio", turn=last)  # the last turn was answered aloud
-    for m in c.events("metrics"):  # each turn ended at a pause the model heard complete, or at the longest silence
-        waited = m.data["metrics"]["eot_wait_ms"]
-        assert 200 <= waited < 200 + 2 * WINDOW_MS + 300 or 2000 <= waited < 2000 + 2 * WINDOW_MS + 300, m.data
+    for m in c.events("metrics"):  # each turn ended when the model heard it complete (asked at 200, 500, 800... ms
+        waited = m.data["metrics"]["eot_wait_ms"]  # of silence), or at the longest silence; and the model's time
+        asked_at = 200 + (waited - 200) // 300 * 300
+        assert 200 <= waited <= 2000 + 2 * WINDOW_MS + 300 and waited - asked_at < 2 * WINDOW_MS + 200, m.data
