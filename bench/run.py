@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import s2s_server_pipeline as s2s  # noqa: E402
-from client import ExtendedClient, load_wav  # noqa: E402
+from client import ExtendedClient, load_wav, voiced_span  # noqa: E402
 from fakes import FakeChatAPI  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
@@ -58,13 +58,6 @@ CLEANS2S = ["--min_silence_ms", "1200", "--interrupt_at", "speech_end", "--first
             "--playback_lead_ms", "0"]
 MODEL_FLAGS = ["--asr", "fixed", "--asr_latency_ms", str(ASR_MS), "--tts", "fixed", "--tts_latency_ms", str(TTS_MS),
                "--tts_rtf", str(TTS_RTF), "--llm", "openai", "--lm_model_name", "bench"]
-
-
-def voiced_span(audio: np.ndarray) -> tuple:
-    """(first, last + 1) sample of speech: 10 ms frames louder than -40 dBFS RMS."""
-    frames = audio[:len(audio) // 160 * 160].reshape(-1, 160)
-    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)
-    return loud[0] * 160, (loud[-1] + 1) * 160
 
 
 def first_chunk_words(answer: str, first_min_chars) -> int:

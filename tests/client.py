@@ -23,6 +23,13 @@ def load_wav(path: str) -> np.ndarray:
     return audio
 
 
+def voiced_span(audio: np.ndarray) -> tuple:
+    """(first, last + 1) sample of speech: 10 ms frames louder than -40 dBFS RMS."""
+    frames = audio[:len(audio) // 160 * 160].reshape(-1, 160)
+    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)
+    return loud[0] * 160, (loud[-1] + 1) * 160
+
+
 @dataclass
 class Received:
     t: float  # time.monotonic() on arrival

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from client import load_wav
+from client import load_wav, voiced_span
 from conftest import fixture
 
 import s2s_server_pipeline as s2s
@@ -89,8 +89,7 @@ def test_end_of_turn_wait_counts_from_where_the_voice_stops(vad):
     ends in (windows are 32 ms for silero, 30 ms for webrtcvad)."""
     speech = load_wav(fixture("en_question.wav"))
     audio = np.concatenate([speech, silence(1.0)])
-    frames = audio[:len(audio) // 160 * 160].reshape(-1, 160)
-    voice_end = (np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)[-1] + 1) * 160
+    voice_end = voiced_span(audio)[1]
     m = model(vad)
     seg = s2s.VADSegmenter(m, 200, 600, 200, 30000)
     for i in range(0, len(audio), m.window):
