@@ -34,6 +34,7 @@ import copy
 import gc
 import dataclasses
 import enum
+import errno
 import functools
 import hashlib
 import hmac
@@ -2406,6 +2407,8 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     logging.getLogger("websockets").setLevel(logging.INFO if args.log_level == "DEBUG" else logging.WARNING)
     if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
         logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
+    if (taken := taken_port(args)):
+        raise SystemExit(taken)
     ops = OpsEndpoints(args.auth_token)
     if args.ops_port:  # up before the models load: /healthz says 503 until the server is ready
         ops.serve_http(args.recv_host, args.ops_port)
@@ -2426,7 +2429,12 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     gc.collect()
     gc.freeze()
     raise_descriptor_limit()
-    asyncio.run(server.run())
+    try:
+        asyncio.run(server.run())
+    except OSError as exc:  # taken while the models loaded
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SystemExit(f"{exc.strerror} (is another server running?)") from None
 
 
 
@@ -2716,6 +2724,21 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     ops.add_argument("--ops_port", type=int, default=0,
                      help="also serve /metrics (Prometheus) and /healthz on this port of --recv_host, from before the models load, "
                           "so /healthz says 503 until they are ready; 0: only on the receiver port, which listens once they are")
+
+
+def taken_port(args: argparse.Namespace) -> Optional[str]:
+    """Why the receiver or sender cannot listen, or None: checked before the models load (minutes for some), as a
+    server already running on the port is the usual reason."""
+    for flag, host, port in (("--recv_port", args.recv_host, args.recv_port), ("--send_port", args.send_host, args.send_port)):
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own sockets do
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    return f"{flag} {port}: cannot listen on {address[0]}: {exc.strerror} (is another server running?)"
+    return None
 
 
 class VoiceAgentServer:

@@ -24,6 +24,19 @@ class ServerProcess:
     SCRIPT = "serve_test_models.py"
 
     def __init__(self, *flags: str, env: dict | None = None, ready_timeout_s: float = 60):
+        # A port free when picked can be taken before the server binds it (another test's server, or any client's
+        # outgoing connection): then the server exits at once, and it starts again on other ports.
+        for attempt in range(3):
+            self._start(flags, env)
+            self.done.wait(ready_timeout_s)  # it listens once every model is loaded and warmed up
+            if self.ready.is_set():
+                return
+            self.stop()
+            if "already in use" not in self.log():
+                break
+        raise RuntimeError("server did not start:\n" + self.log())
+
+    def _start(self, flags: tuple, env: dict | None) -> None:
         self.recv_port, self.send_port = free_port(), free_port()
         cmd = [sys.executable, os.path.join(ROOT, "tests", self.SCRIPT),
                "--recv_host", "127.0.0.1", "--recv_port", str(self.recv_port),
@@ -34,10 +47,8 @@ class ServerProcess:
         self.times: list = []  # when each line was read
         self.changed = threading.Condition()  # notified at every line
         self.ready = threading.Event()
+        self.done = threading.Event()  # ready, or its output ended (it exited)
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(ready_timeout_s):  # it listens once every model is loaded and warmed up
-            self.stop()
-            raise RuntimeError("server did not start:\n" + self.log())
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -47,6 +58,8 @@ class ServerProcess:
                 self.changed.notify_all()
             if "ready: receiver" in line:
                 self.ready.set()
+                self.done.set()
+        self.done.set()
 
     def wait_until(self, predicate, timeout: float = 10.0, what: str = "") -> object:
         """predicate(log lines), once it is true (not None or False), waiting for the log to grow."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,7 +19,7 @@ from websockets.asyncio.client import connect
 
 from client import ExtendedClient
 from conftest import fixture, start_server
-from server_process import ServerProcess, free_port
+from server_process import ROOT, ServerProcess, free_port
 
 TOKEN = "ops-token-0123456789"
 
@@ -136,3 +139,19 @@ def test_ops_port_is_only_what_it_is():
         assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
     finally:
         srv.stop()
+
+
+def test_a_taken_port_is_said_in_one_line_before_the_models_load():
+    """A second server started on a running one's port stops at once with the reason, not after loading every model
+    (minutes for some) and not with a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, f"{ROOT}/tests/serve_test_models.py", "--asr", "fixed", "--llm", "echo",
+                               "--recv_host", "127.0.0.1", "--recv_port", str(free_port()),
+                               "--send_host", "127.0.0.1", "--send_port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"--send_port {port}: cannot listen on 127.0.0.1: Address already in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "load" not in done.stderr + done.stdout  # before any model loads
