@@ -2350,8 +2350,10 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
     for path in (args.ssl_certfile, args.ssl_keyfile):
         if path and not os.path.isfile(path):
             parser.error(f"TLS file {path} does not exist")
-    if min(args.max_message_kb, args.max_audio_ms_per_message, args.max_text_chars, args.max_messages_per_s) <= 0:
-        parser.error("--max_message_kb, --max_audio_ms_per_message, --max_text_chars and --max_messages_per_s must be positive")
+    if min(args.max_message_kb, args.max_audio_ms_per_message, args.max_text_chars, args.max_messages_per_s,
+           args.max_audio_ahead_s) <= 0:
+        parser.error("--max_message_kb, --max_audio_ms_per_message, --max_text_chars, --max_messages_per_s and "
+                     "--max_audio_ahead_s must be positive")
     for flag in ("public_receiver_url", "public_sender_url"):
         if getattr(args, flag) is not None and public_socket(getattr(args, flag)) is None:
             parser.error(f"--{flag} must be ws://HOST[:PORT][/PATH], wss://HOST[:PORT][/PATH] or :PORT")
@@ -2688,7 +2690,12 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
     sec.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
     sec.add_argument("--max_messages_per_s", type=int, default=100,
-                     help="messages per second per connection (a microphone sends about 31); the excess is dropped (error rate_limited)")
+                     help="messages per second per connection (a microphone sends about 31); past it, the server reads the rest at "
+                          "that rate (error rate_limited)")
+    sec.add_argument("--max_audio_ahead_s", type=float, default=5.0,
+                     help="audio a session may send ahead of real time (what a client held back while it reconnected); past it, "
+                          "the server hears the rest in real time (error audio_too_fast): no client makes it hear faster than a "
+                          "person talks")
     sec.add_argument("--idle_timeout_s", type=float, default=300.0,
                      help="close a receiver connection that sends nothing for this long, and a legacy sender that has no legacy "
                           "session from its address for this long (code 4408); 0 never does")
@@ -2891,9 +2898,12 @@ class ReceiverSocket:
         conn.writer.send(SessionReadyEvent(uid, session_key=link.key, resumed=bool(key)).to_json())
 
     async def next_message(self, conn: ReceiverConnection) -> Any:
-        """The next message within the rate limit; None once the client has been idle for --idle_timeout_s (and is
-        closed)."""
-        while True:
+        """The next message, read no sooner than the rate limit allows; None once the client has been idle for
+        --idle_timeout_s (and is closed), or when the server is shutting down (what the library still holds of a
+        client that was slowed down is not worth the wait)."""
+        while not self.server.stopped.is_set():
+            await self.slow_down(conn, conn.rate.wait_s(), "rate_limited",
+                                 f"more than {self.args.max_messages_per_s} messages a second; the rest are read at that rate")
             try:
                 async with asyncio.timeout(self.args.idle_timeout_s or None):
                     message = await conn.ws.recv()
@@ -2902,11 +2912,20 @@ class ReceiverSocket:
                     continue  # listening to an answer is not idle
                 await self.server.close(conn.ws, 4408, f"idle: no message for {self.args.idle_timeout_s:g} s")
                 return None
-            if conn.rate.allow():
-                return message
-            if now() - conn.last_refusal >= 1:
-                conn.last_refusal = now()
-                self.report(conn, "rate_limited", f"more than {self.args.max_messages_per_s} messages a second; the excess is dropped")
+            conn.rate.take()
+            return message
+        return None
+
+    async def slow_down(self, conn: ReceiverConnection, wait_s: float, code: str, message: str) -> None:
+        """Wait before reading on, telling the client why (at most once a second)."""
+        if wait_s <= 0:
+            return
+        if now() - conn.last_refusal >= 1:
+            conn.last_refusal = now()
+            self.log.warning(f"slowed {code}", f"slowed down the client at {conn.address}: {message}")
+            if conn.link is not None:
+                conn.link.session.send_event(ErrorEvent(code, message))
+        await asyncio.sleep(wait_s)
 
     async def on_message(self, conn: ReceiverConnection, message: Any) -> None:
         """Check one message from the receiver socket and hand it to its session; answer a JSON one."""
@@ -2923,10 +2942,22 @@ class ReceiverSocket:
             self.sessions.open(uid, conn, extended=False)
         elif isinstance(data, dict) and "uid" in data and data["uid"] != conn.link.session.uid:
             raise BadMessage("uid_mismatch", "this connection belongs to another uid")
-        started = await take(conn.link.session, read_actions(data, self.max_samples, self.args.max_text_chars))
+        actions = read_actions(data, self.max_samples, self.args.max_text_chars)
+        await self.in_real_time(conn, actions)
+        started = await take(conn.link.session, actions)
         if isinstance(data, dict):
             for reply in [VAD_DETECTED] * started or [PLACEHOLDER]:
                 conn.writer.send(reply)
+
+    async def in_real_time(self, conn: ReceiverConnection, actions: list) -> None:
+        """Wait, before the session hears this audio, while it would take the session more than --max_audio_ahead_s
+        ahead of real time: every second of audio costs the server's CPU (the VAD, the turn model), so a client that
+        sent a hundred seconds a second would cost as much as a hundred people talking. Nothing is lost."""
+        samples = sum(len(a.audio) for a in actions if isinstance(a, ClientAudio))
+        if samples:
+            await self.slow_down(conn, conn.link.audio.wait_s(samples), "audio_too_fast",
+                                 f"audio more than {self.args.max_audio_ahead_s:g} s ahead of real time; the rest is heard in real time")
+            conn.link.audio.take(samples)
 
     def report(self, conn: ReceiverConnection, code: str, message: str) -> None:
         """A bad message: an error event to the session's clients, and a log line (at most one per code and interval)."""
@@ -2942,7 +2973,7 @@ class ReceiverConnection:
         self.ws, self.writer, self.address = ws, writer, address
         self.link: Optional[SessionLink] = None
         self.rate = RateLimit(max_messages_per_s)
-        self.last_refusal = -1.0  # when the last rate_limited error went out: one a second is enough
+        self.last_refusal = -1.0  # when the last rate_limited or audio_too_fast went out: one a second is enough
 
 
 def query_uid(ws: ServerConnection) -> Optional[str]:
@@ -2973,7 +3004,7 @@ class SessionRegistry:
                 raise Refused(1013, f"server full: {self.args.max_sessions} sessions; try again later")
             self.end(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
         session = Session(uid, self.server.pipeline, self.args, legacy=not extended, on_turn_end=self.server.turn_ended)
-        link = SessionLink(session, extended, conn.address)
+        link = SessionLink(session, extended, conn.address, self.args.sample_rate, self.args.max_audio_ahead_s)
         (self.by_key if extended else self.legacy)[link.key if extended else uid] = link
         asyncio.get_running_loop().create_task(self.send_output(link), name=f"sender-{session.tag}")
         self.metrics.sessions.inc()
@@ -3051,13 +3082,14 @@ class SessionLink:
     connections that hear it. A legacy session (CleanS2S's client, which knows no key) is heard by every legacy
     sender connection."""
 
-    def __init__(self, session: Session, extended: bool, address: str):
+    def __init__(self, session: Session, extended: bool, address: str, sample_rate: int, ahead_s: float):
         self.session, self.extended, self.address = session, extended, address
         self.key = secrets.token_urlsafe(24)  # 192 random bits
         self.receiver: Optional[ReceiverConnection] = None
         self.senders: set = set()  # an extended session's SenderConnections
         self.detached_at: Optional[float] = None  # its receiver closed; it ends --resume_s later unless one comes back
         self.messages = extended_messages if extended else legacy_messages
+        self.audio = RateLimit(sample_rate, burst=sample_rate * ahead_s)  # samples at the client's rate: real time
 
 
 class SenderSocket:
@@ -3347,19 +3379,26 @@ def bad_request(ws: ServerConnection, request: Any) -> Optional[Response]:
 
 
 class RateLimit:
-    """A token bucket: `rate` messages per second, in bursts of up to one second's worth."""
+    """A token bucket: `rate` a second (messages, or samples of audio), in bursts of up to `burst` (one second's
+    worth unless said). A reader waits wait_s() before it reads and take()s after: it reads no faster than the rate,
+    and TCP slows the sender down to it, at no cost to the server (dropping the excess would cost reading it)."""
 
-    def __init__(self, rate: float):
-        self.rate, self.tokens, self.last = rate, rate, now()
+    def __init__(self, rate: float, burst: Optional[float] = None):
+        self.rate, self.burst = rate, burst or rate
+        self.tokens, self.last = self.burst, now()
 
-    def allow(self) -> bool:
+    def _refill(self) -> None:
         t = now()
-        self.tokens = min(self.rate, self.tokens + (t - self.last) * self.rate)
+        self.tokens = min(self.burst, self.tokens + (t - self.last) * self.rate)
         self.last = t
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+
+    def wait_s(self, cost: float = 1) -> float:
+        self._refill()
+        return max(0.0, (min(cost, self.burst) - self.tokens) / self.rate)
+
+    def take(self, cost: float = 1) -> None:
+        self._refill()
+        self.tokens -= min(cost, self.burst)
 
 
 class HandshakeGate:

@@ -23,6 +23,9 @@ answer (the whole answer must arrive), p50 over --turns turns, alone -> beside t
                still holds, its open descriptors during -> after, a new victim session (open + first audio) and GET / of
                the page during the flood, the log lines the flood wrote.
   6 token      a burst of connections with a wrong --auth_token, 50 at a time: close codes, refusal lines logged.
+  7 audio      a session that sends speech with pauses as fast as it can (1 s a message), under --turn_detection
+               smart_turn (every pause asks the turn model): seconds of audio sent per second, audio_too_fast errors,
+               the server's CPU seconds per second during the attack against before it.
 Prints a markdown table and writes JSON with every raw figure and the machine (--out).
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ import time
 import zlib
 from collections import Counter
 
+import numpy as np
 import psutil
 import websockets
 from websockets.asyncio.client import connect
@@ -48,7 +52,8 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import LLM_FIRST_TOKEN_MS, LLM_WORD_MS, LONG_ANSWER, MODEL_FLAGS, machine, spread, table, write_results  # noqa: E402
 import s2s_server_pipeline as s2s  # noqa: E402  (run put the root and tests/ on the path)
-from client import ExtendedClient, LegacyClient  # noqa: E402
+from client import ExtendedClient, LegacyClient, load_wav  # noqa: E402
+from conftest import fixture  # noqa: E402
 from fakes import FakeChatAPI  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 from test_privacy import as_client, http_get, still_open, stuck_socket, typed_answer  # noqa: E402
@@ -71,6 +76,10 @@ class TimedServer(ServerProcess):
 
     def fds(self) -> int:
         return psutil.Process(self.proc.pid).num_fds()
+
+    def cpu_s(self) -> float:
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
 
 async def drain(ws, timeout: float) -> tuple:
@@ -292,6 +301,45 @@ async def row_token(srv: TimedServer, a) -> dict:
             "figures": f"{len(tries)} in {burst_s:.2f} s; {refusals} 'refused' log line(s)"}
 
 
+async def row_audio(srv: TimedServer, a) -> dict:
+    second = s2s.SAMPLE_RATE
+    speech = load_wav(fixture("en_question.wav"))
+    pattern = np.concatenate([speech, np.zeros(second // 2, np.float32)] * 4)  # a pause every ~3 s: the model is asked
+    messages = [pattern[i:i + second] for i in range(0, len(pattern), second)]
+    async with ExtendedClient(srv.recv_url, srv.send_url) as v:
+        cpu0, t0 = srv.cpu_s(), time.monotonic()
+        alone = await ask(v, a.turns, "alone")
+        idle_cpu = (srv.cpu_s() - cpu0) / (time.monotonic() - t0)
+        attacker = await ExtendedClient(srv.recv_url, srv.send_url).__aenter__()
+        cpu0, t0, sent = srv.cpu_s(), time.monotonic(), []
+
+        async def attack():
+            try:
+                while True:
+                    await attacker.send_audio(messages[len(sent) % len(messages)])
+                    sent.append(len(messages[len(sent) % len(messages)]))
+            except websockets.ConnectionClosed as exc:  # the server's keepalive: its pong waits behind the audio
+                return f"{exc.rcvd.code} {exc.rcvd.reason}" if exc.rcvd else "closed"
+        attacking = asyncio.create_task(attack())
+        beside = await ask(v, a.turns, "beside")
+        await asyncio.sleep(max(0.0, t0 + a.audio_s - time.monotonic()))
+        attack_s, attack_cpu = time.monotonic() - t0, srv.cpu_s() - cpu0
+        closed = attacking.result() if attacking.done() else None
+        attacking.cancel()
+        refused = [e for e in attacker.events("error") if e.data["code"] == "audio_too_fast"]
+        for ws in (attacker.recv, attacker.send):  # a close handshake would wait behind the audio still buffered
+            ws.transport.abort()
+        await attacker.__aexit__(None, None, None)
+    sent_s = sum(sent) / second
+    return {**victim(alone, beside), "audio_sent_s_per_s": round(sent_s / attack_s, 1), "attack_s": round(attack_s, 1),
+            "audio_too_fast_errors": len(refused), "server_cpu_s_per_s_before": round(idle_cpu, 3),
+            "server_cpu_s_per_s_during": round(attack_cpu / attack_s, 3), "attacker_closed": closed,
+            "does": f"hears {a.max_audio_ahead_s:g} s ahead of real time at most, then reads in real time "
+                    f"({len(refused)} audio_too_fast){'; closed: ' + closed if closed else ''}",
+            "figures": f"{sent_s / attack_s:.1f} s of audio a second written in {attack_s:.0f} s (into the socket buffers); "
+                       f"server CPU {idle_cpu:.2f} → {attack_cpu / attack_s:.2f} s/s"}
+
+
 def rows(args, page: str) -> list:
     legacy = ["--legacy_clients", "allow"]
     return [
@@ -304,6 +352,8 @@ def rows(args, page: str) -> list:
         ("handshakes", f"{args.flood} + {args.flood // 10} half-sent handshakes (127.0.0.1 + 127.0.0.2)", row_handshakes,
          ["--client_dir", page], ANSWER),
         ("token", f"a burst of {args.tokens} connections with a wrong token", row_token, ["--auth_token", TOKEN], ANSWER),
+        ("audio", "a session sending speech with pauses as fast as it can, under smart_turn", row_audio,
+         ["--turn_detection", "smart_turn", "--max_audio_ahead_s", f"{args.max_audio_ahead_s:g}"], ANSWER),
     ]
 
 
@@ -321,12 +371,15 @@ def main(argv=None) -> dict:
                    help=f"row stuck: the server's defaults instead of {' '.join(STUCK_FLAGS)}")
     p.add_argument("--stuck_wait_s", type=float, default=30,
                    help="row stuck: how long after the victim's question to watch for the server's end of the connection to go")
-    p.add_argument("--rows", default="key,stuck,deflate,one_address,handshakes,token", help="rows to run, comma-separated")
+    p.add_argument("--audio_s", type=float, default=10, help="row audio: seconds the attack lasts at least")
+    p.add_argument("--max_audio_ahead_s", type=float, default=5, help="row audio: the server's --max_audio_ahead_s")
+    p.add_argument("--rows", default="key,stuck,deflate,one_address,handshakes,token,audio", help="rows to run, comma-separated")
     p.add_argument("--out", default=os.path.join("bench", "results", "latest-hostile.json"), help="JSON written here")
     args = p.parse_args(argv)
     if args.quick:
         args.turns, args.attempts, args.zips, args.senders, args.flood, args.tokens = 1, 20, 3, 20, 200, 60
         args.stuck_wait_s = min(args.stuck_wait_s, 5)
+        args.audio_s = min(args.audio_s, 3)
     t0 = time.monotonic()
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
                "models": {"llm_first_token_ms": LLM_FIRST_TOKEN_MS, "llm_word_ms": LLM_WORD_MS},

@@ -58,7 +58,7 @@ def test_hostile_benchmark_runs_every_row(tmp_path):
     """bench/hostile.py --quick: every attack beside a victim, and what the server does to each."""
     stdout, r = run_bench("hostile.py", tmp_path / "hostile.json", "--quick", timeout=300)
     rows = r["rows"]
-    assert list(rows) == ["key", "stuck", "deflate", "one_address", "handshakes", "token"]
+    assert list(rows) == ["key", "stuck", "deflate", "one_address", "handshakes", "token", "audio"]
     for row in rows.values():
         assert not row["traceback_in_log"]
         assert row["beside_p50_s"] < row["alone_p50_s"] + 1.0  # the victim is answered as it was alone
@@ -71,6 +71,7 @@ def test_hostile_benchmark_runs_every_row(tmp_path):
     assert held["127.0.0.2"] == 16 and sum(held.values()) <= rows["handshakes"]["max_pending_connections"]
     assert rows["handshakes"]["beside"]["get_page_status"] == "HTTP/1.1 200"
     assert rows["token"]["codes"] == {"4401": 60} and rows["token"]["refusal_log_lines"] <= 2
+    assert rows["audio"]["audio_too_fast_errors"] >= 1 and rows["audio"]["audio_sent_s_per_s"] > 1
     assert "| attack | what the server does |" in stdout
 
 

@@ -16,8 +16,8 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
 
-from client import ExtendedClient
-from conftest import start_server
+from client import ExtendedClient, load_wav
+from conftest import fixture, start_server
 
 import s2s_server_pipeline as s2s
 
@@ -128,18 +128,48 @@ def test_limits_answer_with_error_codes_and_keep_the_connection(guarded):
                         "bad_message", "bad_message", "bad_json"]
             await c.wait_for(lambda r: len(c.events("error")) >= len(expected), timeout=10)
             codes = [e.data["code"] for e in c.events("error")]
-            for _ in range(200):  # 200 messages at once, over --max_messages_per_s 40
+            replies, t0 = len(c.replies), asyncio.get_running_loop().time()
+            for _ in range(120):  # 120 messages at once, over --max_messages_per_s 40: read at 40 a second
                 await c.recv.send(json.dumps({"type": "keepalive"}))
-            await c.wait_for(lambda r: r.kind == "error" and r.data["code"] == "rate_limited", timeout=10)
-            await asyncio.sleep(1.1)  # let the bucket refill: a second's worth of messages is allowed again
-            await typed_turn(c, "short question")
+            await typed_turn(c, "short question")  # behind them, not dropped
+            seconds = asyncio.get_running_loop().time() - t0
             rate_errors = [e for e in c.events("error") if e.data["code"] == "rate_limited"]
-            return codes, rate_errors
+            return codes, rate_errors, len(c.replies) - replies, seconds
 
-    codes, rate_errors = run(scenario())
+    codes, rate_errors, replies, seconds = run(scenario())
     assert codes == ["text_too_long", "audio_too_long", "audio_too_long", "bad_playback", "bad_playback",
                      "bad_message", "bad_message", "bad_json"]
-    assert len(rate_errors) == 1, "one rate_limited error a second, not one per dropped message"
+    assert replies == 121, "every message was read and answered, the typed one too"
+    assert seconds >= (121 - 40) / 40 - 0.2, "faster than --max_messages_per_s allows"
+    assert 1 <= len(rate_errors) <= seconds + 1, "one rate_limited error a second, not one per message"
+
+
+def test_audio_sent_faster_than_real_time_is_heard_in_real_time_past_the_allowance(server):
+    """Every second of audio costs the server its VAD and turn model: a client that sends a hundred seconds a second
+    would cost as much as a hundred people talking. Past --max_audio_ahead_s (5 s) ahead of real time, the server
+    reads its audio at real time (TCP slows the client down), with one error a second; nothing of it is lost."""
+    second = s2s.SAMPLE_RATE
+    speech = load_wav(fixture("en_question.wav"))
+    lead_s = 8  # silence first: the question's speech starts 8 s into the audio
+
+    async def scenario():
+        async with ExtendedClient(server.recv_url, server.send_url) as c:
+            await c.wait_for(lambda r: r.kind == "ready")
+            t0 = asyncio.get_running_loop().time()
+            for _ in range(lead_s):
+                await c.send_audio(np.zeros(second, np.float32))
+            for i in range(0, len(speech), second):
+                await c.send_audio(speech[i:i + second])
+            await c.send_audio(np.zeros(second, np.float32))  # the end of the turn
+            heard = await c.wait_for(lambda r: r.kind == "speech_start", timeout=20)
+            await c.wait_for(lambda r: r.kind == "answer" and r.data["end"], timeout=20)
+            return heard.t - t0, c
+
+    heard_after, c = run(scenario())
+    assert heard_after >= lead_s - 5 - 0.2, "heard sooner than real time after the allowance"
+    assert heard_after < lead_s, "the allowance was not taken at once"
+    assert {e.data["code"] for e in c.events("error")} == {"audio_too_fast"}
+    assert [t.data["text"] for t in c.events("transcript") if t.data["final"]] != []  # heard, and answered
 
 
 def test_oversized_frame_closes_with_1009_and_idle_connection_with_4408(guarded):

@@ -24,7 +24,8 @@ export interface Notice {
 const ERROR_NOTICES = new Map([
   ["audio_too_long", "The server refused some microphone audio: too much in one piece."],
   ["text_too_long", "That message is too long for the server: send a shorter one."],
-  ["rate_limited", "Too many messages for the server: some were dropped. Try again in a moment."],
+  ["rate_limited", "Too many messages at once: the server is reading them more slowly."],
+  ["audio_too_fast", "Audio arrives faster than real time: the server is hearing it at real time."],
   ["bad_uid", "The server did not accept this page's session id: reload the page."],
   ["asr_failed", "Your words could not be transcribed: please say that again."],
   ["llm_failed", "The agent could not come up with an answer: please try again."],
