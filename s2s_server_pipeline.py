@@ -106,6 +106,11 @@ DEFAULT_SYSTEM_PROMPT = (
 DEFAULT_LOCAL_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+# What a listener says to show they listen, without taking the turn (--backchannels).
+BACKCHANNELS = ("嗯", "嗯哼", "对", "好", "好的", "是", "是的", "行", "哦", "噢", "啊", "uh-huh", "mhm", "mm", "hmm", "yeah",
+                "yes", "yep", "okay", "ok", "right", "sure", "i see")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag. The conversation's are here; each model's beside its handler (add_args), so a forked handler
     brings its own; the network's with the network shell, at the end of the file (add_network_args)."""
@@ -144,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "(once the utterance is complete, as CleanS2S did; the turn starts there too)")
     talk.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
                       help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
+    talk.add_argument("--backchannels", default=",".join(BACKCHANNELS),
+                      help="words that, said alone while the assistant speaks, do not cut it off (comma-separated; repeated, as "
+                           "'嗯嗯' or 'yeah yeah', too): an extended client's answer pauses as soon as the user speaks, and goes on "
+                           "where it stopped if the speech was one of these, or a sound with no words (a cough); anything else "
+                           "cuts it off. Empty: any speech cuts it off at once, as CleanS2S's client always is")
+    talk.add_argument("--backchannel_max_ms", type=int, default=1000,
+                      help="--backchannels: speech longer than this while the assistant speaks cuts it off, whatever its words")
     talk.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
     talk.add_argument("--chunk_size", type=int, default=2048,
                       help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
@@ -292,6 +304,19 @@ class InterruptEvent(ServerEvent):
 
 
 @dataclass
+class PauseEvent(ServerEvent):  # the user speaks over the answer: hold its playback, keeping what is queued
+    event: ClassVar[str] = "pause"
+    turn: int
+
+
+@dataclass
+class ResumeEvent(ServerEvent):  # it was a backchannel or a noise: play on from where playback stopped
+    event: ClassVar[str] = "resume"
+    turn: int
+    heard: str = ""  # the backchannel's words; empty for a sound with none
+
+
+@dataclass
 class TranscriptEvent(ServerEvent):
     event: ClassVar[str] = "transcript"
     turn: int
@@ -397,6 +422,7 @@ class Turn:
     heard_audio: Optional[np.ndarray] = None  # the utterance as the VAD cut it (float32, 16 kHz), for --save_data
     state: TurnState = TurnState.HEARING
     messages_sent: int = 0  # answer messages that went to the clients
+    resumed: int = 0  # times its playback paused for speech that proved a backchannel or a noise, and went on
     times: TurnTimes = field(default_factory=TurnTimes)
     notes: dict = field(default_factory=dict)  # what a forked handler keeps with the turn (what the RAG agent found)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
@@ -424,7 +450,7 @@ class Turn:
         return "".join(text for start_ms, text in self.answer_chunks if start_ms <= limit)
 
     def metrics(self) -> dict:
-        return {**self.times.metrics(), "interrupted": self.state is TurnState.INTERRUPTED}
+        return {**self.times.metrics(), "interrupted": self.state is TurnState.INTERRUPTED, "resumed": self.resumed}
 
 
 INTERRUPTED_MARK = " [interrupted by the user]"
@@ -739,11 +765,25 @@ def concat(windows: list) -> np.ndarray:
     return np.concatenate(windows) if windows else np.zeros(0, np.float32)
 
 
+def plain(text: str) -> str:
+    """Lower case, without spaces, punctuation or emoji: how a transcript is matched against --backchannels."""
+    return re.sub(r"[\W_]+", "", text.lower())
+
+
+def backchannel_pattern(words: str) -> Optional[re.Pattern]:
+    """What a transcript that is only backchannels matches once plain(): any of the words, repeated or mixed ('嗯嗯',
+    'yeah okay'), or nothing at all (a cough); None when the list is empty."""
+    alternatives = sorted({re.escape(plain(w)) for w in words.split(",") if plain(w)}, key=len, reverse=True)
+    return re.compile("(?:" + "|".join(alternatives) + ")*") if alternatives else None
+
+
 class Listener:
     """What one session hears, and the turn-taking that follows from it: the client's audio, resampled to 16 kHz,
     goes through the session's VAD (on the VAD's thread pool); a user turn starts when speech starts (with
     --interrupt_at speech_end, when it ends, as CleanS2S did), and the utterance goes to the ASR when the turn
-    ends (a streaming ASR hears it in pieces as it comes). It keeps no reference to its session: hear() is given it."""
+    ends (a streaming ASR hears it in pieces as it comes). Speech over an answer may pause it instead (the session
+    decides): past --backchannel_max_ms of it, it takes the turn. It keeps no reference to its session: hear() is
+    given it."""
 
     def __init__(self, args: argparse.Namespace, pipeline: Pipeline):
         self.args, self.pipeline = args, pipeline
@@ -754,7 +794,8 @@ class Listener:
         if args.sample_rate != SAMPLE_RATE:
             import soxr
             self.resampler = soxr.ResampleStream(args.sample_rate, SAMPLE_RATE, 1, dtype="float32")
-        self.speech_turn = 0  # the turn the utterance under way started
+        self.speech_turn = 0  # the turn the utterance under way started (or may start: see Session.cut_in)
+        self.backchannels = backchannel_pattern(args.backchannels)
         self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
         self.heard_audio_at = 0.0  # when the VAD last took audio from the client
 
@@ -777,14 +818,19 @@ class Listener:
                 started += 1
             if isinstance(ev, SpeechEnded):
                 self._turn_ends(session, ev)
+        if session.pausing_for(self.speech_turn) and self.vad.speech_ms > self.args.backchannel_max_ms:
+            session.take_turn()  # too long for a backchannel
         self._stream_to_asr(session)
         session.speaker.heard_more()
         return started
 
+    def is_backchannel(self, transcript: str) -> bool:
+        return self.backchannels is not None and self.backchannels.fullmatch(plain(transcript)) is not None
+
     def _turn_ends(self, session: Session, ev: SpeechEnded) -> None:
-        if not session.is_current(self.speech_turn):  # typed text in the middle of the speech took over the turn
+        if not session.wants(self.speech_turn):  # typed text in the middle of the speech took over the turn
             return
-        t = session.current()
+        t = session.turn_record(self.speech_turn)
         t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
         t.move(TurnState.ANSWERING)
         asr = self.pipeline.asr
@@ -1966,6 +2012,20 @@ def uid_tag(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:8]
 
 
+@dataclass
+class CutIn:
+    """Speech that started over an extended client's answer, with --backchannels: the answer (`paused`) holds while
+    the user speaks. Its words, when the ASR has them, decide: a backchannel or none lets the answer go on
+    (Session.go_on); anything else, or speech past --backchannel_max_ms, cuts it off and becomes the turn
+    (Session.take_turn). Until then the speech is a turn in waiting (`turn`): not the current turn, heard by the
+    ASR only."""
+    paused: Turn
+    turn: Turn
+    heard_at: float  # when the speech was first heard
+    paused_at: float  # when the answer stopped for the user: its barge-in, if it is cut off
+    held: list = field(default_factory=list)  # its transcript events: said only if it takes the turn
+
+
 class Session:
     """One user's conversation: what it hears (Listener, with the turn-taking), its turns and history, and what goes
     back to the client (Speaker). It knows no socket: a wire adapter (further down) turns a client's messages into
@@ -1979,6 +2039,8 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.on_turn_end = on_turn_end  # (session, turn, again): the server's metrics and --save_data, as each turn ends
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
+        self.numbered = 0  # the highest turn number given: a cut-in's waiting turn takes one, and may be dropped
+        self.cut_in: Optional[CutIn] = None
         self.turns: dict = {}  # the current turn and the one before it
         self.history = ChatHistory(args.chat_size)
         self.listener = Listener(args, pipeline)
@@ -2028,6 +2090,8 @@ class Session:
 
     def stop_answer(self) -> None:
         """The turn under way becomes stale, and so does all its queued work."""
+        self.drop_cut_in()
+        self.speaker.paused_turn = None  # no one hears a resume: the client left, or the session ends
         t = self.current()
         if t is not None:
             t.cancel()
@@ -2046,12 +2110,17 @@ class Session:
     def is_current(self, turn: int) -> bool:
         return not self.closed and turn == self.turn
 
+    def pausing_for(self, turn: int) -> bool:
+        """Whether `turn` is a cut-in's turn in waiting (see CutIn)."""
+        return not self.closed and self.cut_in is not None and self.cut_in.turn.number == turn
+
     def wants(self, turn: int) -> bool:
-        """Whether work for this turn is still wanted: it is current, not cancelled, and its answer is still being made
-        (no stage has failed it, and not all of it has gone out)."""
+        """Whether work for this turn is still wanted: it is current (or a cut-in's, for the ASR), not cancelled, and
+        its answer is still being made (no stage has failed it, and not all of it has gone out)."""
         record = self.turns.get(turn)
         working = (TurnState.HEARING, TurnState.ANSWERING, TurnState.SPEAKING)
-        return self.is_current(turn) and record is not None and record.state in working and not record.cancelled.done()
+        return ((self.is_current(turn) or self.pausing_for(turn)) and record is not None and record.state in working
+                and not record.cancelled.done())
 
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
@@ -2063,27 +2132,95 @@ class Session:
         return self.speaker.busy(self.current())
 
     def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
-        """A new turn makes the running one stale. Returns the new turn's record."""
+        """A new turn makes the running one stale (a paused answer too: it is cut off). Returns the new turn's record."""
+        self.drop_cut_in()
+        self.numbered += 1
+        return self._make_current(Turn(self.numbered, spoken), heard_at, now())
+
+    def _make_current(self, record: Turn, heard_at: Optional[float], stopped_at: float) -> Turn:
+        """`record` becomes the current turn; the answer under way, if any, is cut off (the user heard it stop at
+        `stopped_at`)."""
         old = self.current()
         if old is not None and self.assistant_busy():
             was_sent = old.state is TurnState.SENT  # all sent but still playing: reported once already
             old.move(TurnState.INTERRUPTED)
             self.speaker.interrupt(old.number)
-            old.times.barge_in_ms = round((now() - (heard_at or now())) * 1000, 1)
+            old.times.barge_in_ms = round((stopped_at - (heard_at or stopped_at)) * 1000, 1)
             self.report_turn(old, again=was_sent)
         if old is not None:
             old.cancel()
-        self.turn += 1
-        record = Turn(self.turn, spoken)
-        self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1}
+        self.turn = record.number
+        self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1 or t is old}
         self.turns[self.turn] = record
         return record
 
     def start_spoken_turn(self, heard_at: Optional[float]) -> Turn:
-        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way."""
+        """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way; over an
+        extended client's answer, with --backchannels, the answer pauses instead (see CutIn)."""
+        if self.may_pause():
+            return self.pause_for(heard_at or now())
         t = self.start_turn(spoken=True, heard_at=heard_at)
         self.speaker.put(SpeechStartEvent(t.number))
         return t
+
+    # ---- speech over an answer: pause, then go on or cut off (event loop) ----
+
+    def may_pause(self) -> bool:
+        return (self.listener.backchannels is not None and self.speaker.legacy_answer is None
+                and self.args.interrupt_at == "speech_start" and (self.cut_in is not None or self.assistant_busy()))
+
+    def pause_for(self, heard_at: float) -> Turn:
+        """Hold the answer while the user speaks; the speech gets a turn in waiting. New speech while the words of the
+        last are still with the ASR takes its place (the answer stays paused)."""
+        earlier = self.drop_cut_in()
+        self.numbered += 1
+        waiting = Turn(self.numbered, spoken=True)
+        self.turns[waiting.number] = waiting
+        if earlier is not None:
+            self.cut_in = dataclasses.replace(earlier, turn=waiting, held=[])
+        else:
+            self.cut_in = CutIn(self.current(), waiting, heard_at, now())
+            self.speaker.pause(self.turn)
+        return waiting
+
+    def take_turn(self) -> None:
+        """The speech over the paused answer cuts it off: its turn in waiting becomes the turn."""
+        c, self.cut_in = self.cut_in, None
+        self._make_current(c.turn, c.heard_at, c.paused_at)
+        for event in [SpeechStartEvent(c.turn.number), *c.held]:
+            self.speaker.put(event)
+
+    def go_on(self, heard: str) -> None:
+        """The speech over the paused answer was a backchannel or a noise: the answer plays on from where it stopped."""
+        c = self.drop_cut_in()
+        c.paused.resumed += 1
+        self.speaker.resume(c.paused.number, heard)
+
+    def drop_cut_in(self) -> Optional[CutIn]:
+        """Forget the turn in waiting (its ASR result will find no one); the answer stays paused."""
+        c, self.cut_in = self.cut_in, None
+        if c is not None:
+            c.turn.cancel()
+            self.turns.pop(c.turn.number, None)
+        return c
+
+    def transcribed(self, text: UserText) -> None:
+        """The ASR's words for a turn (a worker thread): on to the LLM; a cut-in's are first weighed on the loop."""
+        if self.pausing_for(text.turn):
+            self._call_from_thread(self.weigh_cut_in, text)
+        else:
+            self.pipeline.llm.put(text)
+
+    def weigh_cut_in(self, text: UserText) -> None:
+        if not self.pausing_for(text.turn):  # it took the turn meanwhile (it went on too long), or was dropped
+            if self.wants(text.turn):
+                self.pipeline.llm.put(text)
+            return
+        if self.listener.is_backchannel(text.text):
+            self.go_on(text.text)
+        else:
+            self.take_turn()
+            self.pipeline.llm.put(text)
 
     def finish_turn(self, t: Turn) -> None:
         if t.move(TurnState.SENT):
@@ -2102,17 +2239,27 @@ class Session:
     # ---- hand-offs from worker threads (thread-safe) ----
 
     def send_event(self, event: ServerEvent) -> None:
-        self._from_thread(event)
+        self._call_from_thread(self._send, event)
+
+    def _send(self, event: ServerEvent) -> None:
+        if self.pausing_for(getattr(event, "turn", None)):  # a cut-in's words: said if it takes the turn
+            self.cut_in.held.append(event)
+        else:
+            self.speaker.put(event)
 
     def deliver(self, item: AnswerAudio) -> None:
-        self._from_thread(item)
+        self._call_from_thread(self.speaker.put, item)
 
-    def _from_thread(self, item: Any) -> None:
+    def _call_from_thread(self, fn: Callable[[Any], None], arg: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: so has the session, and no one would hear it
-            self.loop.call_soon_threadsafe(self.speaker.put, item)
+            self.loop.call_soon_threadsafe(fn, arg)
 
     def fail_turn(self, turn: int, code: str, message: str) -> None:
-        """End a turn whose stage raised: the client hears an error, later turns go on."""
+        """End a turn whose stage raised: the client hears an error, later turns go on. Speech over a paused answer
+        that the ASR could not hear is taken for a noise: the answer goes on."""
+        if self.pausing_for(turn):
+            self._call_from_thread(self.weigh_cut_in, UserText(self, turn, ""))
+            return
         record = self.turns.get(turn)
         if record is not None:
             record.move(TurnState.FAILED)
@@ -2138,6 +2285,8 @@ class Speaker:
     It keeps no reference to its session (output() is given it), so a closed session is freed at once, without
     waiting for the garbage collector to find a cycle."""
 
+    NUDGE = "nudge"  # in the outbox: only wakes output() for an urgent event (a pause, a resume)
+
     def __init__(self, args: argparse.Namespace, legacy: bool):
         self.args = args
         self.outbox: asyncio.Queue = asyncio.Queue()  # ServerEvents and AnswerAudio; None ends output()
@@ -2147,6 +2296,10 @@ class Speaker:
         # CleanS2S's own client: answers cut its way (LegacyAnswer), and nothing sent while the user may cut in.
         self.legacy_answer = LegacyAnswer() if legacy else None
         self.holding = False  # a legacy answer waits to see whether the user cuts in
+        # A pause and a resume go out before any more audio, even one that waits for its moment (output() sends them).
+        self.urgent: deque = deque()
+        self.paused_turn: Optional[int] = None  # the answer whose playback the client holds (see CutIn)
+        self.paused_at = 0.0
 
     def put(self, item: Any) -> None:
         self.outbox.put_nowait(item)
@@ -2156,6 +2309,8 @@ class Speaker:
         playing counts only for the current answer, and only a little past the end of its audio."""
         if t is None or t.state is TurnState.HEARING:
             return False
+        if self.paused_turn == t.number:
+            return True
         audio_end = self.play_start + t.audio_sent_ms / 1000
         client_playing = self.client_playing_turn == t.number and now() < audio_end + PLAYING_GRACE_S
         return not t.over or now() < audio_end or client_playing
@@ -2169,7 +2324,26 @@ class Speaker:
                 kept.append(item)
         for item in kept + [InterruptEvent(turn)]:
             self.outbox.put_nowait(item)
+        self.paused_turn = None
         self.wake.set()
+
+    def pause(self, turn: int) -> None:
+        """The client holds this answer's playback (keeping what it has), and nothing more of it goes out."""
+        self.paused_turn, self.paused_at = turn, now()
+        self._send_first(PauseEvent(turn))
+
+    def resume(self, turn: int, heard: str) -> None:
+        """Playback goes on where it stopped; the client's clock stood still meanwhile, and so does the pacing's."""
+        if self.paused_turn != turn:
+            return
+        self.play_start += now() - self.paused_at
+        self.paused_turn = None
+        self._send_first(ResumeEvent(turn, heard))
+
+    def _send_first(self, event: ServerEvent) -> None:
+        self.urgent.append(event)
+        self.outbox.put_nowait(self.NUDGE)  # output() may be waiting for the outbox
+        self.wake.set()  # or for an audio piece's moment
 
     def heard_more(self) -> None:
         if self.holding:  # a hold waits to see whether the user cuts in: the VAD has heard more
@@ -2180,6 +2354,8 @@ class Speaker:
         its playback nears (a legacy client's cut by LegacyAnswer)."""
         legacy = self.legacy_answer
         while True:
+            while self.urgent:
+                yield self.urgent.popleft()
             try:
                 async with asyncio.timeout(LEGACY_END_WAIT_S if legacy is not None and legacy.waiting else None):
                     item = await self.outbox.get()
@@ -2191,15 +2367,20 @@ class Speaker:
                 if isinstance(item, ServerEvent):
                     yield item
                     continue
-                pieces = legacy.push(item) if legacy is not None else [item]
+                pieces = [] if item is self.NUDGE else legacy.push(item) if legacy is not None else [item]
             for piece in pieces:
-                try:
-                    piece = await self._ready(session, piece)
-                except Exception:
-                    logger.exception("sender failed on session %s", session.tag)
-                    continue
-                if piece is not None:
-                    yield piece
+                while True:  # a pause or resume that comes while this piece waits goes out first; then it waits again
+                    while self.urgent:
+                        yield self.urgent.popleft()
+                    try:
+                        ready = await self._ready(session, piece)
+                    except Exception:
+                        logger.exception("sender failed on session %s", session.tag)
+                        ready = None
+                    if not self.urgent:
+                        break
+                if ready is not None:
+                    yield ready
 
     async def _ready(self, session: Session, item: AnswerAudio) -> Optional[AnswerAudio]:
         """Wait for this piece's moment and count it as sent; None if it must not go out (stale, or empty)."""
@@ -2209,7 +2390,7 @@ class Speaker:
         if t.over:  # its end was sent (an early end, if a stage failed): nothing of it may follow
             return None
         await self._pace(session, t)
-        if not session.is_current(item.turn):  # interrupted while waiting
+        if not session.is_current(item.turn) or self.urgent:  # interrupted while waiting, or a pause goes first
             return None
         if t.messages_sent == 0:
             if item.last and not item.text and not item.pcm:  # an empty answer: nothing to send
@@ -2236,10 +2417,11 @@ class Speaker:
 
     async def _pace(self, session: Session, t: Turn) -> None:
         """Wait until this audio is within --playback_lead_ms of the client's playback position, and, for a legacy
-        client, while the user may be about to cut in. An interrupt, or new audio heard, ends a wait at once."""
+        client, while the user may be about to cut in; a paused answer, until it goes on. An interrupt, a pause or
+        resume to send, or new audio heard ends a wait at once."""
         lead_s = self.args.playback_lead_ms / 1000
-        while session.is_current(t.number):
-            wait_s = 0.0
+        while session.is_current(t.number) and not self.urgent:
+            wait_s: Optional[float] = 0.0
             if lead_s > 0 and t.audio_sent_ms > 0:
                 wait_s = self.play_start + t.audio_sent_ms / 1000 - now() - lead_s
             # If the client's audio stops in the middle of a sound, the VAD cannot decide: the hold ends soon after.
@@ -2247,7 +2429,9 @@ class Speaker:
             self.holding = self.cut_in_may_come(session) and now() < hold_until
             if self.holding:
                 wait_s = max(wait_s, hold_until - now())
-            if wait_s <= 0:
+            if self.paused_turn == t.number:
+                wait_s = None  # until it goes on or is cut off
+            elif wait_s <= 0:
                 return
             self.wake.clear()
             try:
@@ -2279,7 +2463,7 @@ class Pipeline:
                  turn_model: Optional[SmartTurn] = None):
         self.vad_model, self.turn_model = vad_model, turn_model
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
-        self.asr = Stage("asr", asr, args.asr_workers, lambda text: self.llm.put(text))
+        self.asr = Stage("asr", asr, args.asr_workers, lambda text: text.session.transcribed(text))
         # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
         self.llm = Stage("llm", llm, args.max_sessions, lambda chunk: self.tts.put(chunk))
         self.tts = Stage("tts", tts, args.tts_workers, lambda audio: audio.session.deliver(audio))

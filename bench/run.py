@@ -223,7 +223,10 @@ class Bench:
                         first = await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == turn)
                         await asyncio.sleep(max(0.0, first.t + 1.0 - time.monotonic()))  # a second of the answer plays
                         onset, _ = c.mic.say(self.interruption if i % 2 == 0 else self.question)
-                        cut = await c.wait_for(lambda r: r.kind == "interrupt" and r.data["turn"] == turn)
+                        # The answer stops at the pause (the server heard a voice), or at once at the interrupt
+                        # (--backchannels ""); the interrupt follows the pause once the words are known.
+                        cut = await c.wait_for(lambda r: r.kind in ("pause", "interrupt") and r.data["turn"] == turn)
+                        await c.wait_for(lambda r: r.kind == "interrupt" and r.data["turn"] == turn)
                         before = [r for r in c.audio(turn) if r.t <= cut.t]
                         sent_s = sum(len(r.pcm) for r in before) / 2 / SR
                         rows.append({"barge_in_ms": round((cut.t - onset) * 1000, 1),

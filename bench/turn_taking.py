@@ -106,8 +106,9 @@ class TurnTakingBench:
         sound_onset, sound_end = c.mic.say(self.audio[f["file"]])
         await asyncio.sleep(max(0.0, sound_end + SETTLE_S - time.monotonic()))
         cut = [r for r in c.events("interrupt") if r.data["turn"] == turn]
-        row = {"file": f["file"], "interrupted": bool(cut),
-               "stop_ms": round((cut[0].t - sound_onset) * 1000, 1) if cut else None}
+        stopped = [r for r in c.received if r.kind in ("pause", "interrupt") and r.data["turn"] == turn]
+        row = {"file": f["file"], "interrupted": bool(cut), "paused": any(r.kind == "pause" for r in stopped),
+               "stop_ms": round((stopped[0].t - sound_onset) * 1000, 1) if cut else None}
         await self.quiet(c)
         return row
 

@@ -32,8 +32,9 @@ class FixedLatencyASR(s2s.ASRHandler):
     name = "fixed"
 
     def __init__(self, latency_s: float, fail_over_s: Optional[float] = None, stall_over_s: Optional[float] = None,
-                 stall_s: float = 0.0, load_s: float = 0.0):
+                 stall_s: float = 0.0, load_s: float = 0.0, short_s: float = 0.0, short_words: str = ""):
         self.latency_s, self.load_s = latency_s, load_s
+        self.short_s, self.short_words = short_s, short_words
         self.fail_over_s, self.stall_over_s, self.stall_s = fail_over_s, stall_over_s, stall_s
 
     @classmethod
@@ -43,10 +44,14 @@ class FixedLatencyASR(s2s.ASRHandler):
         group.add_argument("--asr_fail_over_s", type=float, default=None, help="--asr fixed: raise on an utterance longer than this")
         group.add_argument("--asr_stall_over_s", type=float, default=None,
                            help="--asr fixed: take --stall_s longer on an utterance longer than this")
+        group.add_argument("--asr_short_s", type=float, default=0.0,
+                           help="--asr fixed: an utterance shorter than this is heard as --asr_short_words")
+        group.add_argument("--asr_short_words", default="", help="--asr fixed: what it hears in a short utterance")
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s, args.asr_load_s)
+        return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s, args.asr_load_s,
+                   args.asr_short_s, args.asr_short_words)
 
     def setup(self):
         time.sleep(self.load_s)  # stands in for loading weights
@@ -58,7 +63,7 @@ class FixedLatencyASR(s2s.ASRHandler):
         if self.stall_over_s is not None and seconds > self.stall_over_s:
             stall(f"{seconds:.1f} s of speech in the ASR", self.stall_s)
         time.sleep(self.latency_s)  # stands in for model compute
-        return f"heard {seconds:.1f} seconds"
+        return self.short_words if seconds < self.short_s else f"heard {seconds:.1f} seconds"
 
 
 class FixedLatencyTTS(s2s.TTSHandler):

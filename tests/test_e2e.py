@@ -7,6 +7,7 @@ import base64
 import glob
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -73,11 +74,13 @@ def test_barge_in_stops_audio_and_truncates_history(server, chat_api, long_answe
             return c, interrupt
 
     c, interrupt = run(scenario())
-    assert interrupt.data["turn"] == 1
+    # The answer pauses as soon as the voice is heard; its words (not a backchannel) then cut it off.
+    (pause,) = c.events("pause")
+    assert pause.data["turn"] == interrupt.data["turn"] == 1 and not c.events("resume")
     onset = c.speech_onsets[1]
     # Generous bound: min_speech_ms (200) plus transport; the benchmark measures the real figure.
-    assert interrupt.t - onset < 1.0, interrupt.t - onset
-    late = [r for r in c.received if r.kind == "audio" and r.data["turn"] == 1 and r.t > interrupt.t]
+    assert pause.t - onset < 1.0, pause.t - onset
+    late = [r for r in c.received if r.kind == "audio" and r.data["turn"] == 1 and r.t > pause.t]
     assert late == []
     played = [r for r in c.received if r.kind == "audio" and r.data["turn"] == 1]
     assert audio_seconds(played) < 8  # far less than the ~15 s answer reached the client
@@ -92,6 +95,41 @@ def test_barge_in_stops_audio_and_truncates_history(server, chat_api, long_answe
     assert heard == spoken_turn1
     metrics = [r.data["metrics"] for r in c.events("metrics", turn=1)]
     assert metrics[-1]["interrupted"] and metrics[-1]["barge_in_ms"] is not None
+
+
+def test_a_backchannel_pauses_the_answer_and_it_goes_on_with_every_frame(chat_api, long_answers):
+    """Over real sockets: "mm" while the answer plays pauses it at once (the client holds its playback) and, heard
+    as a backchannel, lets it go on: the whole answer arrives, each audio frame once, with no interrupt."""
+    srv = start_server(chat_api, "--asr_short_s", "1.2", "--asr_short_words", "Mm.")
+    speech = load_wav(fixture("en_question.wav"))
+    first = np.flatnonzero(np.abs(speech) > 0.02)[0]
+    mm = speech[first - 1600:first + 8000]  # half a second of a voice: "mm", as far as the ASR here can tell
+    try:
+        async def scenario():
+            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+                await c.send_text("tell me a story")
+                await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == 1)
+                await asyncio.sleep(1.0)  # the answer is playing
+                said_at = time.monotonic()
+                voice_then_silence = np.concatenate([mm, np.zeros(s2s.SAMPLE_RATE, np.float32)])
+                for i in range(0, len(voice_then_silence), 1024):  # at a microphone's pace
+                    await c.send_audio(voice_then_silence[i:i + 1024])
+                    await asyncio.sleep(1024 / s2s.SAMPLE_RATE)
+                metrics = await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 1, timeout=60)
+                return c, metrics, said_at
+        c, metrics, said_at = run(scenario())
+    finally:
+        srv.stop()
+    (pause,), (resume,) = c.events("pause"), c.events("resume")
+    assert pause.data["turn"] == resume.data["turn"] == 1 and resume.data["heard"] == "Mm."
+    assert pause.t - said_at < 1.0, pause.t - said_at  # the answer holds while "mm" is still being said
+    held = [r for r in c.received if r.kind == "audio" and pause.t < r.t < resume.t]
+    assert held == [], "audio went out while the client held its playback"
+    assert not c.events("interrupt", turn=1) and not metrics.data["metrics"]["interrupted"]
+    assert metrics.data["metrics"]["resumed"] == 1
+    frames = [(r.data["seq"], r.pcm) for r in c.received if r.kind == "audio" and r.data["turn"] == 1]
+    assert len(frames) == len(set(frames))  # none sent twice
+    assert "".join(r.data["text"] for r in c.events("answer", turn=1)).endswith(LONG_ANSWER)  # all of it, in order
 
 
 def test_two_sessions_stay_isolated(server, chat_api):

@@ -1,10 +1,11 @@
 """A whole conversation held through the session engine alone: no socket, no server. Audio goes in through
 hear(), text through type(), and everything the client would get comes out of output()."""
 import asyncio
+from collections import deque
 
 import numpy as np
 
-from client import load_wav
+from client import load_wav, voiced_span
 from conftest import fixture
 import s2s_server_pipeline as s2s
 from serve_test_models import FixedLatencyASR, FixedLatencyTTS
@@ -46,11 +47,22 @@ class Conversation:
         return [x for x in self.said if isinstance(x, s2s.AnswerAudio) and x.turn == turn]
 
 
+class ScriptedASR(FixedLatencyASR):
+    """Hears what the test says it hears, in order; after that, what the fixed ASR says ("heard 1.2 seconds")."""
+
+    def __init__(self):
+        super().__init__(0.02)
+        self.script = deque()
+
+    def transcribe(self, audio):
+        return self.script.popleft() if self.script else super().transcribe(audio)
+
+
 def with_pipeline(scenario, *flags):
     args = s2s.parse_args(["--llm", "echo", "--tts", "espeak", "--client_dir", "", *flags])
     vad = s2s.SileroVAD(args.vad_thresh)
     vad.setup()
-    pipeline = s2s.Pipeline(args, FixedLatencyASR(0.02), s2s.EchoLLMHandler(), FixedLatencyTTS(0.02, 0.1), vad)
+    pipeline = s2s.Pipeline(args, ScriptedASR(), s2s.EchoLLMHandler(), FixedLatencyTTS(0.02, 0.1), vad)
     pipeline.start()
     try:
         asyncio.run(asyncio.wait_for(scenario(pipeline, args), 60))
@@ -123,3 +135,95 @@ def test_a_legacy_session_sends_the_answer_in_whole_chunks_with_the_question_on_
         assert all(x.text for x in said[1:])  # after the first audio, a message per chunk, each with its text
         c.session.close()
     with_pipeline(scenario)
+
+
+QUESTION = load_wav(fixture("en_question.wav"))
+VOICE_START = voiced_span(QUESTION)[0]
+SHORT_VOICE = QUESTION[VOICE_START - 1600:VOICE_START + 8000]  # half a second of a voice, and 0.1 s before it
+LONG_ANSWER = "tell me a long story " * 6
+
+
+def answer_pcm(c, turn) -> bytes:
+    return b"".join(x.pcm for x in c.answer(turn))
+
+
+def test_a_backchannel_over_an_answer_pauses_it_and_it_goes_on_where_it_stopped():
+    """"嗯" over an extended client's answer: the answer pauses as soon as the voice is heard, and goes on once its
+    words prove to be a backchannel: nothing of it lost or repeated, no interrupt, nothing in the history."""
+    async def scenario(pipeline, args):
+        alone = Conversation(pipeline, args)  # the same answer, heard with no one speaking over it
+        alone.session.type(LONG_ANSWER)
+        await alone.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.last)
+
+        c = Conversation(pipeline, args)
+        c.session.type(LONG_ANSWER)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        pipeline.asr.handler.script.append("嗯嗯。")
+        await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))
+        pause = await c.until(lambda x: isinstance(x, s2s.PauseEvent))
+        resume = await c.until(lambda x: isinstance(x, s2s.ResumeEvent))
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        assert pause.turn == resume.turn == 1 and resume.heard == "嗯嗯。"
+        assert not [x for x in c.said if isinstance(x, s2s.TranscriptEvent)]  # its words were never a turn's
+        during = c.said[c.said.index(pause):c.said.index(resume)]
+        assert not [x for x in during if isinstance(x, s2s.AnswerAudio)], "answer audio went out while paused"
+        assert not [x for x in c.said if isinstance(x, (s2s.InterruptEvent, s2s.SpeechStartEvent))]
+        assert answer_pcm(c, 1) == answer_pcm(alone, 1)  # every frame, once, in order
+        assert c.answer(1)[-1].last and not metrics.metrics["interrupted"] and metrics.metrics["resumed"] == 1
+        assert [t.number for t in c.session.history.past()] == [1]
+        c.session.type("and then?")  # the next turn takes the next number; the backchannel's was never a turn
+        assert (await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 3)).metrics["resumed"] == 0
+        for conversation in (alone, c):
+            conversation.session.close()
+    with_pipeline(scenario)
+
+
+def test_words_over_an_answer_cut_it_off_where_it_paused_and_are_answered():
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        c.session.type(LONG_ANSWER)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        pipeline.asr.handler.script.append("wait, what about Paris?")
+        await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))
+        interrupt = await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
+        cut = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        pause = next(x for x in c.said if isinstance(x, s2s.PauseEvent))
+        assert interrupt.turn == pause.turn == 1 and c.said.index(pause) < c.said.index(interrupt)
+        assert not [x for x in c.said if isinstance(x, s2s.ResumeEvent)]
+        assert not [x for x in c.said[c.said.index(pause):] if isinstance(x, s2s.AnswerAudio) and x.turn == 1]
+        assert cut.metrics["interrupted"] and 0 <= cut.metrics["barge_in_ms"] < 500  # heard -> paused, not -> words known
+        start = await c.until(lambda x: isinstance(x, s2s.SpeechStartEvent))
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.turn == start.turn and x.last)
+        assert "".join(x.text for x in c.answer(start.turn)).startswith("You said: wait, what about Paris?")
+        assert [t.number for t in c.session.history.past()] == [1, start.turn]
+        c.session.close()
+    with_pipeline(scenario)
+
+
+def test_speech_longer_than_a_backchannel_cuts_the_answer_off_before_it_ends():
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        c.session.type(LONG_ANSWER)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        first, _ = voiced_span(QUESTION)
+        await c.speak(QUESTION[:first + int(1.4 * s2s.SAMPLE_RATE)])  # 1.4 s of voice, still speaking
+        assert [type(x) for x in c.said if isinstance(x, (s2s.PauseEvent, s2s.InterruptEvent))] == [
+            s2s.PauseEvent, s2s.InterruptEvent]
+        assert c.session.turn == 2 and c.session.cut_in is None
+        await c.speak(np.concatenate([QUESTION[first + int(1.4 * s2s.SAMPLE_RATE):], SILENCE]))
+        transcript = await c.until(lambda x: isinstance(x, s2s.TranscriptEvent) and x.turn == 2 and x.final)
+        assert float(transcript.text.split()[1]) > 1.4  # the whole utterance, from its first word
+        c.session.close()
+    with_pipeline(scenario)
+
+
+def test_with_no_backchannels_speech_cuts_the_answer_off_at_once():
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        c.session.type(LONG_ANSWER)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        await c.speak(SHORT_VOICE)
+        await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
+        assert not [x for x in c.said if isinstance(x, s2s.PauseEvent)]
+        c.session.close()
+    with_pipeline(scenario, "--backchannels", "")

@@ -93,6 +93,12 @@ function ExchangeItem({ exchange }: { exchange: Exchange }) {
       {exchange.sources.length > 0 && <Sources sources={exchange.sources} />}
       <p className="meta">
         {exchange.interrupted && <span className="tag">interrupted</span>}
+        {exchange.paused && <span className="tag">paused: listening to you</span>}
+        {exchange.backchannels.map((heard, i) => (
+          <span key={i} className="tag" title="what you said over the answer, which then went on">
+            went on after {heard ? `“${heard}”` : "a sound"}
+          </span>
+        ))}
         {exchange.failed && <span className="tag error">failed</span>}
         <Latency exchange={exchange} />
       </p>

@@ -137,6 +137,13 @@ export class VoiceAgent {
       case "interrupt":
         this.stopThrough(event.turn);
         break;
+      case "pause":
+        // The user speaks over the answer: hold it, until the server knows whether that was a backchannel.
+        this.player?.pause(event.turn);
+        break;
+      case "resume":
+        this.player?.resume(event.turn);
+        break;
       case "transcript":
         this.seeTurn(event.turn);
         if (event.final && this.lastVoiceTime !== null) this.speechEnds.set(event.turn, this.lastVoiceTime);

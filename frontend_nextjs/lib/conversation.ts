@@ -21,6 +21,10 @@ export interface Exchange {
   answer: string;
   answerDone: boolean;
   interrupted: boolean;
+  /** The user is speaking over the answer, which waits (the `pause` event) until it goes on or is cut off. */
+  paused: boolean;
+  /** What the user said over the answer that let it go on ("" for a sound with no words), in order. */
+  backchannels: string[];
   failed: boolean;
   /** What the answer drew on (the `sources` event): de-duplicated, at most MAX_SOURCES. */
   sources: Source[];
@@ -60,6 +64,8 @@ function newExchange(state: Conversation, fields: Partial<Exchange>): Exchange {
     answer: "",
     answerDone: false,
     interrupted: false,
+    paused: false,
+    backchannels: [],
     failed: false,
     sources: [],
     metrics: null,
@@ -147,7 +153,13 @@ function applyEvent(state: Conversation, event: ServerEvent): Conversation {
       return updateTurn(state, event.turn, false, (x) => ({ answer: x.answer + event.text, answerDone: event.end }));
     case "interrupt":
       return hasTurn(state, event.turn)
-        ? updateTurn(state, event.turn, false, () => ({ interrupted: true, answerDone: true }))
+        ? updateTurn(state, event.turn, false, () => ({ interrupted: true, paused: false, answerDone: true }))
+        : state;
+    case "pause":
+      return hasTurn(state, event.turn) ? updateTurn(state, event.turn, false, () => ({ paused: true })) : state;
+    case "resume":
+      return hasTurn(state, event.turn)
+        ? updateTurn(state, event.turn, false, (x) => ({ paused: false, backchannels: [...x.backchannels, event.heard] }))
         : state;
     case "metrics":
       // Sent when the turn is over: all of the answer was sent, or it was cut off.

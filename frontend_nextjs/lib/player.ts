@@ -57,6 +57,15 @@ export class Player {
     this.push(turn, this.resamplerFor(turn).process(samples));
   }
 
+  /** Holds the audio of `turn` (and older) now, keeping it: resume() plays on from the next frame. */
+  pause(turn: number): void {
+    this.node.port.postMessage({ type: "pause", turn });
+  }
+
+  resume(turn: number): void {
+    this.node.port.postMessage({ type: "resume", turn });
+  }
+
   /** Stops the audio of every turn up to and including `throughTurn`, now. */
   stop(throughTurn: number): void {
     this.node.port.postMessage({ type: "stop", throughTurn });

@@ -30,6 +30,8 @@ export interface TurnMetrics {
   first_audio_ms: number | null;
   barge_in_ms: number | null;
   interrupted: boolean;
+  /** Times the answer paused for a backchannel or a noise and went on. Absent from servers older than it. */
+  resumed?: number;
 }
 
 export type ServerEvent =
@@ -45,6 +47,10 @@ export type ServerEvent =
     }
   | { event: "speech_start"; turn: number }
   | { event: "interrupt"; turn: number }
+  /** The user speaks over the answer: hold its playback, keeping what is queued. */
+  | { event: "pause"; turn: number }
+  /** It was a backchannel (`heard`) or a sound with no words (""): play on from where playback stopped. */
+  | { event: "resume"; turn: number; heard: string }
   | { event: "transcript"; turn: number; text: string; final: boolean }
   | { event: "answer"; turn: number; seq: number; text: string; end: boolean }
   | { event: "metrics"; turn: number; metrics: TurnMetrics }
@@ -81,6 +87,8 @@ const KNOWN_EVENTS: ReadonlySet<string> = new Set<ServerEventName>([
   "ready",
   "speech_start",
   "interrupt",
+  "pause",
+  "resume",
   "transcript",
   "answer",
   "metrics",

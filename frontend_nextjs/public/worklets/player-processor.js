@@ -6,6 +6,8 @@
  * Messages in:
  *   {type: "push", turn, samples: Float32Array}  queue audio of `turn`
  *   {type: "stop", throughTurn}                  drop all audio of turns <= throughTurn, after a short fade
+ *   {type: "pause", turn}                        hold the audio of turns <= turn after a short fade, keeping it
+ *   {type: "resume", turn}                       play the held audio on from the next frame, fading in
  * Messages out:
  *   {type: "started", turn, time}                  the turn's first frame is playing; audio-clock seconds
  *   {type: "progress", turn, playedFrames, playing}  every `reportFrames` while playing, and when playback stops
@@ -24,6 +26,8 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.playing = false;
     this.fadeLeft = 0; // frames still to fade out
     this.fadeLength = 0;
+    this.fadeInLeft = 0; // frames still to fade in, after a pause
+    this.pausedThrough = -1; // audio of turns up to this one is held, not played (and not dropped)
     this.reportFrames = Math.round(sampleRate * options.processorOptions.reportSeconds);
     this.port.onmessage = (event) => this.onMessage(event.data);
   }
@@ -33,6 +37,13 @@ class PlayerProcessor extends AudioWorkletProcessor {
       this.queue.push({ turn: message.turn, samples: message.samples, offset: 0 });
     } else if (message.type === "stop") {
       this.stop(message.throughTurn);
+      if (this.pausedThrough <= message.throughTurn) this.pausedThrough = -1;
+    } else if (message.type === "pause") {
+      this.pausedThrough = message.turn;
+      if (this.playing) this.fadeLength = this.fadeLeft = Math.round(FADE_SECONDS * sampleRate);
+    } else if (message.type === "resume" && message.turn === this.pausedThrough) {
+      this.pausedThrough = -1;
+      this.fadeLength = this.fadeInLeft = Math.round(FADE_SECONDS * sampleRate);
     }
   }
 
@@ -59,6 +70,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     let written = 0;
     while (written < out.length && this.queue.length > 0) {
       const chunk = this.queue[0];
+      if (chunk.turn <= this.pausedThrough && this.fadeLeft === 0) break; // held: played on after a resume
       if (chunk.turn !== this.turn) {
         this.turn = chunk.turn;
         this.playedFrames = 0;
@@ -68,6 +80,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
       for (let i = 0; i < frames; i++) {
         let gain = 1;
         if (this.fadeLeft > 0) gain = this.fadeLeft-- / this.fadeLength;
+        else if (this.fadeInLeft > 0) gain = 1 - this.fadeInLeft-- / this.fadeLength;
         out[written + i] = chunk.samples[chunk.offset + i] * gain;
       }
       chunk.offset += frames;
