@@ -2181,7 +2181,20 @@ class Session:
         else:
             self.cut_in = CutIn(self.current(), waiting, heard_at, now())
             self.speaker.pause(self.turn)
+            self.loop.call_later(AUDIO_GAP_S, self._check_pause, self.cut_in.paused_at)
         return waiting
+
+    def _check_pause(self, paused_at: float) -> None:
+        """A client that stops sending audio in the middle of the speech (muted mid-word) leaves the VAD undecided:
+        the answer goes on, and the VAD starts afresh when audio comes again."""
+        c = self.cut_in
+        if c is None or c.paused_at != paused_at:
+            return
+        if c.turn.state is TurnState.HEARING and now() - self.listener.heard_audio_at > AUDIO_GAP_S:
+            self.listener.forget()
+            self.go_on("")
+        else:
+            self.loop.call_later(AUDIO_GAP_S, self._check_pause, paused_at)
 
     def take_turn(self) -> None:
         """The speech over the paused answer cuts it off: its turn in waiting becomes the turn."""

@@ -10,8 +10,10 @@ several voices and rates) from a real-time microphone, as a user would say them:
 - complete questions: voice-to-voice (end of the voice -> first answer audio), median and p95;
 - questions with a thinking pause (300-1200 ms) in the middle: how often the server takes the pause for the end
   of the turn and answers half a question (a false cut-off);
-- backchannels ("uh-huh", "嗯"), coughs and knocks one second into a long answer: how often the answer goes on;
-- real interruptions one second into a long answer: the time from the voice to the interrupt event;
+- backchannels ("uh-huh", "嗯"), coughs and knocks one second into a long answer: how often the answer goes on
+  (the fixed ASR hears each fixture's own words: --asr_transcripts);
+- real interruptions one second into a long answer: the time from the voice to the answer's stop (the pause event,
+  or the interrupt where it does not pause), and whether it was then cut off;
 - LLM requests per question asked: a cut-off, or a backchannel taken for a turn, costs a request.
 Prints a markdown table and writes JSON.
 """
@@ -37,6 +39,7 @@ from server_process import ServerProcess  # noqa: E402
 FIXTURES = os.path.join(BENCH, "fixtures", "turn_taking")
 POLICIES = {  # name: the server's flags
     "silence_600": [],
+    "silence_600_stop": ["--backchannels", ""],  # any speech over an answer cuts it off, as before it could pause
     "silence_1200": ["--min_silence_ms", "1200"],  # CleanS2S's end-of-turn wait
     "smart_turn": ["--turn_detection", "smart_turn"],  # asked at 200, 500, 800... ms of silence, 2 s at most
     "smart_turn_once": ["--turn_detection", "smart_turn", "--turn_reask_ms", "0"],  # asked once a pause
@@ -54,7 +57,7 @@ class TurnTakingBench:
         return [f for f in self.fixtures if f["kind"] == kind]
 
     def run(self, flags: list) -> dict:
-        srv = ServerProcess(*MODEL_FLAGS, "--lm_model_url", self.api.url, *flags,
+        srv = ServerProcess(*MODEL_FLAGS, "--asr_transcripts", FIXTURES, "--lm_model_url", self.api.url, *flags,
                             env={"LLM_API_KEY": "bench"})
         requests_before = len(self.api.chat_requests())
         try:
@@ -91,9 +94,9 @@ class TurnTakingBench:
         turns = [r.data["turn"] for r in c.events("speech_start") if r.t >= onset]
         row = {"file": f["file"], "turns": len(turns), "voice_to_voice_ms": None}
         if turns:
-            first = await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == turns[-1], 15)
-            row["voice_to_voice_ms"] = round((first.t - end) * 1000, 1)
             await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == turns[-1], 30)
+            first = c.audio(turns[-1])  # none when the ASR heard no words (nothing to answer)
+            row["voice_to_voice_ms"] = round((first[0].t - end) * 1000, 1) if first else None
             await asyncio.sleep(max(0.0, c.playback_end(turns[-1]) - time.monotonic()) + 0.3)  # the user listens
         return row
 
@@ -136,7 +139,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="bench/turn_taking.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smoke run: smart_turn, one fixture of four kinds")
-    p.add_argument("--policies", default="silence_600,silence_1200,smart_turn,smart_turn_once", help=f"policies to run, comma-separated, of {','.join(POLICIES)}")
+    p.add_argument("--policies", default="silence_600,silence_600_stop,silence_1200,smart_turn", help=f"policies to run, comma-separated, of {','.join(POLICIES)}")
     p.add_argument("--out", default=os.path.join("bench", "results", "turn-taking-latest.json"), help="JSON written here")
     args = p.parse_args(argv)
     with open(os.path.join(FIXTURES, "fixtures.json"), encoding="utf-8") as f:

@@ -7,7 +7,12 @@ Fault switches, for the fault-injection tests: `--asr_fail_over_s S` makes the f
 longer than S seconds, `--tts_fail_on TEXT` makes the fixed TTS raise on a chunk containing TEXT, and
 `--asr_stall_over_s` / `--tts_stall_on` make them take `--stall_s` longer there instead (logged, so a test
 knows the stage is busy).
+
+For the turn-taking benchmark, `--asr_transcripts FOLDER` (bench/fixtures/turn_taking) makes the fixed ASR hear the
+words of the speech fixture it is given (found by its audio; nothing for a noise), so backchannels sound like
+backchannels; an utterance that is no whole fixture is heard as before ("heard 1.2 seconds").
 """
+import json
 import logging
 import os
 import sys
@@ -15,12 +20,49 @@ import time
 from typing import Optional
 
 import numpy as np
+import soundfile as sf
+from scipy.signal import correlate, resample_poly
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import s2s_server_pipeline as s2s  # noqa: E402
 
 logger = logging.getLogger("s2s.test_models")
+
+
+class FixtureTranscripts:
+    """The words of each speech fixture of a folder (its fixtures.json), found by the fixture's audio in an
+    utterance: normalized cross-correlation of the fixture's voiced part with the utterance, both at 4 kHz (a
+    sixteenth of the work: 2-45 ms an utterance). Each fixture scored against itself, among all 32: 0.75 finds
+    every one and no utterance cut in half."""
+
+    MATCH = 0.75
+
+    def __init__(self, folder: str):
+        self.fixtures = []  # (words, voiced audio at 4 kHz, its norm)
+        with open(os.path.join(folder, "fixtures.json"), encoding="utf-8") as f:
+            listed = json.load(f)
+        for item in listed:
+            audio, _ = sf.read(os.path.join(folder, item["file"]), dtype="float32")
+            loud = np.flatnonzero(np.abs(audio) > 0.01)
+            voiced = resample_poly(audio[loud[0]:loud[-1] + 1], 1, 4)
+            self.fixtures.append(("" if item["kind"] == "noise" else item["text"], voiced, float(np.linalg.norm(voiced))))
+
+    def words(self, audio: np.ndarray) -> Optional[str]:
+        """The words of the longest fixture in `audio` (a question with a pause holds the question), or None."""
+        audio = resample_poly(audio, 1, 4)
+        loud = np.flatnonzero(np.abs(audio) > 0.01)
+        spoken = loud[-1] + 1 - loud[0] if len(loud) else 0
+        energy = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
+        found = []
+        for words, voiced, norm in self.fixtures:
+            n = len(voiced)
+            if not 0.7 * spoken <= n <= len(audio):  # it must be most of what was said (a knock matches anywhere)
+                continue
+            window = np.sqrt(np.maximum(energy[n:] - energy[:-n], 1e-12))  # the utterance's norm at each offset
+            if np.max(correlate(audio, voiced, mode="valid", method="fft") / (window * norm)) >= self.MATCH:
+                found.append((n, words))
+        return max(found)[1] if found else None
 
 
 def stall(what: str, seconds: float) -> None:
@@ -32,9 +74,11 @@ class FixedLatencyASR(s2s.ASRHandler):
     name = "fixed"
 
     def __init__(self, latency_s: float, fail_over_s: Optional[float] = None, stall_over_s: Optional[float] = None,
-                 stall_s: float = 0.0, load_s: float = 0.0, short_s: float = 0.0, short_words: str = ""):
+                 stall_s: float = 0.0, load_s: float = 0.0, short_s: float = 0.0, short_words: str = "",
+                 transcripts: str = ""):
         self.latency_s, self.load_s = latency_s, load_s
         self.short_s, self.short_words = short_s, short_words
+        self.transcripts = FixtureTranscripts(transcripts) if transcripts else None
         self.fail_over_s, self.stall_over_s, self.stall_s = fail_over_s, stall_over_s, stall_s
 
     @classmethod
@@ -47,11 +91,13 @@ class FixedLatencyASR(s2s.ASRHandler):
         group.add_argument("--asr_short_s", type=float, default=0.0,
                            help="--asr fixed: an utterance shorter than this is heard as --asr_short_words")
         group.add_argument("--asr_short_words", default="", help="--asr fixed: what it hears in a short utterance")
+        group.add_argument("--asr_transcripts", default="",
+                           help="--asr fixed: a folder of speech fixtures (fixtures.json): it hears the words of the one it is given")
 
     @classmethod
     def from_args(cls, args):
         return cls(args.asr_latency_ms / 1000, args.asr_fail_over_s, args.asr_stall_over_s, args.stall_s, args.asr_load_s,
-                   args.asr_short_s, args.asr_short_words)
+                   args.asr_short_s, args.asr_short_words, args.asr_transcripts)
 
     def setup(self):
         time.sleep(self.load_s)  # stands in for loading weights
@@ -62,7 +108,11 @@ class FixedLatencyASR(s2s.ASRHandler):
             raise RuntimeError(f"test fault: the ASR broke on {seconds:.1f} s of speech")
         if self.stall_over_s is not None and seconds > self.stall_over_s:
             stall(f"{seconds:.1f} s of speech in the ASR", self.stall_s)
-        time.sleep(self.latency_s)  # stands in for model compute
+        started = time.monotonic()
+        words = self.transcripts.words(audio) if self.transcripts is not None else None
+        time.sleep(max(0.0, self.latency_s - (time.monotonic() - started)))  # stands in for model compute
+        if words is not None:
+            return words
         return self.short_words if seconds < self.short_s else f"heard {seconds:.1f} seconds"
 
 

@@ -31,6 +31,8 @@ from websockets.asyncio.server import serve
 from client import load_wav
 from conftest import ROOT, fixture, start_server
 
+import s2s_server_pipeline as s2s
+
 CLIENT = os.path.join(ROOT, "frontend_nextjs")
 BUILT = os.path.join(CLIENT, "out")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -194,6 +196,11 @@ def test_talk_listen_and_cut_in(chat_api, long_answers, tmp_path, capsys):
     reports = [m for m in page["sent"] if m.get("type") == "playback" and m["turn"] == 1]
     assert reports and reports[-1]["playing"] is False, reports[-3:]
     assert abs(reports[-1]["played_ms"] / 1000 - played_s) < 0.1, (reports[-1], played_s)
+    # The page greys what never played of the cut answer (paced audio leaves little of it: often nothing), and what
+    # it does not grey is what the server's history keeps.
+    request = next(r["messages"] for r in chat_api.chat_requests() if len(r["messages"]) > 2)
+    kept = request[2]["content"][:-len(s2s.INTERRUPTED_MARK)]
+    assert kept and first["answer"] == kept + first["unheard"], (first, kept)
 
     # The next turn's answer plays too.
     turn2 = [a for a in page["audio"] if a["turn"] == 2]
@@ -240,6 +247,37 @@ def token_server(chat_api):
     srv = start_server(chat_api, "--client_dir", BUILT, "--auth_token", TOKEN, "--idle_timeout_s", str(IDLE_TIMEOUT_S))
     yield srv
     srv.stop()
+
+
+def test_a_backchannel_pauses_the_page_and_it_plays_on_losing_nothing(chat_api, long_answers, tmp_path):
+    """"mm" over the answer: the page stops playing at the pause, stays silent, and plays on at the resume from
+    where it stopped, to the answer's end: it plays all it received, no more (nothing lost, nothing twice)."""
+    speech = load_wav(fixture("en_question.wav"))
+    first = np.flatnonzero(np.abs(speech) > 0.02)[0]
+    mm = speech[first - 1600:first + 8000]  # half a second of a voice, heard as "Mm." by the test's ASR
+    mic_wav, screenshot = str(tmp_path / "mic.wav"), os.path.join(ARTIFACTS, "browser-backchannel.png")
+    write_mic(mic_wav, silence(1.0), speech, silence(SILENCE_AFTER_QUESTION_S), mm, silence(20.0))
+    srv = start_server(chat_api, "--client_dir", BUILT, "--asr_short_s", "1.2", "--asr_short_words", "Mm.")
+    try:
+        page = run_page("backchannel", f"http://127.0.0.1:{srv.recv_port}/", mic_wav, screenshot)
+    finally:
+        srv.stop()
+    check_ran(page, srv.log())
+    events = page["events"]
+    (pause,) = [e for e in events if e["event"] == "pause"]
+    (resume,) = [e for e in events if e["event"] == "resume"]
+    assert pause["turn"] == resume["turn"] == 1 and resume["heard"] == "Mm."
+    assert not [e for e in events if e["event"] == "interrupt"]
+    quanta, quantum_s = np.array(page["quanta"]), 128 / page["sampleRate"]
+    assert len(sound_between(quanta, pause["t"] - 1.0, pause["t"])), "nothing was playing when the answer paused"
+    held = sound_between(quanta, pause["t"] + 0.1, resume["t"])  # (a fade and the page's clock: 0.1 s)
+    assert len(held) == 0, f"{len(held) * quantum_s:.2f} s played while paused"
+    assert len(sound_between(quanta, resume["t"], resume["t"] + 1.0)), "it did not play on after the resume"
+    received_ms = sum(a["samples"] for a in page["audio"] if a["turn"] == 1) / 16
+    played_ms = [m for m in page["sent"] if m.get("type") == "playback" and m["turn"] == 1][-1]["played_ms"]
+    assert abs(played_ms - received_ms) < 20, (played_ms, received_ms)  # all it received, each frame once
+    (exchange,) = page["spoken"]
+    assert "went on after “Mm.”" in exchange["meta"] and "interrupted" not in exchange["meta"], exchange
 
 
 def test_token_from_the_page_url(token_server, tmp_path):

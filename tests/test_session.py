@@ -227,3 +227,19 @@ def test_with_no_backchannels_speech_cuts_the_answer_off_at_once():
         assert not [x for x in c.said if isinstance(x, s2s.PauseEvent)]
         c.session.close()
     with_pipeline(scenario, "--backchannels", "")
+
+
+def test_a_paused_answer_goes_on_when_the_microphone_stops_mid_word():
+    """Muted in the middle of "mm": the VAD cannot tell the speech's end, so the answer does not wait for it."""
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        c.session.type(LONG_ANSWER)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        await c.speak(SHORT_VOICE[:4800 + 1600])  # 0.3 s of the voice, and then nothing at all
+        await c.until(lambda x: isinstance(x, s2s.PauseEvent))
+        resume = await c.until(lambda x: isinstance(x, s2s.ResumeEvent), timeout_s=3)
+        assert resume.heard == "" and c.session.cut_in is None
+        await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))  # audio again: heard afresh (the fixed ASR's words)
+        await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
+        c.session.close()
+    with_pipeline(scenario)

@@ -11,5 +11,7 @@ def test_quick_turn_taking_benchmark_runs(tmp_path):
     [q] = p["results"]["questions"]
     assert q["turns"] >= 1 and q["voice_to_voice_ms"] > 200  # the answer comes after at least the short pause
     assert p["interruptions_stopped"] == 1 and p["stop_ms"]["p50"] > 200  # a real cut-in stops it, after 200 ms of speech
+    [backchannel] = p["results"]["during_answer"]  # "uh-huh" (the fixed ASR hears each fixture's words)
+    assert backchannel["paused"] and not backchannel["interrupted"] and p["answer_went_on"] == 1
     assert p["llm_requests_per_question"] >= 1
     assert "| smart_turn |" in stdout

@@ -80,6 +80,20 @@ function Sources({ sources }: { sources: Source[] }) {
   );
 }
 
+/** The answer; of one cut off, the part never heard is greyed (the server's history keeps only the rest). */
+function AnswerText({ exchange }: { exchange: Exchange }) {
+  const heard = exchange.interrupted ? exchange.heardChars : null;
+  if (heard === null || heard >= exchange.answer.length) return <>{exchange.answer || "…"}</>;
+  return (
+    <>
+      {exchange.answer.slice(0, heard)}
+      <span className="unheard" title="never played: cut off">
+        {exchange.answer.slice(heard)}
+      </span>
+    </>
+  );
+}
+
 function ExchangeItem({ exchange }: { exchange: Exchange }) {
   const waiting = exchange.spoken && !exchange.userFinal;
   return (
@@ -88,7 +102,9 @@ function ExchangeItem({ exchange }: { exchange: Exchange }) {
         {exchange.user || (waiting ? "Listening…" : "(nothing heard)")}
       </p>
       {(exchange.answer || (exchange.userFinal && !exchange.answerDone)) && (
-        <p className={`bubble assistant${exchange.answerDone ? "" : " streaming"}`}>{exchange.answer || "…"}</p>
+        <p className={`bubble assistant${exchange.answerDone ? "" : " streaming"}`}>
+          <AnswerText exchange={exchange} />
+        </p>
       )}
       {exchange.sources.length > 0 && <Sources sources={exchange.sources} />}
       <p className="meta">

@@ -19,6 +19,8 @@ export interface AgentEvents {
   onConnection(state: ConnectionState): void;
   /** The user stopped speaking → the answer's first sample played, in ms, measured on the audio clock. */
   onClientLatency(turn: number, ms: number): void;
+  /** An answer was cut off: its first `chars` characters were heard (their audio had started playing). */
+  onHeard(turn: number, chars: number): void;
   /** Something to show the user briefly. */
   onNotice(message: string): void;
 }
@@ -39,6 +41,11 @@ export class VoiceAgent {
   private lastVoiceTime: number | null = null;
   /** Per spoken turn: when the user stopped speaking, in audio-clock seconds. */
   private readonly speechEnds = new Map<number, number>();
+  /** Per turn: each answer chunk's length in characters, and where its audio starts in the turn's audio (ms). */
+  private readonly chunks = new Map<number, { startMs: number; chars: number }[]>();
+  /** Per turn: answer audio received, and played, in ms. */
+  private readonly receivedMs = new Map<number, number>();
+  private readonly playedMs = new Map<number, number>();
 
   /** `context` must have the worklets loaded (lib/audio.ts). */
   constructor(
@@ -136,6 +143,7 @@ export class VoiceAgent {
         break;
       case "interrupt":
         this.stopThrough(event.turn);
+        this.events.onHeard(event.turn, this.heardChars(event.turn));
         break;
       case "pause":
         // The user speaks over the answer: hold it, until the server knows whether that was a backchannel.
@@ -148,9 +156,13 @@ export class VoiceAgent {
         this.seeTurn(event.turn);
         if (event.final && this.lastVoiceTime !== null) this.speechEnds.set(event.turn, this.lastVoiceTime);
         break;
-      case "answer":
+      case "answer": {
         this.seeTurn(event.turn);
+        const chunks = this.chunks.get(event.turn) ?? [];
+        chunks.push({ startMs: this.receivedMs.get(event.turn) ?? 0, chars: event.text.length });
+        this.chunks.set(event.turn, chunks);
         break;
+      }
     }
     this.events.onServerEvent(event);
   }
@@ -158,7 +170,15 @@ export class VoiceAgent {
   private onAudio(audio: AnswerAudio): void {
     if (audio.turn <= this.stoppedThrough) return; // late frames of a stopped turn
     this.seeTurn(audio.turn);
+    this.receivedMs.set(audio.turn, (this.receivedMs.get(audio.turn) ?? 0) + audio.pcm.length / 16); // 16 kHz
     this.player?.play(audio.turn, audio.pcm);
+  }
+
+  /** As the server keeps it in the history: the chunks whose audio had started playing. */
+  private heardChars(turn: number): number {
+    const played = this.playedMs.get(turn);
+    if (played === undefined) return 0;
+    return (this.chunks.get(turn) ?? []).filter((c) => c.startMs <= played).reduce((n, c) => n + c.chars, 0);
   }
 
   /** A new turn makes the audio of every older one stale. */
@@ -184,6 +204,9 @@ export class VoiceAgent {
     this.player?.close();
     this.latestTurn = this.stoppedThrough = 0;
     this.speechEnds.clear();
+    this.chunks.clear();
+    this.receivedMs.clear();
+    this.playedMs.clear();
     this.player = new Player(this.context, {
       onStarted: (turn, time) => {
         const speechEnd = this.speechEnds.get(turn);
@@ -191,6 +214,7 @@ export class VoiceAgent {
       },
       // Tells the server how much the user heard, so its history keeps only that after a barge-in.
       onProgress: (turn, playedMs, playing) => {
+        this.playedMs.set(turn, playedMs);
         this.connection.send({ type: "playback", turn, played_ms: Math.round(playedMs), playing });
       },
     });

@@ -25,6 +25,8 @@ export interface Exchange {
   paused: boolean;
   /** What the user said over the answer that let it go on ("" for a sound with no words), in order. */
   backchannels: string[];
+  /** Of an answer cut off: how many of its first characters the user heard (the rest never played). */
+  heardChars: number | null;
   failed: boolean;
   /** What the answer drew on (the `sources` event): de-duplicated, at most MAX_SOURCES. */
   sources: Source[];
@@ -49,6 +51,7 @@ export type ConversationAction =
   | { type: "server"; event: ServerEvent }
   | { type: "typed"; text: string }
   | { type: "clientLatency"; turn: number; ms: number }
+  | { type: "heard"; turn: number; chars: number }
   | { type: "clear" };
 
 export const EMPTY_CONVERSATION: Conversation = { exchanges: [], nextKey: 1, session: 0, clearedThrough: 0 };
@@ -66,6 +69,7 @@ function newExchange(state: Conversation, fields: Partial<Exchange>): Exchange {
     interrupted: false,
     paused: false,
     backchannels: [],
+    heardChars: null,
     failed: false,
     sources: [],
     metrics: null,
@@ -191,6 +195,10 @@ export function conversationReducer(state: Conversation, action: ConversationAct
         exchanges: [...state.exchanges, newExchange(state, { user: action.text, userFinal: true })],
         nextKey: state.nextKey + 1,
       };
+    case "heard":
+      return hasTurn(state, action.turn)
+        ? updateTurn(state, action.turn, false, () => ({ heardChars: action.chars }))
+        : state;
     case "clientLatency":
       return hasTurn(state, action.turn)
         ? updateTurn(state, action.turn, true, () => ({ clientLatencyMs: action.ms }))

@@ -82,6 +82,7 @@ export function useVoiceAgent() {
         },
         onConnection: setConnection,
         onClientLatency: (turn, ms) => dispatch({ type: "clientLatency", turn, ms }),
+        onHeard: (turn, chars) => dispatch({ type: "heard", turn, chars }),
         onNotice: notify,
       });
       agentRef.current = agent;

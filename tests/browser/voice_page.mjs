@@ -15,6 +15,8 @@
 //   the page to come back).
 // - sources: a typed question to a server that names its sources; then, muted, the script moves the page's
 //   clock on by half a minute (the keepalive's interval).
+// - backchannel: the fake microphone asks a question, then says "mm" over the answer (MIC_WAV plays once); the
+//   script waits for the answer to pause, go on and end.
 // - proxied: the page came from nginx (deploy/nginx.conf); the fake microphone asks a question once, and once its
 //   answer is on screen the script types another.
 //
@@ -40,7 +42,7 @@ const WATCH_REFUSED_MS = 4000;
 const TOO_LONG_TEXT_CHARS = 2500; // over the server's --max_text_chars (default 2000)
 const KEEPALIVE_MS = 30_000; // the page's keepalive interval (lib/connection.ts)
 
-const SCENARIOS = { talk, token: withToken, refused, sources, proxied };
+const SCENARIOS = { talk, token: withToken, refused, sources, proxied, backchannel };
 if (!(scenario in SCENARIOS)) throw new Error(`unknown scenario ${scenario}`);
 
 const browser = await chromium.launch({
@@ -50,7 +52,7 @@ const browser = await chromium.launch({
     "--use-fake-ui-for-media-stream", // grant the microphone without a prompt
     "--use-fake-device-for-media-stream",
     // The talk and proxied scenarios' microphone speaks once; the others' loops its silence, so the page always sends.
-    `--use-file-for-fake-audio-capture=${micWav}${["talk", "proxied"].includes(scenario) ? "%noloop" : ""}`,
+    `--use-file-for-fake-audio-capture=${micWav}${["talk", "proxied", "backchannel"].includes(scenario) ? "%noloop" : ""}`,
     "--autoplay-policy=no-user-gesture-required",
   ],
 });
@@ -131,6 +133,19 @@ async function talk() {
   await connected();
   await typeMessage("are you back");
   result.reconnected = await exchanges();
+}
+
+async function backchannel() {
+  await start();
+  await waitFor(() => window.__s2sTest.events.some((e) => e.event === "resume"));
+  // The answer's end was sent: its audio is all here, and then it plays to its end.
+  await waitFor(() => window.__s2sTest.events.some((e) => e.event === "metrics" && e.turn === 1));
+  await waitFor(() => {
+    const { events, sent } = window.__s2sTest;
+    const resume = events.find((e) => e.event === "resume");
+    return sent.some((m) => m.type === "playback" && m.turn === 1 && m.playing === false && m.t > resume.t);
+  });
+  result.spoken = await exchanges();
 }
 
 async function withToken() {
@@ -244,6 +259,7 @@ function describeExchanges(items) {
     turn: Number(item.dataset.turn),
     user: item.querySelector(".bubble.user")?.textContent ?? "",
     answer: item.querySelector(".bubble.assistant")?.textContent ?? "",
+    unheard: item.querySelector(".bubble.assistant .unheard")?.textContent ?? "",
     meta: item.querySelector(".meta")?.textContent ?? "",
   }));
 }
