@@ -82,6 +82,8 @@ class TurnTakingBench:
                 "complete_questions_cut": sum(q["turns"] > 1 for q in questions), "complete_questions": len(questions),
                 "paused_cut": sum(q["turns"] > 1 for q in paused), "paused": len(paused),
                 "answer_went_on": sum(not k["interrupted"] for k in kept), "backchannels_and_noises": len(kept),
+                "paused_ms": {"p50": pct([k["paused_ms"] for k in kept if k["paused_ms"] is not None], 50),
+                              "max": max((k["paused_ms"] for k in kept if k["paused_ms"] is not None), default=None)},
                 "stop_ms": {"p50": pct([c_["stop_ms"] for c_ in cuts if c_["stop_ms"] is not None], 50),
                             "max": max((c_["stop_ms"] for c_ in cuts if c_["stop_ms"] is not None), default=None)},
                 "interruptions_stopped": sum(c_["interrupted"] for c_ in cuts), "interruptions": len(cuts),
@@ -110,8 +112,11 @@ class TurnTakingBench:
         await asyncio.sleep(max(0.0, sound_end + SETTLE_S - time.monotonic()))
         cut = [r for r in c.events("interrupt") if r.data["turn"] == turn]
         stopped = [r for r in c.received if r.kind in ("pause", "interrupt") and r.data["turn"] == turn]
+        resumed = [r for r in c.events("resume") if r.data["turn"] == turn]
         row = {"file": f["file"], "interrupted": bool(cut), "paused": any(r.kind == "pause" for r in stopped),
-               "stop_ms": round((stopped[0].t - sound_onset) * 1000, 1) if cut else None}
+               "stop_ms": round((stopped[0].t - sound_onset) * 1000, 1) if cut else None,
+               # how long the answer held for it: the gap the user hears (its voice, the end-of-turn wait, the ASR)
+               "paused_ms": round((resumed[0].t - stopped[0].t) * 1000, 1) if resumed else None}
         await self.quiet(c)
         return row
 
@@ -128,10 +133,11 @@ def report(results: dict) -> str:
     for name, r in results["policies"].items():
         rows.append([name, r["voice_to_voice_ms"]["p50"], r["voice_to_voice_ms"]["p95"],
                      f"{r['paused_cut']}/{r['paused']}", f"{r['complete_questions_cut']}/{r['complete_questions']}",
-                     f"{r['answer_went_on']}/{r['backchannels_and_noises']}", r["stop_ms"]["p50"],
+                     f"{r['answer_went_on']}/{r['backchannels_and_noises']}", r["paused_ms"]["p50"], r["stop_ms"]["p50"],
                      f"{r['interruptions_stopped']}/{r['interruptions']}", r["llm_requests_per_question"]])
     return table(rows, ["policy", "voice-to-voice p50 (ms)", "p95", "paused questions cut off", "whole questions cut",
-                        "answer goes on after a backchannel or noise", "stop on a real interruption, p50 (ms)",
+                        "answer goes on after a backchannel or noise", "it paused for, p50 (ms)",
+                        "stop on a real interruption, p50 (ms)",
                         "interruptions that stopped it", "LLM requests per thing said"])
 
 

@@ -13,5 +13,6 @@ def test_quick_turn_taking_benchmark_runs(tmp_path):
     assert p["interruptions_stopped"] == 1 and p["stop_ms"]["p50"] > 200  # a real cut-in stops it, after 200 ms of speech
     [backchannel] = p["results"]["during_answer"]  # "uh-huh" (the fixed ASR hears each fixture's words)
     assert backchannel["paused"] and not backchannel["interrupted"] and p["answer_went_on"] == 1
+    assert backchannel["paused_ms"] > 200 and p["paused_ms"]["p50"] == backchannel["paused_ms"]  # its voice at least
     assert p["llm_requests_per_question"] >= 1
     assert "| smart_turn |" in stdout

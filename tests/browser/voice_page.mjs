@@ -145,6 +145,7 @@ async function backchannel() {
     const resume = events.find((e) => e.event === "resume");
     return sent.some((m) => m.type === "playback" && m.turn === 1 && m.playing === false && m.t > resume.t);
   });
+  await page.screenshot({ path: screenshot, fullPage: true });
   result.spoken = await exchanges();
 }
 
