@@ -3902,6 +3902,8 @@ class ServerMetrics:
         self.handshakes_dropped = pc.Counter("s2s_handshakes_dropped", "Connections dropped in their opening handshake "
                                              "(--max_pending_connections)", **r)
         self.turns = pc.Counter("s2s_turns", "Turns finished, by whether the user cut them off", ["interrupted"], **r)
+        self.resumed = pc.Counter("s2s_answers_resumed", "Times an answer paused for speech over it and went on: a "
+                                  "backchannel or a noise (--backchannels)", **r)
         self.errors = pc.Counter("s2s_errors", "Error events sent to clients, by code", ["code"], **r)
         self.turn_ms = pc.Histogram("s2s_turn_ms", "Per-turn timings in ms, as in the metrics event; voice_to_voice_ms is "
                                     "eot_wait_ms + first_audio_ms", ["figure"], buckets=MS_BUCKETS, **r)
@@ -3911,6 +3913,7 @@ class ServerMetrics:
             self.turn_ms.labels("barge_in_ms").observe(m["barge_in_ms"])
             return
         self.turns.labels(str(m["interrupted"]).lower()).inc()
+        self.resumed.inc(m["resumed"])
         figures = dict(m, voice_to_voice_ms=None if m["first_audio_ms"] is None else m["eot_wait_ms"] + m["first_audio_ms"])
         for name in TURN_FIGURES:
             if figures.get(name) is not None:

@@ -13,11 +13,12 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from client import ExtendedClient
+from client import ExtendedClient, load_wav
 from conftest import fixture, start_server
 from server_process import ROOT, ServerProcess, free_port
 
@@ -53,6 +54,21 @@ async def conversation(srv, **kwargs) -> ExtendedClient:
     return c
 
 
+async def backchannel(srv, **kwargs) -> None:
+    """A typed question; "mm" over its answer (the test ASR hears a short utterance as "Mm."): it pauses, goes on."""
+    speech = load_wav(fixture("en_question.wav"))
+    first = np.flatnonzero(np.abs(speech) > 0.02)[0]
+    mm_then_silence = np.concatenate([speech[first - 1600:first + 8000], np.zeros(16000, np.float32)])
+    async with ExtendedClient(srv.recv_url, srv.send_url, **kwargs) as c:
+        await c.send_text("say something")
+        await c.wait_for(lambda r: r.kind == "audio")
+        for i in range(0, len(mm_then_silence), 1024):  # at a microphone's pace
+            await c.send_audio(mm_then_silence[i:i + 1024])
+            await asyncio.sleep(1024 / 16000)
+        await c.wait_for(lambda r: r.kind == "resume")
+        await c.wait_for(lambda r: r.kind == "metrics" and r.data["metrics"]["resumed"] == 1)
+
+
 async def refused(srv) -> None:
     """A connection without the token: refused (4401)."""
     async with connect(f"{srv.recv_url}/?uid=nobody") as ws:
@@ -61,12 +77,13 @@ async def refused(srv) -> None:
 
 
 def test_metrics_count_sessions_turns_errors_and_every_turn_figure(chat_api):
-    srv = start_server(chat_api, "--auth_token", TOKEN)
+    srv = start_server(chat_api, "--auth_token", TOKEN, "--asr_short_s", "1.2", "--asr_short_words", "Mm.")
     try:
         base = f"http://127.0.0.1:{srv.recv_port}"
         unauthorized, _ = get(f"{base}/metrics")
         wrong, _ = get(f"{base}/metrics", {"Authorization": "Bearer wrong-token-0000"})
         asyncio.run(conversation(srv, subprotocols=["s2s", f"s2s.token.{TOKEN}"]))
+        asyncio.run(backchannel(srv, subprotocols=["s2s", f"s2s.token.{TOKEN}"]))
         asyncio.run(refused(srv))
         status, metrics = get(f"{base}/metrics", {"Authorization": f"Bearer {TOKEN}"})
         by_query, _ = get(f"{base}/metrics?token={TOKEN}")
@@ -81,7 +98,8 @@ def test_metrics_count_sessions_turns_errors_and_every_turn_figure(chat_api):
     assert sample(metrics, "s2s_turn_ms_sum", figure="voice_to_voice_ms") > sample(metrics, "s2s_turn_ms_sum", figure="first_audio_ms")
     assert sample(metrics, "s2s_errors_total", code="text_too_long") == 1
     assert sample(metrics, "s2s_connections_refused_total", code="4401") == 1
-    assert sample(metrics, "s2s_sessions") == 1  # the conversation's session waits --resume_s for its client
+    assert sample(metrics, "s2s_answers_resumed_total") == 1
+    assert sample(metrics, "s2s_sessions") == 2  # the two conversations' sessions wait --resume_s for their clients
 
 
 def test_healthz_on_its_own_port_says_503_until_the_models_are_ready(chat_api):
