@@ -2179,8 +2179,8 @@ class Session:
         if earlier is not None:
             self.cut_in = dataclasses.replace(earlier, turn=waiting, held=[])
         else:
-            self.cut_in = CutIn(self.current(), waiting, heard_at, now())
             self.speaker.pause(self.turn)
+            self.cut_in = CutIn(self.current(), waiting, heard_at, self.speaker.paused_at)
             self.loop.call_later(AUDIO_GAP_S, self._check_pause, self.cut_in.paused_at)
         return waiting
 
@@ -2377,10 +2377,12 @@ class Speaker:
             else:
                 if item is None:
                     return
+                if item is self.NUDGE:  # the urgent events go out at the top of the loop
+                    continue
                 if isinstance(item, ServerEvent):
                     yield item
                     continue
-                pieces = [] if item is self.NUDGE else legacy.push(item) if legacy is not None else [item]
+                pieces = legacy.push(item) if legacy is not None else [item]
             for piece in pieces:
                 while True:  # a pause or resume that comes while this piece waits goes out first; then it waits again
                     while self.urgent:

@@ -102,7 +102,11 @@ class Client:
 
     async def stream_wav(self, path: str, trailing_silence_s: float = 1.0) -> None:
         """Send speech in real time, then silence, so the VAD hears the end of the turn."""
-        audio = np.concatenate([load_wav(path), np.zeros(int(trailing_silence_s * SAMPLE_RATE), np.float32)])
+        await self.stream(load_wav(path), trailing_silence_s)
+
+    async def stream(self, speech: np.ndarray, trailing_silence_s: float = 1.0) -> None:
+        """stream_wav() of 16 kHz float32 samples."""
+        audio = np.concatenate([speech, np.zeros(int(trailing_silence_s * SAMPLE_RATE), np.float32)])
         start = time.monotonic()
         onset = None
         for i in range(0, len(audio), CHUNK):

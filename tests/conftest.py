@@ -13,6 +13,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from client import load_wav, voiced_span  # noqa: E402
 from fakes import FakeChatAPI  # noqa: E402
 from s2s_server_pipeline import uid_tag  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
@@ -20,6 +21,14 @@ from server_process import ServerProcess  # noqa: E402
 
 def fixture(name: str) -> str:
     return os.path.join(FIXTURES, name)
+
+
+def short_voice():
+    """Half a second of a voice, and 0.1 s before it (the start of en_question.wav's): "mm", as far as a test's
+    fixed ASR can tell (--asr_short_s)."""
+    speech = load_wav(fixture("en_question.wav"))
+    first = voiced_span(speech)[0]
+    return speech[first - 1600:first + 8000]
 
 
 def run_bench(script: str, out, *flags: str, timeout: float = 600) -> tuple:

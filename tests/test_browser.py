@@ -29,7 +29,7 @@ import soxr
 from websockets.asyncio.server import serve
 
 from client import load_wav
-from conftest import ROOT, fixture, start_server
+from conftest import ROOT, fixture, short_voice, start_server
 
 import s2s_server_pipeline as s2s
 
@@ -252,11 +252,9 @@ def token_server(chat_api):
 def test_a_backchannel_pauses_the_page_and_it_plays_on_losing_nothing(chat_api, long_answers, tmp_path):
     """"mm" over the answer: the page stops playing at the pause, stays silent, and plays on at the resume from
     where it stopped, to the answer's end: it plays all it received, no more (nothing lost, nothing twice)."""
-    speech = load_wav(fixture("en_question.wav"))
-    first = np.flatnonzero(np.abs(speech) > 0.02)[0]
-    mm = speech[first - 1600:first + 8000]  # half a second of a voice, heard as "Mm." by the test's ASR
     mic_wav, screenshot = str(tmp_path / "mic.wav"), os.path.join(ARTIFACTS, "browser-backchannel.png")
-    write_mic(mic_wav, silence(1.0), speech, silence(SILENCE_AFTER_QUESTION_S), mm, silence(20.0))
+    write_mic(mic_wav, silence(1.0), load_wav(fixture("en_question.wav")), silence(SILENCE_AFTER_QUESTION_S), short_voice(),
+              silence(20.0))
     srv = start_server(chat_api, "--client_dir", BUILT, "--asr_short_s", "1.2", "--asr_short_words", "Mm.")
     try:
         page = run_page("backchannel", f"http://127.0.0.1:{srv.recv_port}/", mic_wav, screenshot)

@@ -15,7 +15,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from client import CleanS2SClient, ExtendedClient, LegacyClient, load_wav
-from conftest import LONG_ANSWER, fixture, saved_file, short_answer, start_server
+from conftest import LONG_ANSWER, fixture, saved_file, short_answer, short_voice, start_server
 
 import s2s_server_pipeline as s2s
 
@@ -101,9 +101,6 @@ def test_a_backchannel_pauses_the_answer_and_it_goes_on_with_every_frame(chat_ap
     """Over real sockets: "mm" while the answer plays pauses it at once (the client holds its playback) and, heard
     as a backchannel, lets it go on: the whole answer arrives, each audio frame once, with no interrupt."""
     srv = start_server(chat_api, "--asr_short_s", "1.2", "--asr_short_words", "Mm.")
-    speech = load_wav(fixture("en_question.wav"))
-    first = np.flatnonzero(np.abs(speech) > 0.02)[0]
-    mm = speech[first - 1600:first + 8000]  # half a second of a voice: "mm", as far as the ASR here can tell
     try:
         async def scenario():
             async with ExtendedClient(srv.recv_url, srv.send_url) as c:
@@ -111,10 +108,7 @@ def test_a_backchannel_pauses_the_answer_and_it_goes_on_with_every_frame(chat_ap
                 await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == 1)
                 await asyncio.sleep(1.0)  # the answer is playing
                 said_at = time.monotonic()
-                voice_then_silence = np.concatenate([mm, np.zeros(s2s.SAMPLE_RATE, np.float32)])
-                for i in range(0, len(voice_then_silence), 1024):  # at a microphone's pace
-                    await c.send_audio(voice_then_silence[i:i + 1024])
-                    await asyncio.sleep(1024 / s2s.SAMPLE_RATE)
+                await c.stream(short_voice())
                 metrics = await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 1, timeout=60)
                 return c, metrics, said_at
         c, metrics, said_at = run(scenario())

@@ -13,13 +13,12 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from client import ExtendedClient, load_wav
-from conftest import fixture, start_server
+from client import ExtendedClient
+from conftest import fixture, short_voice, start_server
 from server_process import ROOT, ServerProcess, free_port
 
 TOKEN = "ops-token-0123456789"
@@ -56,15 +55,10 @@ async def conversation(srv, **kwargs) -> ExtendedClient:
 
 async def backchannel(srv, **kwargs) -> None:
     """A typed question; "mm" over its answer (the test ASR hears a short utterance as "Mm."): it pauses, goes on."""
-    speech = load_wav(fixture("en_question.wav"))
-    first = np.flatnonzero(np.abs(speech) > 0.02)[0]
-    mm_then_silence = np.concatenate([speech[first - 1600:first + 8000], np.zeros(16000, np.float32)])
     async with ExtendedClient(srv.recv_url, srv.send_url, **kwargs) as c:
         await c.send_text("say something")
         await c.wait_for(lambda r: r.kind == "audio")
-        for i in range(0, len(mm_then_silence), 1024):  # at a microphone's pace
-            await c.send_audio(mm_then_silence[i:i + 1024])
-            await asyncio.sleep(1024 / 16000)
+        await c.stream(short_voice())
         await c.wait_for(lambda r: r.kind == "resume")
         await c.wait_for(lambda r: r.kind == "metrics" and r.data["metrics"]["resumed"] == 1)
 

@@ -6,7 +6,7 @@ from collections import deque
 import numpy as np
 
 from client import load_wav, voiced_span
-from conftest import fixture
+from conftest import fixture, short_voice
 import s2s_server_pipeline as s2s
 from serve_test_models import FixedLatencyASR, FixedLatencyTTS
 
@@ -138,13 +138,20 @@ def test_a_legacy_session_sends_the_answer_in_whole_chunks_with_the_question_on_
 
 
 QUESTION = load_wav(fixture("en_question.wav"))
-VOICE_START = voiced_span(QUESTION)[0]
-SHORT_VOICE = QUESTION[VOICE_START - 1600:VOICE_START + 8000]  # half a second of a voice, and 0.1 s before it
+SHORT_VOICE = short_voice()
 LONG_ANSWER = "tell me a long story " * 6
 
 
 def answer_pcm(c, turn) -> bytes:
     return b"".join(x.pcm for x in c.answer(turn))
+
+
+async def answering(pipeline, args) -> Conversation:
+    """A conversation whose long typed answer has begun to go out: what speech over an answer cuts into."""
+    c = Conversation(pipeline, args)
+    c.session.type(LONG_ANSWER)
+    await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+    return c
 
 
 def test_a_backchannel_over_an_answer_pauses_it_and_it_goes_on_where_it_stopped():
@@ -155,9 +162,7 @@ def test_a_backchannel_over_an_answer_pauses_it_and_it_goes_on_where_it_stopped(
         alone.session.type(LONG_ANSWER)
         await alone.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.last)
 
-        c = Conversation(pipeline, args)
-        c.session.type(LONG_ANSWER)
-        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        c = await answering(pipeline, args)
         pipeline.asr.handler.script.append("嗯嗯。")
         await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))
         pause = await c.until(lambda x: isinstance(x, s2s.PauseEvent))
@@ -180,9 +185,7 @@ def test_a_backchannel_over_an_answer_pauses_it_and_it_goes_on_where_it_stopped(
 
 def test_words_over_an_answer_cut_it_off_where_it_paused_and_are_answered():
     async def scenario(pipeline, args):
-        c = Conversation(pipeline, args)
-        c.session.type(LONG_ANSWER)
-        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        c = await answering(pipeline, args)
         pipeline.asr.handler.script.append("wait, what about Paris?")
         await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))
         interrupt = await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
@@ -202,10 +205,8 @@ def test_words_over_an_answer_cut_it_off_where_it_paused_and_are_answered():
 
 def test_speech_longer_than_a_backchannel_cuts_the_answer_off_before_it_ends():
     async def scenario(pipeline, args):
-        c = Conversation(pipeline, args)
-        c.session.type(LONG_ANSWER)
-        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
-        first, _ = voiced_span(QUESTION)
+        c = await answering(pipeline, args)
+        first = voiced_span(QUESTION)[0]
         await c.speak(QUESTION[:first + int(1.4 * s2s.SAMPLE_RATE)])  # 1.4 s of voice, still speaking
         assert [type(x) for x in c.said if isinstance(x, (s2s.PauseEvent, s2s.InterruptEvent))] == [
             s2s.PauseEvent, s2s.InterruptEvent]
@@ -219,9 +220,7 @@ def test_speech_longer_than_a_backchannel_cuts_the_answer_off_before_it_ends():
 
 def test_with_no_backchannels_speech_cuts_the_answer_off_at_once():
     async def scenario(pipeline, args):
-        c = Conversation(pipeline, args)
-        c.session.type(LONG_ANSWER)
-        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        c = await answering(pipeline, args)
         await c.speak(SHORT_VOICE)
         await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
         assert not [x for x in c.said if isinstance(x, s2s.PauseEvent)]
@@ -232,9 +231,7 @@ def test_with_no_backchannels_speech_cuts_the_answer_off_at_once():
 def test_a_paused_answer_goes_on_when_the_microphone_stops_mid_word():
     """Muted in the middle of "mm": the VAD cannot tell the speech's end, so the answer does not wait for it."""
     async def scenario(pipeline, args):
-        c = Conversation(pipeline, args)
-        c.session.type(LONG_ANSWER)
-        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.pcm)
+        c = await answering(pipeline, args)
         await c.speak(SHORT_VOICE[:4800 + 1600])  # 0.3 s of the voice, and then nothing at all
         await c.until(lambda x: isinstance(x, s2s.PauseEvent))
         resume = await c.until(lambda x: isinstance(x, s2s.ResumeEvent), timeout_s=3)
