@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--turn_detection", choices=["silence", "smart_turn"], default="silence",
                       help="what ends the user's turn: silence (--min_silence_ms of it), or smart_turn: at a pause of --turn_pause_ms, "
                            "the Smart Turn model hears whether the turn is complete; if not, the server waits on, up to "
-                           "--max_turn_silence_ms (README: Turn-taking)")
+                           "--max_turn_silence_ms (README: Smart Turn)")
     talk.add_argument("--turn_pause_ms", type=int, default=200, help="--turn_detection smart_turn: the pause after which the model is asked")
     talk.add_argument("--turn_reask_ms", type=int, default=300,
                       help="--turn_detection smart_turn: while the silence goes on after an 'unfinished', ask again every this many ms "
@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(pip install --no-deps pipecat-ai==1.14.0)")
     talk.add_argument("--smart_turn_threshold", type=float, default=0.5,
                       help="--turn_detection smart_turn: the probability from which the model's answer is 'complete'")
+    talk.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                      help="at a pause of --speculate_pause_ms, answer what the user said so far, sending nothing: if the pause "
+                           "ends the turn, the answer goes out at once; if the user speaks on, it is dropped unheard (its LLM "
+                           "request wasted; the metrics count them). Off with a streaming ASR or --interrupt_at speech_end")
+    talk.add_argument("--speculate_pause_ms", type=int, default=100,
+                      help="--speculate: the pause in the user's speech at which a tentative answer starts")
     talk.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
     talk.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
     talk.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
@@ -381,6 +387,7 @@ TURN_MOVES = {
 class TurnTimes:
     """When each step of a turn happened (now(), in s), for its metrics."""
     speech_end: Optional[float] = None  # end of speech detected, after the end-of-turn wait (text: received)
+    speculated_at: Optional[float] = None  # --speculate: when the answer started, at a pause before speech_end
     eot_wait_ms: float = 0.0  # silence waited before speech_end, and the turn model's time to decide
     transcript: Optional[float] = None
     llm_first_token: Optional[float] = None
@@ -396,7 +403,8 @@ class TurnTimes:
             return None if a is None or b is None else round((b - a) * 1000, 1)
         return {
             "eot_wait_ms": round(self.eot_wait_ms, 1),
-            "asr_ms": ms(self.speech_end, self.transcript),
+            "speculated_ms": ms(self.speculated_at, self.speech_end),  # how far ahead of the turn's end it started
+            "asr_ms": ms(self.speculated_at or self.speech_end, self.transcript),
             "llm_first_token_ms": ms(self.transcript or self.speech_end, self.llm_first_token),
             "llm_first_chunk_ms": ms(self.llm_first_token, self.llm_first_chunk),
             "tts_first_audio_ms": ms(self.llm_first_chunk, self.tts_first_audio),
@@ -423,6 +431,12 @@ class Turn:
     state: TurnState = TurnState.HEARING
     messages_sent: int = 0  # answer messages that went to the clients
     resumed: int = 0  # times its playback paused for speech that proved a backchannel or a noise, and went on
+    llm_requests: int = 0  # answers asked of the LLM for it
+    # --speculate: its answer was started at a pause, before the turn was known to be over; earlier tentative answers
+    # to the same utterance were dropped because the user spoke on, and cost this many LLM requests.
+    speculated: bool = False
+    speculations_discarded: int = 0
+    llm_requests_discarded: int = 0
     times: TurnTimes = field(default_factory=TurnTimes)
     notes: dict = field(default_factory=dict)  # what a forked handler keeps with the turn (what the RAG agent found)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
@@ -450,7 +464,9 @@ class Turn:
         return "".join(text for start_ms, text in self.answer_chunks if start_ms <= limit)
 
     def metrics(self) -> dict:
-        return {**self.times.metrics(), "interrupted": self.state is TurnState.INTERRUPTED, "resumed": self.resumed}
+        return {**self.times.metrics(), "interrupted": self.state is TurnState.INTERRUPTED, "resumed": self.resumed,
+                "speculated": self.speculated, "speculations_discarded": self.speculations_discarded,
+                "llm_requests_discarded": self.llm_requests_discarded}
 
 
 INTERRUPTED_MARK = " [interrupted by the user]"
@@ -476,6 +492,11 @@ class ChatHistory:
     def clear(self) -> None:
         with self.lock:
             self.exchanges.clear()
+
+    def drop(self, turn: Turn) -> None:
+        """Take back a turn added for a tentative answer that was dropped (--speculate)."""
+        with self.lock:
+            self.exchanges = [t for t in self.exchanges if t is not turn]
 
     def past(self) -> list:
         """The turns whose exchanges the LLM sees, oldest first: those with an answer (one cut off before a word
@@ -618,10 +639,17 @@ class SpeechStarted:
 
 
 @dataclass
+class SpeechPaused:  # --speculate: the user paused; the turn may be over
+    audio: np.ndarray  # float32 PCM, 16 kHz mono: the utterance so far, as SpeechEnded would cut it here
+    speech_ms: float  # voice heard in the utterance so far: any more means the user spoke on
+
+
+@dataclass
 class SpeechEnded:
     audio: np.ndarray  # float32 PCM, 16 kHz mono, speech plus padding
     silence_ms: float  # end-of-turn wait that preceded this event: silence heard, and the turn model's time to decide
     untaken: np.ndarray  # the part of the utterance take_new() has not handed out yet
+    speech_ms: float  # voice heard in the utterance
 
 
 class VADSegmenter:
@@ -630,12 +658,14 @@ class VADSegmenter:
 
     With a turn model (SmartTurn), a pause of `pause_ms` asks it whether the turn is complete: yes ends the turn
     there; no waits on, asking again every `reask_ms` of silence (0: not until the next pause); `max_silence_ms` of
-    silence ends it whatever it said."""
+    silence ends it whatever it said. With `speculate_ms`, a pause that long that has not ended the turn says so
+    (SpeechPaused), once a pause, so that an answer can start before the turn is known to be over."""
 
     def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int,
                  turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000,
-                 reask_ms: int = 0):
+                 reask_ms: int = 0, speculate_ms: Optional[int] = None):
         self.turn_model, self.pause_ms, self.max_silence_ms, self.reask_ms = turn_model, pause_ms, max_silence_ms, reask_ms
+        self.speculate_ms = speculate_ms
         self.end_ms = pause_ms if turn_model is not None else min_silence_ms  # the shortest pause that can end a turn
         self.model = model
         self.state = model.new_state()
@@ -657,6 +687,7 @@ class VADSegmenter:
         self.loudest = 0.0  # RMS of the loudest speech window so far
         self.heard_at: Optional[float] = None
         self.asked_at: Optional[float] = None  # the silence (ms) at which the turn model was last asked about this pause
+        self.pause_told = False  # SpeechPaused went out for this pause
         self.decide_ms = 0.0  # what asking it cost, on the call that ended the turn
 
     def reset(self) -> None:
@@ -691,7 +722,7 @@ class VADSegmenter:
         if prob >= self.threshold:
             self.speech_ms += self.window_ms
             self.silence_ms = 0.0
-            self.asked_at = None
+            self.asked_at, self.pause_told = None, False
             self.loudest = max(self.loudest, rms(window))
         elif prob < self.neg_threshold:
             if self.silence_ms == 0.0:  # the wait counts from where the voice stopped, not where the VAD noticed
@@ -707,12 +738,19 @@ class VADSegmenter:
             return None
         too_long = len(self.windows) * self.window_ms >= self.max_speech_ms
         if too_long or self._turn_over():
-            drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))  # trailing silence beyond the pad
-            audio = np.concatenate(self.windows[:len(self.windows) - drop])
-            event = SpeechEnded(audio, self.silence_ms + self.decide_ms, concat(self.windows[self.taken:]))
+            event = SpeechEnded(self._utterance(), self.silence_ms + self.decide_ms, concat(self.windows[self.taken:]),
+                                self.speech_ms)
             self._reset_utterance()
             return event
+        if self.speculate_ms is not None and not self.pause_told and self.silence_ms >= self.speculate_ms:
+            self.pause_told = True
+            return SpeechPaused(self._utterance(), self.speech_ms)
         return None
+
+    def _utterance(self) -> np.ndarray:
+        """The utterance so far without the silence after it beyond the pad."""
+        drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))
+        return np.concatenate(self.windows[:len(self.windows) - drop])
 
     def _turn_over(self) -> bool:
         """Does the silence so far end the user's turn?"""
@@ -781,15 +819,16 @@ class Listener:
     """What one session hears, and the turn-taking that follows from it: the client's audio, resampled to 16 kHz,
     goes through the session's VAD (on the VAD's thread pool); a user turn starts when speech starts (with
     --interrupt_at speech_end, when it ends, as CleanS2S did), and the utterance goes to the ASR when the turn
-    ends (a streaming ASR hears it in pieces as it comes). Speech over an answer may pause it instead (the session
-    decides): past --backchannel_max_ms of it, it takes the turn. It keeps no reference to its session: hear() is
-    given it."""
+    ends (a streaming ASR hears it in pieces as it comes). With --speculate, a pause in the user's speech starts a
+    tentative answer, which the end of the turn takes and more speech drops (Session.speculate). Speech over an
+    answer may pause it instead (the session decides): past --backchannel_max_ms of it, it takes the turn. It
+    keeps no reference to its session: hear() is given it."""
 
     def __init__(self, args: argparse.Namespace, pipeline: Pipeline):
         self.args, self.pipeline = args, pipeline
         self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
                                 args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms,
-                                args.turn_reask_ms)
+                                args.turn_reask_ms, args.speculate_pause_ms if speculates(args, pipeline.asr.handler) else None)
         self.resampler = None
         if args.sample_rate != SAMPLE_RATE:
             import soxr
@@ -816,8 +855,12 @@ class Listener:
             if isinstance(ev, SpeechEnded if late else SpeechStarted):
                 self.speech_turn = session.start_spoken_turn(self.speech_heard_at).number
                 started += 1
+            if isinstance(ev, SpeechPaused) and session.is_current(self.speech_turn):
+                session.speculate(ev.audio, ev.speech_ms)
             if isinstance(ev, SpeechEnded):
                 self._turn_ends(session, ev)
+        if self.vad.heard_at is not None:
+            session.spoke_on(self.vad.speech_ms)  # a tentative answer to less than this is dropped
         if session.pausing_for(self.speech_turn) and self.vad.speech_ms > self.args.backchannel_max_ms:
             session.take_turn()  # too long for a backchannel
         self._stream_to_asr(session)
@@ -832,6 +875,8 @@ class Listener:
             return
         t = session.turn_record(self.speech_turn)
         t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
+        if session.take_speculation(ev.speech_ms):  # its answer goes out now: the user said nothing more
+            return
         t.move(TurnState.ANSWERING)
         asr = self.pipeline.asr
         asr.put(Utterance(session, t.number, ev.untaken if asr.handler.streaming else ev.audio))
@@ -846,6 +891,12 @@ class Listener:
     def forget(self) -> None:
         """The client is gone: an utterance cut off with its connection is not continued by the next one's audio."""
         self.vad.reset()
+
+
+def speculates(args: argparse.Namespace, asr: ASRHandler) -> bool:
+    """--speculate, where it can: the tentative answer hears the utterance whole, so not with a streaming ASR, nor
+    where the turn itself starts only when the utterance ends (--interrupt_at speech_end)."""
+    return args.speculate and not asr.streaming and args.interrupt_at == "speech_start"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1365,6 +1416,7 @@ class LLMHandler(BaseHandler):
             return
         messages = session.history.messages(self.system_role, self.system_prompt, msg.text)
         session.history.add(turn)
+        turn.llm_requests += 1
         chunker, seq = SpeakableChunker(self.first_chunk_min_chars), 0
         feed = TextFeed() if self.text_stream else None
         tokens = until_cancelled(self.respond(msg, turn, messages), turn.cancelled)
@@ -1376,7 +1428,7 @@ class LLMHandler(BaseHandler):
                         turn.times.llm_first_chunk = turn.times.llm_first_token
                         yield AnswerText(session, msg.turn, 0, "", last=True, feed=feed)
                 if feed is not None:
-                    if not session.is_current(msg.turn):
+                    if not session.wants(msg.turn):
                         break
                     feed.put(delta)
                     continue
@@ -1385,12 +1437,12 @@ class LLMHandler(BaseHandler):
                     yield AnswerText(session, msg.turn, seq, chunk, last=False)
                     seq += 1
         except Exception as exc:  # the user hears what was generated, then an error
-            if not session.is_current(msg.turn):
+            if not session.wants(msg.turn):
                 return
             logger.warning("LLM failed on session %s turn %d: %s", session.tag, msg.turn, exc)
             session.send_event(ErrorEvent("llm_failed", f"LLM failed: {exc}", msg.turn))
         else:
-            if turn.times.llm_first_token is None and session.is_current(msg.turn):  # e.g. a reply in the wrong format
+            if turn.times.llm_first_token is None and session.wants(msg.turn):  # e.g. a reply in the wrong format
                 logger.warning("LLM sent no text on session %s turn %d", session.tag, msg.turn)
                 session.send_event(ErrorEvent("llm_failed", "LLM failed: it sent no text (an empty or malformed reply)", msg.turn))
         finally:
@@ -2026,6 +2078,17 @@ class CutIn:
     held: list = field(default_factory=list)  # its transcript events: said only if it takes the turn
 
 
+@dataclass
+class Speculation:
+    """A tentative answer (--speculate): at a pause in the user's speech, the ASR, LLM and TTS start on the utterance
+    so far as a turn of their own (`turn`, a number the client never sees), and nothing of it goes out. If the pause
+    ends the user's turn, it becomes that turn's answer and what it made goes out at once (Session.take_speculation);
+    if the user speaks on, it is dropped, and no one hears of it."""
+    turn: Turn
+    speech_ms: float  # voice in the utterance when it started
+    held: list = field(default_factory=list)  # its events and audio, in order
+
+
 class Session:
     """One user's conversation: what it hears (Listener, with the turn-taking), its turns and history, and what goes
     back to the client (Speaker). It knows no socket: a wire adapter (further down) turns a client's messages into
@@ -2039,9 +2102,10 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.on_turn_end = on_turn_end  # (session, turn, again): the server's metrics and --save_data, as each turn ends
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
-        self.numbered = 0  # the highest turn number given: a cut-in's waiting turn takes one, and may be dropped
+        self.unseen = 0  # the last number given to a turn in waiting (a cut-in's, a speculation's): -1, -2, ...
         self.cut_in: Optional[CutIn] = None
-        self.turns: dict = {}  # the current turn and the one before it
+        self.speculation: Optional[Speculation] = None
+        self.turns: dict = {}  # the current turn and the one before it (a speculation taken: under both numbers)
         self.history = ChatHistory(args.chat_size)
         self.listener = Listener(args, pipeline)
         self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
@@ -2091,6 +2155,7 @@ class Session:
     def stop_answer(self) -> None:
         """The turn under way becomes stale, and so does all its queued work."""
         self.drop_cut_in()
+        self.drop_speculation()
         self.speaker.paused_turn = None  # no one hears a resume: the client left, or the session ends
         t = self.current()
         if t is not None:
@@ -2108,19 +2173,24 @@ class Session:
     # ---- turns (event loop) ----
 
     def is_current(self, turn: int) -> bool:
-        return not self.closed and turn == self.turn
+        return not self.closed and turn in self.turns and self.turns[turn] is self.current()
 
     def pausing_for(self, turn: int) -> bool:
         """Whether `turn` is a cut-in's turn in waiting (see CutIn)."""
         return not self.closed and self.cut_in is not None and self.cut_in.turn.number == turn
 
+    def speculating(self, turn: int) -> bool:
+        """Whether `turn` is a tentative answer's (see Speculation)."""
+        return not self.closed and self.speculation is not None and self.speculation.turn.number == turn
+
     def wants(self, turn: int) -> bool:
-        """Whether work for this turn is still wanted: it is current (or a cut-in's, for the ASR), not cancelled, and
-        its answer is still being made (no stage has failed it, and not all of it has gone out)."""
+        """Whether work for this turn is still wanted: it is current (or a cut-in's, for the ASR, or a tentative
+        answer's), not cancelled, and its answer is still being made (no stage has failed it, and not all of it has
+        gone out)."""
         record = self.turns.get(turn)
         working = (TurnState.HEARING, TurnState.ANSWERING, TurnState.SPEAKING)
-        return ((self.is_current(turn) or self.pausing_for(turn)) and record is not None and record.state in working
-                and not record.cancelled.done())
+        return ((self.is_current(turn) or self.pausing_for(turn) or self.speculating(turn)) and record is not None
+                and record.state in working and not record.cancelled.done())
 
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
@@ -2131,11 +2201,17 @@ class Session:
     def assistant_busy(self) -> bool:
         return self.speaker.busy(self.current())
 
+    def waiting_number(self) -> int:
+        """A turn in waiting's number, below zero: the client never sees it (it gets the turn's own if it is taken),
+        so the turns it sees are numbered 1, 2, 3... as CleanS2S's client counts them."""
+        self.unseen -= 1
+        return self.unseen
+
     def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
         """A new turn makes the running one stale (a paused answer too: it is cut off). Returns the new turn's record."""
         self.drop_cut_in()
-        self.numbered += 1
-        return self._make_current(Turn(self.numbered, spoken), heard_at, now())
+        self.drop_speculation()
+        return self._make_current(Turn(self.turn + 1, spoken), heard_at, now())
 
     def _make_current(self, record: Turn, heard_at: Optional[float], stopped_at: float) -> Turn:
         """`record` becomes the current turn; the answer under way, if any, is cut off (the user heard it stop at
@@ -2150,7 +2226,7 @@ class Session:
         if old is not None:
             old.cancel()
         self.turn = record.number
-        self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1 or t is old}
+        self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1 or t is old or t is record}
         self.turns[self.turn] = record
         return record
 
@@ -2163,6 +2239,55 @@ class Session:
         self.speaker.put(SpeechStartEvent(t.number))
         return t
 
+    # ---- a tentative answer at a pause in the user's speech, taken or dropped (event loop, --speculate) ----
+
+    def speculate(self, audio: np.ndarray, speech_ms: float) -> None:
+        """The user paused: answer what they said so far, in a turn of its own that no one hears of yet."""
+        self.drop_speculation()
+        if self.current().state is not TurnState.HEARING:
+            return
+        tentative = Turn(self.waiting_number(), spoken=True, state=TurnState.ANSWERING)
+        tentative.times.speculated_at = now()
+        self.turns[tentative.number] = tentative
+        self.speculation = Speculation(tentative, speech_ms)
+        self.pipeline.asr.put(Utterance(self, tentative.number, audio))
+
+    def spoke_on(self, speech_ms: float) -> None:
+        """The utterance has this much voice in it now: a tentative answer to less is dropped."""
+        if self.speculation is not None and speech_ms > self.speculation.speech_ms:
+            self.drop_speculation()
+
+    def drop_speculation(self) -> None:
+        """Forget the tentative answer: its work is stale, it leaves the history, and the turn counts what it cost."""
+        spec, self.speculation = self.speculation, None
+        if spec is None:
+            return
+        spec.turn.cancel()
+        self.turns.pop(spec.turn.number, None)
+        self.history.drop(spec.turn)
+        t = self.current()
+        if t is not None:
+            t.speculations_discarded += 1
+            t.llm_requests_discarded += spec.turn.llm_requests
+
+    def take_speculation(self, speech_ms: float) -> bool:
+        """The user's turn has ended: if a tentative answer heard all of it, it becomes the turn (under its number,
+        with the turn's timings and what earlier ones cost), and what it made so far goes out. Else it is dropped."""
+        spec = self.speculation
+        if spec is None or speech_ms != spec.speech_ms or spec.turn.state is not TurnState.ANSWERING:
+            self.drop_speculation()
+            return False
+        self.speculation = None
+        heard, taken = self.current(), spec.turn
+        taken.number, taken.speculated, taken.heard_audio = heard.number, True, heard.heard_audio
+        taken.times.speech_end, taken.times.eot_wait_ms = heard.times.speech_end, heard.times.eot_wait_ms
+        taken.speculations_discarded, taken.llm_requests_discarded = heard.speculations_discarded, heard.llm_requests_discarded
+        heard.cancel()
+        self.turns[heard.number] = taken  # its stages' messages still say its own number, which stays
+        for item in spec.held:
+            self._send(item)
+        return True
+
     # ---- speech over an answer: pause, then go on or cut off (event loop) ----
 
     def may_pause(self) -> bool:
@@ -2173,8 +2298,7 @@ class Session:
         """Hold the answer while the user speaks; the speech gets a turn in waiting. New speech while the words of the
         last are still with the ASR takes its place (the answer stays paused)."""
         earlier = self.drop_cut_in()
-        self.numbered += 1
-        waiting = Turn(self.numbered, spoken=True)
+        waiting = Turn(self.waiting_number(), spoken=True)
         self.turns[waiting.number] = waiting
         if earlier is not None:
             self.cut_in = dataclasses.replace(earlier, turn=waiting, held=[])
@@ -2197,11 +2321,13 @@ class Session:
             self.loop.call_later(AUDIO_GAP_S, self._check_pause, paused_at)
 
     def take_turn(self) -> None:
-        """The speech over the paused answer cuts it off: its turn in waiting becomes the turn."""
+        """The speech over the paused answer cuts it off: its turn in waiting becomes the next turn."""
         c, self.cut_in = self.cut_in, None
+        c.turn.number = self.turn + 1  # its stages' messages still say its waiting number, which stays
         self._make_current(c.turn, c.heard_at, c.paused_at)
-        for event in [SpeechStartEvent(c.turn.number), *c.held]:
-            self.speaker.put(event)
+        self.speaker.put(SpeechStartEvent(c.turn.number))
+        for event in c.held:
+            self._send(event)
 
     def go_on(self, heard: str) -> None:
         """The speech over the paused answer was a backchannel or a noise: the answer plays on from where it stopped."""
@@ -2254,24 +2380,41 @@ class Session:
     def send_event(self, event: ServerEvent) -> None:
         self._call_from_thread(self._send, event)
 
-    def _send(self, event: ServerEvent) -> None:
-        if self.pausing_for(getattr(event, "turn", None)):  # a cut-in's words: said if it takes the turn
-            self.cut_in.held.append(event)
-        else:
-            self.speaker.put(event)
-
     def deliver(self, item: AnswerAudio) -> None:
-        self._call_from_thread(self.speaker.put, item)
+        self._call_from_thread(self._send, item)
+
+    def _send(self, item: ServerEvent | AnswerAudio) -> None:
+        """To the client, under the turn's number; a cut-in's words and a tentative answer are held."""
+        turn = getattr(item, "turn", None)
+        record = self.turns.get(turn)
+        if turn is not None and record is None:  # stale work of a turn long gone, or of a turn in waiting dropped unheard
+            return
+        if self.pausing_for(turn):  # said if it takes the turn
+            self.cut_in.held.append(item)
+        elif self.speculating(turn):  # said if the user's turn ends with no more words
+            self.speculation.held.append(item)
+        else:
+            if record is not None and record.number != turn:  # a tentative answer taken: the client knows its turn's number
+                item = dataclasses.replace(item, turn=record.number)
+            self.speaker.put(item)
 
     def _call_from_thread(self, fn: Callable[[Any], None], arg: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: so has the session, and no one would hear it
             self.loop.call_soon_threadsafe(fn, arg)
 
+    def _speculation_failed(self, turn: int) -> None:
+        if self.speculating(turn):
+            self.drop_speculation()
+
     def fail_turn(self, turn: int, code: str, message: str) -> None:
         """End a turn whose stage raised: the client hears an error, later turns go on. Speech over a paused answer
-        that the ASR could not hear is taken for a noise: the answer goes on."""
+        that the ASR could not hear is taken for a noise: the answer goes on. A tentative answer that fails is dropped:
+        the turn's end starts it again."""
         if self.pausing_for(turn):
             self._call_from_thread(self.weigh_cut_in, UserText(self, turn, ""))
+            return
+        if self.speculating(turn):
+            self._call_from_thread(self._speculation_failed, turn)
             return
         record = self.turns.get(turn)
         if record is not None:
@@ -2538,8 +2681,9 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
         parser.error("--sample_rate, --max_sessions, --asr_workers and --tts_workers must be positive")
     if (args.lm_prefix_cache or 0) < 0:
         parser.error("--lm_prefix_cache must be 0 (off) or more")
-    if not 0 < args.turn_pause_ms < args.max_turn_silence_ms or args.turn_reask_ms < 0:
-        parser.error("--turn_pause_ms must be positive and shorter than --max_turn_silence_ms, and --turn_reask_ms 0 or more")
+    if not 0 < args.turn_pause_ms < args.max_turn_silence_ms or args.turn_reask_ms < 0 or args.speculate_pause_ms <= 0:
+        parser.error("--turn_pause_ms must be positive and shorter than --max_turn_silence_ms, --turn_reask_ms 0 or more, "
+                     "and --speculate_pause_ms positive")
     args.auth_token = args.auth_token or os.environ.get("S2S_AUTH_TOKEN") or None
     if args.auth_token and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.auth_token):
         parser.error("--auth_token must be 8-256 letters, digits or . _ ~ - (it travels in a URL or a subprotocol name); "
@@ -2623,6 +2767,9 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
         if component is not None:
             load(name, component)
     llm.text_stream = tts.reads_text_stream
+    if args.speculate and not speculates(args, asr):
+        logger.warning("--speculate is off: a tentative answer needs the utterance whole (not a streaming ASR) and a "
+                       "turn that starts with the speech (not --interrupt_at speech_end)")
     server = VoiceAgentServer(args, Pipeline(args, asr, llm, tts, vad_model, turn_model), ops)
     # The libraries and models leave about half a million long-lived objects. A full garbage collection walks them
     # all (~250 ms on 2 cores) and holds every thread meanwhile, at a moment no one chooses: mid-turn. Collect once
@@ -3886,7 +4033,7 @@ def wav_bytes(pcm: bytes) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 TURN_FIGURES = ("eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
-                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms")  # the per-turn metrics, and voice-to-voice
+                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms", "speculated_ms")  # the per-turn metrics, and voice-to-voice
 MS_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
 
 
@@ -3906,6 +4053,10 @@ class ServerMetrics:
         self.turns = pc.Counter("s2s_turns", "Turns finished, by whether the user cut them off", ["interrupted"], **r)
         self.resumed = pc.Counter("s2s_answers_resumed", "Times an answer paused for speech over it and went on: a "
                                   "backchannel or a noise (--backchannels)", **r)
+        self.speculations = pc.Counter("s2s_speculations", "Tentative answers (--speculate), by whether the turn's end "
+                                       "took them or the user spoke on", ["outcome"], **r)
+        self.llm_requests_discarded = pc.Counter("s2s_llm_requests_discarded", "LLM requests spent on tentative answers "
+                                                 "that were dropped (--speculate)", **r)
         self.errors = pc.Counter("s2s_errors", "Error events sent to clients, by code", ["code"], **r)
         self.turn_ms = pc.Histogram("s2s_turn_ms", "Per-turn timings in ms, as in the metrics event; voice_to_voice_ms is "
                                     "eot_wait_ms + first_audio_ms", ["figure"], buckets=MS_BUCKETS, **r)
@@ -3916,6 +4067,9 @@ class ServerMetrics:
             return
         self.turns.labels(str(m["interrupted"]).lower()).inc()
         self.resumed.inc(m["resumed"])
+        self.speculations.labels("taken").inc(int(m["speculated"]))
+        self.speculations.labels("discarded").inc(m["speculations_discarded"])
+        self.llm_requests_discarded.inc(m["llm_requests_discarded"])
         figures = dict(m, voice_to_voice_ms=None if m["first_audio_ms"] is None else m["eot_wait_ms"] + m["first_audio_ms"])
         for name in TURN_FIGURES:
             if figures.get(name) is not None:

@@ -498,7 +498,10 @@ def server_flags(args: argparse.Namespace, asr: Weights, llm: Weights, device: s
     """The server's command line: the in-process measurements build their handlers from the same flags."""
     return ["--asr", "funasr", "--asr_model_name", asr.path, "--llm", "transformers", "--lm_model_name", llm.path,
             "--lm_dtype", args.lm_dtype, "--lm_max_new_tokens", str(args.answer_tokens), *tts, "--device", device,
-            "--client_dir", "", *([] if args.lm_prefix_cache is None else ["--lm_prefix_cache", str(args.lm_prefix_cache)])]
+            "--client_dir", "", *([] if args.lm_prefix_cache is None else ["--lm_prefix_cache", str(args.lm_prefix_cache)]),
+            # Each answer starts at the turn's end, so every model's time shows in the breakdown; by default the server
+            # starts it at a pause, hiding up to the end-of-turn wait of it (bench/turn_taking.py measures that).
+            "--no-speculate"]
 
 
 def main(argv: Optional[list] = None) -> dict:

@@ -77,6 +77,12 @@ def model_ms(first_min_chars) -> dict:
             "tts_first_audio_ms": TTS_MS, "send_ms": 0}
 
 
+def models_left_ms(metrics: dict, model_ms: float) -> float:
+    """Of the models' time, what was left when the user's turn ended: an answer started at a pause before it
+    (--speculate) had run `speculated_ms` of it by then."""
+    return max(0.0, model_ms - (metrics.get("speculated_ms") or 0.0))
+
+
 def pct(values: list, q: float):
     return round(float(np.percentile(values, q)), 1) if values else None
 
@@ -127,9 +133,11 @@ class Microphone:
 @dataclass
 class TurnResult:
     voice_to_voice_ms: float  # end of the user's voice -> first answer audio received
-    overhead_ms: float  # voice_to_voice - end-of-turn wait - model time, the sum of the next two
+    # voice_to_voice - end-of-turn wait - model time left after the turn's end (all of it, unless the answer was
+    # started at a pause: --speculate), the sum of the next two
+    overhead_ms: float
     edge_ms: float  # the VAD's decision trailing the voice, the microphone frame, the network both ways
-    server_ms: float  # the server's own time between stages: first_audio_ms - model time
+    server_ms: float  # the server's own time between stages: first_audio_ms - model time left
     metrics: dict  # the server's own breakdown
     audio_s: float
     underrun_ms: float  # playback gaps: audio that arrived after it should have played
@@ -170,9 +178,9 @@ class BenchClient(ExtendedClient):
         done = await self.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == turn, timeout)
         m = done.data["metrics"]
         first = self.audio(turn)[0].t
-        v2v, model_total = (first - end) * 1000, sum(model.values())
-        result = TurnResult(round(v2v, 1), round(v2v - m["eot_wait_ms"] - model_total, 1),
-                            round(v2v - m["eot_wait_ms"] - m["first_audio_ms"], 1), round(m["first_audio_ms"] - model_total, 1),
+        v2v, model_left = (first - end) * 1000, models_left_ms(m, sum(model.values()))
+        result = TurnResult(round(v2v, 1), round(v2v - m["eot_wait_ms"] - model_left, 1),
+                            round(v2v - m["eot_wait_ms"] - m["first_audio_ms"], 1), round(m["first_audio_ms"] - model_left, 1),
                             m, round(sum(len(r.pcm) for r in self.audio(turn)) / 2 / SR, 2), round(self.underrun_ms(turn), 1))
         await asyncio.sleep(max(0.0, self.playback_end(turn) - time.monotonic()) + 0.3)  # the user listens
         return result

@@ -1,6 +1,6 @@
 """Turn-taking benchmark: how each end-of-turn policy answers, cuts off and is cut off, on speech it did not see.
 
-    .venv/bin/python bench/turn_taking.py           # four policies: about 40 minutes on 2 CPU cores
+    .venv/bin/python bench/turn_taking.py           # six policies: about an hour on 2 CPU cores
     .venv/bin/python bench/turn_taking.py --quick   # a smoke run (the test suite runs it)
 
 The real server (tests/serve_test_models.py, fixed-latency ASR and TTS, the fake chat API: bench/run.py's setup)
@@ -14,7 +14,8 @@ several voices and rates) from a real-time microphone, as a user would say them:
   (the fixed ASR hears each fixture's own words: --asr_transcripts);
 - real interruptions one second into a long answer: the time from the voice to the answer's stop (the pause event,
   or the interrupt where it does not pause), and whether it was then cut off;
-- LLM requests per question asked: a cut-off, or a backchannel taken for a turn, costs a request.
+- LLM requests per thing said: a cut-off, or a backchannel taken for a turn, costs a request; and, with
+  --speculate, the requests spent on tentative answers that were dropped because the user spoke on, per thing said.
 Prints a markdown table and writes JSON.
 """
 from __future__ import annotations
@@ -38,12 +39,18 @@ from server_process import ServerProcess  # noqa: E402
 
 FIXTURES = os.path.join(BENCH, "fixtures", "turn_taking")
 POLICIES = {  # name: the server's flags
-    "silence_600": [],
-    "silence_600_stop": ["--backchannels", ""],  # any speech over an answer cuts it off, as before it could pause
-    "silence_1200": ["--min_silence_ms", "1200"],  # CleanS2S's end-of-turn wait
-    "smart_turn": ["--turn_detection", "smart_turn"],  # asked at 200, 500, 800... ms of silence, 2 s at most
-    "smart_turn_once": ["--turn_detection", "smart_turn", "--turn_reask_ms", "0"],  # asked once a pause
-    "smart_turn_once_1200": ["--turn_detection", "smart_turn", "--turn_reask_ms", "0", "--max_turn_silence_ms", "1200"],
+    "silence_600": ["--no-speculate"],
+    # any speech over an answer cuts it off, as before it could pause
+    "silence_600_stop": ["--no-speculate", "--backchannels", ""],
+    "silence_1200": ["--no-speculate", "--min_silence_ms", "1200"],  # CleanS2S's end-of-turn wait
+    # asked at 200, 500, 800... ms of silence, 2 s at most
+    "smart_turn": ["--no-speculate", "--turn_detection", "smart_turn"],
+    "smart_turn_once": ["--no-speculate", "--turn_detection", "smart_turn", "--turn_reask_ms", "0"],  # asked once a pause
+    "smart_turn_once_1200": ["--no-speculate", "--turn_detection", "smart_turn", "--turn_reask_ms", "0",
+                             "--max_turn_silence_ms", "1200"],
+    # answering starts at a pause of --speculate_pause_ms, and goes out when the turn ends
+    "silence_600_speculate": ["--speculate"],
+    "smart_turn_speculate": ["--speculate", "--turn_detection", "smart_turn"],
 }
 SETTLE_S = 2.6  # after the voice ends, every policy has ended the turn (smart_turn's longest silence is 2 s)
 
@@ -67,6 +74,7 @@ class TurnTakingBench:
         asked = len(self.of("question")) + len(self.of("paused")) + len(self.of("backchannel")) + \
             len(self.of("noise")) + len(self.of("interruption"))
         result["llm_requests_per_question"] = round((len(self.api.chat_requests()) - requests_before) / asked, 2)
+        result["discarded_llm_requests_per_question"] = round(result.pop("llm_requests_discarded") / asked, 2)
         return result
 
     async def talk(self, srv: ServerProcess) -> dict:
@@ -77,8 +85,11 @@ class TurnTakingBench:
             self.api.answer = lambda messages: LONG_ANSWER
             kept = [await self.during_answer(c, f) for f in self.of("backchannel") + self.of("noise")]
             cuts = [await self.during_answer(c, f) for f in self.of("interruption")]
+            turns = {r.data["turn"]: r.data["metrics"] for r in c.events("metrics")}  # (a turn cut off while it played: twice)
         v2v = [q["voice_to_voice_ms"] for q in questions if q["voice_to_voice_ms"] is not None]
-        return {"voice_to_voice_ms": {"p50": pct(v2v, 50), "p95": pct(v2v, 95)},
+        return {"llm_requests_discarded": sum(m.get("llm_requests_discarded", 0) for m in turns.values()),
+                "answers_speculated": sum(bool(q["speculated"]) for q in questions + paused),
+                "voice_to_voice_ms": {"p50": pct(v2v, 50), "p95": pct(v2v, 95)},
                 "complete_questions_cut": sum(q["turns"] > 1 for q in questions), "complete_questions": len(questions),
                 "paused_cut": sum(q["turns"] > 1 for q in paused), "paused": len(paused),
                 "answer_went_on": sum(not k["interrupted"] for k in kept), "backchannels_and_noises": len(kept),
@@ -94,9 +105,10 @@ class TurnTakingBench:
         onset, end = c.mic.say(self.audio[f["file"]])
         await asyncio.sleep(max(0.0, end + SETTLE_S - time.monotonic()))
         turns = [r.data["turn"] for r in c.events("speech_start") if r.t >= onset]
-        row = {"file": f["file"], "turns": len(turns), "voice_to_voice_ms": None}
+        row = {"file": f["file"], "turns": len(turns), "voice_to_voice_ms": None, "speculated": None}
         if turns:
-            await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == turns[-1], 30)
+            metrics = await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == turns[-1], 30)
+            row["speculated"] = metrics.data["metrics"].get("speculated")
             first = c.audio(turns[-1])  # none when the ASR heard no words (nothing to answer)
             row["voice_to_voice_ms"] = round((first[0].t - end) * 1000, 1) if first else None
             await asyncio.sleep(max(0.0, c.playback_end(turns[-1]) - time.monotonic()) + 0.3)  # the user listens
@@ -134,18 +146,22 @@ def report(results: dict) -> str:
         rows.append([name, r["voice_to_voice_ms"]["p50"], r["voice_to_voice_ms"]["p95"],
                      f"{r['paused_cut']}/{r['paused']}", f"{r['complete_questions_cut']}/{r['complete_questions']}",
                      f"{r['answer_went_on']}/{r['backchannels_and_noises']}", r["paused_ms"]["p50"], r["stop_ms"]["p50"],
-                     f"{r['interruptions_stopped']}/{r['interruptions']}", r["llm_requests_per_question"]])
+                     f"{r['interruptions_stopped']}/{r['interruptions']}", r["llm_requests_per_question"],
+                     r["discarded_llm_requests_per_question"],
+                     f"{r['answers_speculated']}/{r['complete_questions'] + r['paused']}"])
     return table(rows, ["policy", "voice-to-voice p50 (ms)", "p95", "paused questions cut off", "whole questions cut",
                         "answer goes on after a backchannel or noise", "it paused for, p50 (ms)",
                         "stop on a real interruption, p50 (ms)",
-                        "interruptions that stopped it", "LLM requests per thing said"])
+                        "interruptions that stopped it", "LLM requests per thing said",
+                        "of which discarded speculations", "answers that were speculated"])
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="bench/turn_taking.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smoke run: smart_turn, one fixture of four kinds")
-    p.add_argument("--policies", default="silence_600,silence_600_stop,silence_1200,smart_turn", help=f"policies to run, comma-separated, of {','.join(POLICIES)}")
+    p.add_argument("--quick", action="store_true", help="a smoke run: smart_turn_speculate, one fixture of four kinds")
+    p.add_argument("--policies", default="silence_600,silence_600_stop,silence_1200,smart_turn,silence_600_speculate,smart_turn_speculate",
+                   help=f"policies to run, comma-separated, of {','.join(POLICIES)}")
     p.add_argument("--out", default=os.path.join("bench", "results", "turn-taking-latest.json"), help="JSON written here")
     args = p.parse_args(argv)
     with open(os.path.join(FIXTURES, "fixtures.json"), encoding="utf-8") as f:
@@ -153,9 +169,9 @@ def main(argv=None) -> dict:
     names = args.policies.split(",")
     if not set(names) <= set(POLICIES):
         p.error(f"--policies: choose from {','.join(POLICIES)}")
-    if args.quick:  # the turn model's path (silence's is bench/run.py's), one fixture of four kinds
+    if args.quick:  # the turn model's path and speculation's (silence's is bench/run.py's), one fixture of four kinds
         fixtures = [next(f for f in fixtures if f["kind"] == kind) for kind in ("question", "paused", "backchannel", "interruption")]
-        names = ["smart_turn"]
+        names = ["smart_turn_speculate"]
     t0 = time.monotonic()
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
                "fixtures": len(fixtures), "policies": {}}

@@ -1,6 +1,7 @@
 """A whole conversation held through the session engine alone: no socket, no server. Audio goes in through
 hear(), text through type(), and everything the client would get comes out of output()."""
 import asyncio
+import threading
 from collections import deque
 
 import numpy as np
@@ -58,11 +59,31 @@ class ScriptedASR(FixedLatencyASR):
         return self.script.popleft() if self.script else super().transcribe(audio)
 
 
+class AskedEcho(s2s.EchoLLMHandler):
+    """The echo LLM, keeping the questions it was asked; a test can wait until it is asked for a turn."""
+
+    def __init__(self):
+        super().__init__()
+        self.questions: list = []
+        self.turns: list = []  # (session, turn number) of every request
+        self.asked = threading.Semaphore(0)
+
+    def respond(self, msg, turn, messages):
+        self.questions.append(msg.text)
+        self.turns.append((msg.session, msg.turn))
+        self.asked.release()
+        return super().respond(msg, turn, messages)
+
+    async def asked_for(self, session, turn, timeout_s=5.0):
+        while (session, turn) not in self.turns:
+            assert await asyncio.to_thread(self.asked.acquire, timeout=timeout_s), f"the LLM was not asked for turn {turn}"
+
+
 def with_pipeline(scenario, *flags):
     args = s2s.parse_args(["--llm", "echo", "--tts", "espeak", "--client_dir", "", *flags])
     vad = s2s.SileroVAD(args.vad_thresh)
     vad.setup()
-    pipeline = s2s.Pipeline(args, ScriptedASR(), s2s.EchoLLMHandler(), FixedLatencyTTS(0.02, 0.1), vad)
+    pipeline = s2s.Pipeline(args, ScriptedASR(), AskedEcho(), FixedLatencyTTS(0.02, 0.1), vad)
     pipeline.start()
     try:
         asyncio.run(asyncio.wait_for(scenario(pipeline, args), 60))
@@ -177,7 +198,8 @@ def test_a_backchannel_over_an_answer_pauses_it_and_it_goes_on_where_it_stopped(
         assert c.answer(1)[-1].last and not metrics.metrics["interrupted"] and metrics.metrics["resumed"] == 1
         assert [t.number for t in c.session.history.past()] == [1]
         c.session.type("and then?")  # the next turn takes the next number; the backchannel's was never a turn
-        assert (await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 3)).metrics["resumed"] == 0
+        after = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn > 1)
+        assert after.turn == 2 and after.metrics["resumed"] == 0
         for conversation in (alone, c):
             conversation.session.close()
     with_pipeline(scenario)
@@ -240,3 +262,84 @@ def test_a_paused_answer_goes_on_when_the_microphone_stops_mid_word():
         await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
         c.session.close()
     with_pipeline(scenario)
+
+
+# ---- a tentative answer at a pause (--speculate) ----
+
+PAUSE = np.zeros(int(0.3 * s2s.SAMPLE_RATE), np.float32)  # longer than --turn_pause_ms, shorter than --min_silence_ms
+SAID = QUESTION[:voiced_span(QUESTION)[1]]  # the question without the silence after it
+HEARD_AFTER_S = 0.3  # time a tentative answer has to go out, if it wrongly could: its models take 20 ms each
+
+
+def test_a_tentative_answer_goes_out_only_when_the_pause_ends_the_turn_and_is_the_same_answer():
+    async def scenario(pipeline, args):
+        alone = Conversation(pipeline, s2s.parse_args(["--llm", "echo", "--tts", "espeak", "--no-speculate"]))
+        await alone.speak(np.concatenate([QUESTION, SILENCE]))
+        await alone.until(lambda x: isinstance(x, s2s.MetricsEvent))
+        question = alone.session.history.past()[0].question
+        llm = pipeline.llm.handler
+
+        c = Conversation(pipeline, args)
+        await c.speak(np.concatenate([SAID, PAUSE]))
+        await llm.asked_for(c.session, c.session.speculation.turn.number)
+        await asyncio.sleep(HEARD_AFTER_S)
+        assert [type(x) for x in c.said] == [s2s.SpeechStartEvent], "the tentative answer went out before the turn ended"
+        await c.speak(SILENCE)
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent))
+        assert metrics.turn == 1 and metrics.metrics["speculated"] and metrics.metrics["speculated_ms"] > 0
+        # The pauses between its words started answers too (espeak pauses at a comma), each dropped as the voice went on.
+        asked = [q for session, q in zip(llm.turns, llm.questions) if session[0] is c.session]
+        assert asked[-1] == question
+        assert metrics.metrics["llm_requests_discarded"] == len(asked) - 1 <= metrics.metrics["speculations_discarded"]
+        assert [x.text for x in c.said if isinstance(x, s2s.TranscriptEvent)] == [question]
+        assert all(x.turn == 1 for x in c.said if hasattr(x, "turn"))  # the client knows one turn: its own number
+        assert answer_pcm(c, 1) == answer_pcm(alone, 1) and c.answer(1)[-1].last
+        assert [t.number for t in c.session.history.past()] == [1]
+        c.session.type("and then?")  # the tentative answers took no number
+        assert (await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn > 1)).turn == 2
+        for conversation in (alone, c):
+            conversation.session.close()
+    with_pipeline(scenario, "--speculate")
+
+
+def test_a_tentative_answer_is_dropped_unheard_when_the_user_speaks_on():
+    """A thinking pause in the middle of a question: the answer to its first half is started and thrown away; the
+    client hears nothing of it, the history holds one question, and the turn counts the request it cost."""
+    async def scenario(pipeline, args):
+        first, last = voiced_span(QUESTION)
+        middle = (first + last) // 2
+        c = Conversation(pipeline, args)
+        llm = pipeline.llm.handler
+        c = Conversation(pipeline, args)
+        await c.speak(np.concatenate([SAID[:middle], PAUSE]))
+        await llm.asked_for(c.session, c.session.speculation.turn.number)
+        await asyncio.sleep(HEARD_AFTER_S)
+        assert [type(x) for x in c.said] == [s2s.SpeechStartEvent]
+        await c.speak(np.concatenate([QUESTION[middle:], SILENCE]))
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent))
+        whole = llm.questions[-1]
+        assert float(whole.split()[1]) > float(llm.questions[-2].split()[1])  # the fixed ASR says how long it heard
+        assert [x.text for x in c.said if isinstance(x, s2s.TranscriptEvent)] == [whole]
+        assert "".join(x.text for x in c.answer(1)) == "You said: " + whole
+        assert [type(x) for x in c.said if not isinstance(x, s2s.AnswerAudio)] == [
+            s2s.SpeechStartEvent, s2s.TranscriptEvent, s2s.MetricsEvent]  # no interrupt, nothing of the half
+        assert metrics.turn == 1 and metrics.metrics["speculated"]  # the last pause's answer was taken
+        assert metrics.metrics["llm_requests_discarded"] == len(llm.questions) - 1 >= 1
+        assert [t.question for t in c.session.history.past()] == [whole]
+        c.session.close()
+    with_pipeline(scenario, "--speculate")
+
+
+def test_typed_text_during_a_pause_drops_the_tentative_answer():
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        await c.speak(np.concatenate([SAID, PAUSE]))
+        await pipeline.llm.handler.asked_for(c.session, c.session.speculation.turn.number)
+        c.session.type("never mind, what time is it?")
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.last)
+        assert {x.turn for x in c.said if isinstance(x, s2s.AnswerAudio)} == {c.session.turn}
+        assert "".join(x.text for x in c.answer(c.session.turn)) == "You said: never mind, what time is it?"
+        assert c.session.speculation is None and [t.question for t in c.session.history.past()] == [
+            "never mind, what time is it?"]
+        c.session.close()
+    with_pipeline(scenario, "--speculate")

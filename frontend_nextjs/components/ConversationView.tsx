@@ -16,6 +16,8 @@ function breakdown(m: TurnMetrics): string {
     `first speakable chunk ${round(m.llm_first_chunk_ms)} ms`,
     `TTS first audio ${round(m.tts_first_audio_ms)} ms`,
     `send ${round(m.send_ms)} ms`,
+    ...(m.speculated ? [`answer started ${round(m.speculated_ms)} ms before your turn ended`] : []),
+    ...(m.speculations_discarded ? [`answers started at your pauses and dropped as you spoke on: ${m.speculations_discarded}`] : []),
   ].join(" · ");
 }
 

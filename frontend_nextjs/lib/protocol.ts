@@ -32,6 +32,12 @@ export interface TurnMetrics {
   interrupted: boolean;
   /** Times the answer paused for a backchannel or a noise and went on. Absent from servers older than it. */
   resumed?: number;
+  /** --speculate: the answer was started at a pause, this long before the turn ended. Absent from older servers. */
+  speculated?: boolean;
+  speculated_ms?: number | null;
+  /** --speculate: answers started at earlier pauses and dropped as the user spoke on, and the LLM requests they cost. */
+  speculations_discarded?: number;
+  llm_requests_discarded?: number;
 }
 
 export type ServerEvent =
