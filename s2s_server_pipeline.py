@@ -76,7 +76,8 @@ from websockets.http11 import Response
 logger = logging.getLogger("s2s")
 
 SAMPLE_RATE = 16000  # Hz; every stage works on 16 kHz mono, in and out
-PROTOCOL_VERSION = 2  # of the extended protocol, docs/protocol.md
+PROTOCOL_VERSION = 3  # of the extended protocol, docs/protocol.md
+PAUSING_PROTOCOL = 3  # the version whose clients hold an answer's playback on a pause event
 
 
 def now() -> float:
@@ -2112,6 +2113,7 @@ class Session:
         self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
         self.closed = False
         self.speaker = Speaker(args, legacy)
+        self.can_pause = not legacy  # the client holds its playback on a pause (see CutIn); a wire adapter may say no
 
     # ---- what the client does ----
 
@@ -2291,7 +2293,7 @@ class Session:
     # ---- speech over an answer: pause, then go on or cut off (event loop) ----
 
     def may_pause(self) -> bool:
-        return (self.listener.backchannels is not None and self.speaker.legacy_answer is None
+        return (self.listener.backchannels is not None and self.can_pause
                 and self.args.interrupt_at == "speech_start" and (self.cut_in is not None or self.assistant_busy()))
 
     def pause_for(self, heard_at: float) -> Turn:
@@ -3220,7 +3222,7 @@ class ReceiverSocket:
                     self.report(conn, exc.code, str(exc))
                     if isinstance(message, str):
                         writer.send(PLACEHOLDER)
-        except BadMessage as exc:  # a bad uid in the URL
+        except BadMessage as exc:  # a bad uid or protocol in the URL
             await self.admission.refuse(ws, Refused(1008, str(exc)), conn.address)
         except Refused as refusal:  # no session for this connection
             await self.admission.refuse(ws, refusal, conn.address)
@@ -3237,10 +3239,12 @@ class ReceiverSocket:
         uid = query_uid(conn.ws)
         if uid is None:
             if not self.legacy_allowed:
-                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
+                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (the extended protocol)")
             return
         key = AccessPolicy.presented(conn.ws.request, AccessPolicy.KEY_PREFIX, "key")
+        protocol = query_protocol(conn.ws)
         link = self.sessions.resume(uid, key, conn) if key else self.sessions.open(uid, conn, extended=True)
+        link.session.can_pause = protocol >= PAUSING_PROTOCOL
         conn.writer.send(SessionReadyEvent(uid, session_key=link.key, resumed=bool(key)).to_json())
 
     async def next_message(self, conn: ReceiverConnection) -> Any:
@@ -3325,6 +3329,17 @@ class ReceiverConnection:
 def query_uid(ws: ServerConnection) -> Optional[str]:
     values = parse_qs(urlparse(ws.request.path).query).get("uid")
     return check_uid(values[0]) if values else None
+
+
+def query_protocol(ws: ServerConnection) -> int:
+    """The version of the extended protocol the client speaks (?protocol=N on the receiver): 2, where clients written
+    for version 2 say nothing."""
+    values = parse_qs(urlparse(ws.request.path).query).get("protocol")
+    if not values:
+        return 2
+    if not re.fullmatch(r"[0-9]{1,3}", values[0]) or int(values[0]) < 2:
+        raise BadMessage("bad_protocol", f"?protocol= must be a version of the extended protocol, 2 to {PROTOCOL_VERSION}")
+    return int(values[0])
 
 
 class SessionRegistry:
@@ -3454,7 +3469,7 @@ class SenderSocket:
         try:
             conn = self.open(ws, writer, address)
             await self.serve(conn)
-        except BadMessage as exc:  # a bad uid in the URL
+        except BadMessage as exc:  # a bad uid or protocol in the URL
             await self.admission.refuse(ws, Refused(1008, str(exc)), address)
         except Refused as refusal:
             await self.admission.refuse(ws, refusal, address)
@@ -3471,7 +3486,7 @@ class SenderSocket:
         uid = query_uid(ws)
         if uid is None:
             if not self.legacy_allowed:
-                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (protocol 2)")
+                raise Refused(4426, "legacy clients are not allowed here: put ?uid= in the socket URLs (the extended protocol)")
             conn = SenderConnection(ws, writer, address, None)
             self.sessions.legacy_senders.add(conn)
             return conn

@@ -120,7 +120,12 @@ class Client:
 
 class ExtendedClient(Client):
     """Speaks the extended protocol: ?uid= on both sockets, binary int16 frames both ways. The receiver opens
-    first; its ready event holds the session key, which the sender presents as a subprotocol."""
+    first, saying which version it speaks (?protocol=, 3 unless told: it can pause); its ready event holds the
+    session key, which the sender presents as a subprotocol. protocol=None says nothing, as clients of version 2."""
+
+    def __init__(self, *args, protocol: int | None = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.protocol = protocol
 
     async def on_receiver_open(self) -> None:
         self.ready = json.loads(await asyncio.wait_for(self.recv.recv(), 10))
@@ -131,7 +136,7 @@ class ExtendedClient(Client):
         return {**self.connect_kwargs, "subprotocols": with_key(self.connect_kwargs.get("subprotocols"), self.key)}
 
     def _recv_url(self) -> str:
-        return f"{self.recv_url}/?uid={self.uid}"
+        return f"{self.recv_url}/?uid={self.uid}" + ("" if self.protocol is None else f"&protocol={self.protocol}")
 
     def _send_url(self) -> str:
         return f"{self.send_url}/?uid={self.uid}"

@@ -195,7 +195,10 @@ def test_talk_listen_and_cut_in(chat_api, long_answers, tmp_path, capsys):
     # its session after the dropped connection below.)
     reports = [m for m in page["sent"] if m.get("type") == "playback" and m["turn"] == 1]
     assert reports and reports[-1]["playing"] is False, reports[-3:]
-    assert abs(reports[-1]["played_ms"] / 1000 - played_s) < 0.1, (reports[-1], played_s)
+    # At least what was heard, at most what could play until the pause came (the sound may have ended earlier, in
+    # a gap between words: then what was heard is shorter than what played).
+    reported_s = reports[-1]["played_ms"] / 1000
+    assert played_s - 0.1 < reported_s < cut["t"] + quantum_s - played[0] + 0.1, (reports[-1], played_s, cut["t"] - played[0])
     # The page greys what never played of the cut answer (paced audio leaves little of it: often nothing), and what
     # it does not grey is what the server's history keeps.
     request = next(r["messages"] for r in chat_api.chat_requests() if len(r["messages"]) > 2)
@@ -402,13 +405,13 @@ class SourcesServer:
             await ws.close(4404, "unknown session or wrong session key")
             return
         self.senders[self.uid(ws)] = ws
-        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "protocol": 2, "sample_rate": 16000}))
+        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "protocol": 3, "sample_rate": 16000}))
         await ws.wait_closed()
 
     async def receiver(self, ws) -> None:
         key = secrets.token_urlsafe(24)
         self.keys[key] = self.uid(ws)
-        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "session_key": key, "protocol": 2,
+        await ws.send(json.dumps({"event": "ready", "uid": self.uid(ws), "session_key": key, "protocol": 3,
                                   "sample_rate": 16000, "resumed": False}))
         async for message in ws:
             if isinstance(message, bytes):

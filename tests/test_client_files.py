@@ -55,7 +55,7 @@ def test_pages_and_assets_are_served(site_server):
 def test_config_tells_the_page_where_the_sender_is(site_server):
     status, headers, body = get(site_server.recv_port, "/s2s-config.json")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"protocol": 2, "sample_rate": 16000,
+    assert json.loads(body) == {"protocol": 3, "sample_rate": 16000,
                                 "receiver_port": site_server.recv_port, "sender_port": site_server.send_port}
 
 
@@ -93,7 +93,7 @@ def test_auto_serves_nothing_when_the_client_is_not_built(monkeypatch, tmp_path)
 def test_behind_a_proxy_the_config_names_where_clients_reach_the_sockets():
     args = s2s.parse_args(["--client_dir", "", "--public_receiver_url", "wss://voice.example.com/recv",
                            "--public_sender_url", ":9443"])
-    assert s2s.page_config(args) == {"protocol": 2, "sample_rate": 16000, "receiver_url": "wss://voice.example.com/recv",
+    assert s2s.page_config(args) == {"protocol": 3, "sample_rate": 16000, "receiver_url": "wss://voice.example.com/recv",
                                      "receiver_port": 443, "sender_port": 9443}
     for wrong in ("https://voice.example.com", "9001", ":0", "ws://voice.example.com/?token=x", "ws:///recv"):
         with pytest.raises(SystemExit):

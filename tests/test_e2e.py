@@ -99,21 +99,33 @@ def test_barge_in_stops_audio_and_truncates_history(server, chat_api, long_answe
 
 def test_a_backchannel_pauses_the_answer_and_it_goes_on_with_every_frame(chat_api, long_answers):
     """Over real sockets: "mm" while the answer plays pauses it at once (the client holds its playback) and, heard
-    as a backchannel, lets it go on: the whole answer arrives, each audio frame once, with no interrupt."""
+    as a backchannel, lets it go on: the whole answer arrives, each audio frame once, with no interrupt. A client of
+    protocol version 2, which knows no pause, is cut off at once as before."""
     srv = start_server(chat_api, "--asr_short_s", "1.2", "--asr_short_words", "Mm.")
     try:
-        async def scenario():
-            async with ExtendedClient(srv.recv_url, srv.send_url) as c:
+        async def mm_over_an_answer(protocol, until):
+            async with ExtendedClient(srv.recv_url, srv.send_url, protocol=protocol) as c:
                 await c.send_text("tell me a story")
                 await c.wait_for(lambda r: r.kind == "audio" and r.data["turn"] == 1)
                 await asyncio.sleep(1.0)  # the answer is playing
                 said_at = time.monotonic()
                 await c.stream(short_voice())
-                metrics = await c.wait_for(lambda r: r.kind == "metrics" and r.data["turn"] == 1, timeout=60)
+                metrics = await c.wait_for(lambda r: r.kind == until and r.data["turn"] == 1, timeout=60)
                 return c, metrics, said_at
-        c, metrics, said_at = run(scenario())
+
+        async def bad_version():
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                async with ExtendedClient(srv.recv_url, srv.send_url, protocol="1"):
+                    pass
+            return closed.value.rcvd
+        c, metrics, said_at = run(mm_over_an_answer(3, "metrics"))
+        old, interrupt, old_said_at = run(mm_over_an_answer(None, "interrupt"))
+        refused = run(bad_version())
     finally:
         srv.stop()
+    assert c.ready["protocol"] == old.ready["protocol"] == 3
+    assert not old.events("pause") and not old.events("resume") and interrupt.t - old_said_at < 1.0
+    assert refused.code == 1008 and "protocol" in refused.reason
     (pause,), (resume,) = c.events("pause"), c.events("resume")
     assert pause.data["turn"] == resume.data["turn"] == 1 and resume.data["heard"] == "Mm."
     assert pause.t - said_at < 1.0, pause.t - said_at  # the answer holds while "mm" is still being said

@@ -142,7 +142,7 @@ def test_a_receiver_without_the_key_cannot_speak_into_a_session_and_the_owner_co
             return victim, ready, wrong
 
     victim, ready, wrong = run(scenario())
-    assert ready == {"event": "ready", "uid": victim.uid, "protocol": 2, "sample_rate": 16000,
+    assert ready == {"event": "ready", "uid": victim.uid, "protocol": 3, "sample_rate": 16000,
                      "session_key": victim.key, "resumed": True}
     assert (wrong.code, wrong.reason) == (4404, "unknown session or wrong session key")
     texts = "".join(a.data["text"] for a in victim.events("answer"))

@@ -262,7 +262,7 @@ def test_page_and_its_config_through_nginx(cluster):
     status, body = get("/s2s-config.json")
     # The page opens its sockets on the ports named here: nginx's (the processes' --public_* flags), not their own.
     assert status == 200 and json.loads(body) == {
-        "protocol": 2, "sample_rate": 16000, "receiver_url": f"ws://127.0.0.1:{cluster.front_recv}/",
+        "protocol": 3, "sample_rate": 16000, "receiver_url": f"ws://127.0.0.1:{cluster.front_recv}/",
         "receiver_port": cluster.front_recv, "sender_port": cluster.front_send}
 
 

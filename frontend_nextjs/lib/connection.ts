@@ -1,5 +1,5 @@
 /**
- * The two WebSockets to the server (extended protocol version 2), reopened with exponential backoff
+ * The two WebSockets to the server (extended protocol version 3), reopened with exponential backoff
  * whenever either one closes.
  *
  * The receiver socket (client → server) opens first: its `ready` message hands us the session's key, which
@@ -21,6 +21,7 @@
  */
 import { checkToken } from "./config";
 import {
+  PROTOCOL_VERSION,
   parseAudioFrame,
   parseServerEvent,
   type AnswerAudio,
@@ -59,7 +60,7 @@ const KEY_SUBPROTOCOL_PREFIX = "s2s.key.";
 const SESSION_KEY = /^[A-Za-z0-9_-]{1,256}$/;
 /** After this long without a message to the receiver (muted, no microphone), a keepalive goes out. */
 const KEEPALIVE_MS = 30_000;
-/** An attempt whose `ready` events have not both come by then is given up (a server that does not speak version 2). */
+/** An attempt whose `ready` events have not both come by then is given up (a server that does not speak version 3). */
 const READY_TIMEOUT_MS = 15_000;
 const FIRST_RETRY_MS = 500;
 const MAX_RETRY_MS = 10_000;
@@ -147,7 +148,7 @@ export class AgentConnection {
     this.receiver = receiver;
     this.readyTimer = setTimeout(() => {
       this.readyTimer = null;
-      this.retryLater("the server did not get the session ready (does it speak protocol version 2?)");
+      this.retryLater("the server did not get the session ready (does it speak protocol version 3?)");
     }, READY_TIMEOUT_MS);
     // Besides `ready`, only the placeholder replies the server sends to JSON messages for CleanS2S's client:
     // nothing to read.
@@ -222,6 +223,7 @@ export class AgentConnection {
     try {
       const url = new URL(base);
       url.searchParams.set("uid", this.uid);
+      url.searchParams.set("protocol", String(PROTOCOL_VERSION)); // the version this page speaks: it can pause
       socket = new WebSocket(url, this.subprotocols(key));
     } catch {
       this.retryLater(`bad server address: ${base}`);

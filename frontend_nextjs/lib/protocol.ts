@@ -1,13 +1,13 @@
 /**
- * The server's wire protocol, "extended" version 2 (docs/protocol.md in the repository).
+ * The server's wire protocol, "extended" version 3 (docs/protocol.md in the repository).
  *
- * Two WebSockets, both opened with `?uid=U`:
+ * Two WebSockets, both opened with `?uid=U&protocol=3`:
  * - receiver (client → server): binary int16 PCM microphone frames and JSON messages; the server answers its
  *   opening with a `ready` event that carries the session's key (lib/connection.ts tells the order);
  * - sender (server → client): JSON events and binary answer audio with an 8-byte header.
  */
 
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /** Hz. Every sample on the wire, in both directions, is 16 kHz mono int16 little-endian PCM. */
 export const WIRE_SAMPLE_RATE = 16000;
