@@ -2175,7 +2175,8 @@ class Session:
     # ---- turns (event loop) ----
 
     def is_current(self, turn: int) -> bool:
-        return not self.closed and turn in self.turns and self.turns[turn] is self.current()
+        record = self.turns.get(turn)  # (once: worker threads ask while the loop changes the dict)
+        return not self.closed and record is not None and record is self.current()
 
     def pausing_for(self, turn: int) -> bool:
         """Whether `turn` is a cut-in's turn in waiting (see CutIn)."""

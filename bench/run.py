@@ -463,12 +463,12 @@ def latency_report(r: dict) -> list:
              theirs["parts"][k]["model"], theirs["parts"][k]["p50"], theirs["parts"][k]["p95"]] for k, name in PARTS.items()]
     rows.append(["**voice-to-voice** (end of speech → first audio received)", "", ours["voice_to_voice_ms"]["p50"],
                  ours["voice_to_voice_ms"]["p95"], "", theirs["voice_to_voice_ms"]["p50"], theirs["voice_to_voice_ms"]["p95"]])
-    for key, name in (("overhead_ms", "**overhead** (voice-to-voice − end-of-turn wait − model time)"),
+    for key, name in (("overhead_ms", "**overhead** (voice-to-voice − end-of-turn wait − model time left after it)"),
                       ("edge_ms", "of which: VAD decision after the voice ends, mic frame, network"),
                       ("server_ms", "of which: the server between stages")):
         rows.append([name, 0, ours[key]["p50"], ours[key]["p95"], 0, theirs[key]["p50"], theirs[key]["p95"]])
     bo, bt = r["barge_in"]["ours"], r["barge_in"]["cleans2s"]
-    rows.append(["**barge-in** (onset of new speech → `interrupt` received)", 200, bo["barge_in_ms"]["p50"], bo["barge_in_ms"]["p95"],
+    rows.append(["**barge-in** (onset of new speech → `pause` or `interrupt` received)", 200, bo["barge_in_ms"]["p50"], bo["barge_in_ms"]["p95"],
                  "", bt["barge_in_ms"]["p50"], bt["barge_in_ms"]["p95"]])
     rows.append(["old-turn audio frames received after `interrupt`", 0, bo["old_frames_after_interrupt"], "", 0,
                  bt["old_frames_after_interrupt"], ""])
