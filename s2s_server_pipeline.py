@@ -2190,10 +2190,11 @@ class Session:
         """Whether work for this turn is still wanted: it is current (or a cut-in's, for the ASR, or a tentative
         answer's), not cancelled, and its answer is still being made (no stage has failed it, and not all of it has
         gone out)."""
-        record = self.turns.get(turn)
+        record = self.turns.get(turn)  # (once: worker threads ask while the loop changes the dict)
         working = (TurnState.HEARING, TurnState.ANSWERING, TurnState.SPEAKING)
-        return ((self.is_current(turn) or self.pausing_for(turn) or self.speculating(turn)) and record is not None
-                and record.state in working and not record.cancelled.done())
+        if self.closed or record is None or record.state not in working or record.cancelled.done():
+            return False
+        return record is self.current() or self.pausing_for(turn) or self.speculating(turn)
 
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
@@ -3339,7 +3340,8 @@ def query_protocol(ws: ServerConnection) -> int:
     if not values:
         return 2
     if not re.fullmatch(r"[0-9]{1,3}", values[0]) or int(values[0]) < 2:
-        raise BadMessage("bad_protocol", f"?protocol= must be a version of the extended protocol, 2 to {PROTOCOL_VERSION}")
+        raise BadMessage("bad_protocol", "?protocol= must be a version of the extended protocol, 2 or more "
+                                         f"(this server speaks up to {PROTOCOL_VERSION})")
     return int(values[0])
 
 
