@@ -279,6 +279,7 @@ class AnswerAudio:  # TTS -> Session -> client
 @dataclass
 class ServerEvent:
     event: ClassVar[str] = ""
+    extended: ClassVar[bool] = True  # a message of the extended protocol; False: for the OpenAI Realtime adapter only
 
     def to_json(self) -> str:
         return json.dumps({"event": self.event, **dataclasses.asdict(self)}, ensure_ascii=False)
@@ -301,6 +302,13 @@ class SessionReadyEvent(ReadyEvent):  # on the receiver socket: the session is o
 @dataclass
 class SpeechStartEvent(ServerEvent):
     event: ClassVar[str] = "speech_start"
+    turn: int
+
+
+@dataclass
+class SpeechEndEvent(ServerEvent):  # the user's turn has ended: its utterance goes to the ASR
+    event: ClassVar[str] = "speech_end"
+    extended: ClassVar[bool] = False
     turn: int
 
 
@@ -336,6 +344,18 @@ class MetricsEvent(ServerEvent):
     event: ClassVar[str] = "metrics"
     turn: int
     metrics: dict
+
+
+@dataclass
+class ToolCallEvent(ServerEvent):  # the LLM calls a function the client offered (Session.tools): a piece of the call
+    event: ClassVar[str] = "tool_call"
+    extended: ClassVar[bool] = False
+    turn: int
+    index: int  # of the call in the answer
+    call_id: str
+    name: str
+    arguments: str  # the next piece of its JSON arguments
+    done: bool = False  # the call is whole: `arguments` is all of them
 
 
 @dataclass
@@ -664,15 +684,15 @@ class VADSegmenter:
 
     def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int,
                  turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000,
-                 reask_ms: int = 0, speculate_ms: Optional[int] = None):
+                 reask_ms: int = 0, speculate_ms: Optional[int] = None, threshold: Optional[float] = None):
         self.turn_model, self.pause_ms, self.max_silence_ms, self.reask_ms = turn_model, pause_ms, max_silence_ms, reask_ms
         self.speculate_ms = speculate_ms
         self.end_ms = pause_ms if turn_model is not None else min_silence_ms  # the shortest pause that can end a turn
         self.model = model
         self.state = model.new_state()
         self.window_ms = model.window * 1000 / SAMPLE_RATE
-        self.threshold = model.threshold
-        self.neg_threshold = max(model.threshold - 0.15, 0.01)  # hysteresis, as silero recommends
+        self.threshold = model.threshold if threshold is None else threshold  # (a Realtime client sets its own)
+        self.neg_threshold = max(self.threshold - 0.15, 0.01)  # hysteresis, as silero recommends
         self.min_speech_ms, self.min_silence_ms = min_speech_ms, min_silence_ms
         self.pad_ms, self.max_speech_ms = speech_pad_ms, max_speech_ms
         self.pending = np.zeros(0, np.float32)  # samples waiting for a full window
@@ -827,9 +847,11 @@ class Listener:
 
     def __init__(self, args: argparse.Namespace, pipeline: Pipeline):
         self.args, self.pipeline = args, pipeline
+        turn_model = pipeline.turn_model if args.turn_detection == "smart_turn" else None
         self.vad = VADSegmenter(pipeline.vad_model, args.min_speech_ms, args.min_silence_ms, args.speech_pad_ms,
-                                args.max_speech_ms, pipeline.turn_model, args.turn_pause_ms, args.max_turn_silence_ms,
-                                args.turn_reask_ms, args.speculate_pause_ms if speculates(args, pipeline.asr.handler) else None)
+                                args.max_speech_ms, turn_model, args.turn_pause_ms, args.max_turn_silence_ms,
+                                args.turn_reask_ms, args.speculate_pause_ms if speculates(args, pipeline.asr.handler) else None,
+                                args.vad_thresh if args.vad == "silero" else None)
         self.resampler = None
         if args.sample_rate != SAMPLE_RATE:
             import soxr
@@ -876,6 +898,7 @@ class Listener:
             return
         t = session.turn_record(self.speech_turn)
         t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
+        session.speech_ended(t)
         if session.take_speculation(ev.speech_ms):  # its answer goes out now: the user said nothing more
             return
         t.move(TurnState.ANSWERING)
@@ -1412,14 +1435,13 @@ class LLMHandler(BaseHandler):
 
     def process(self, msg: UserText) -> Iterator[AnswerText]:
         session, turn = msg.session, msg.session.turn_record(msg.turn)
-        if not msg.text:  # nothing was said: end the turn quietly
+        if not msg.text and turn.spoken:  # nothing was said: end the turn quietly
             yield AnswerText(session, msg.turn, 0, "", last=True)
             return
-        messages = session.history.messages(self.system_role, self.system_prompt, msg.text)
-        session.history.add(turn)
+        messages = session.prompt(turn, self.system_role, self.system_prompt, msg.text)
         turn.llm_requests += 1
         chunker, seq = SpeakableChunker(self.first_chunk_min_chars), 0
-        feed = TextFeed() if self.text_stream else None
+        feed = TextFeed() if self.text_stream and session.speaks(msg.turn) else None
         tokens = until_cancelled(self.respond(msg, turn, messages), turn.cancelled)
         try:
             for delta in tokens:
@@ -1494,6 +1516,26 @@ class OpenAILLMHandler(LLMHandler):
         for delta in self.deltas(messages):
             if delta.content:
                 yield delta.content
+
+    def respond(self, msg: UserText, turn: Turn, messages: list) -> Iterator[str]:
+        """The answer's text; where the session offers functions (an OpenAI Realtime client's tools), the model may
+        call them: each call goes to the client, piece by piece, as ToolCallEvents, and the client answers it."""
+        if not msg.session.tools:
+            yield from self.stream(messages)
+            return
+        calls: dict = {}  # index -> the call's id and name
+        for delta in self.deltas(messages, tools=msg.session.tools, tool_choice=msg.session.tool_choice):
+            if delta.content:
+                yield delta.content
+            for call in delta.tool_calls or []:
+                turn.times.llm_first_token = turn.times.llm_first_token or now()  # a call is the model's answer too
+                name, piece = (call.function.name or "", call.function.arguments or "") if call.function else ("", "")
+                known = calls.setdefault(call.index, {"id": call.id or f"call_{secrets.token_hex(12)}", "name": "", "args": ""})
+                known["name"] += name
+                known["args"] += piece
+                msg.session.send_event(ToolCallEvent(msg.turn, call.index, known["id"], known["name"], piece))
+        for index, known in calls.items():
+            msg.session.send_event(ToolCallEvent(msg.turn, index, known["id"], known["name"], known["args"], done=True))
 
     def deltas(self, messages: list, **request: Any) -> Iterator[Any]:
         """The streamed reply's deltas (text, and tool calls when `request` offers tools, as the RAG agent does)."""
@@ -1748,6 +1790,14 @@ class TTSHandler(BaseHandler):
     def choose_voice(self) -> Any:
         return None
 
+    def voice_named(self, name: str) -> Any:
+        """The voice a client asks for by name (an OpenAI Realtime client's `voice`); None where there is none of that
+        name. voice_names() lists them; an empty list: the TTS has no voices to choose from."""
+        return None
+
+    def voice_names(self) -> list:
+        return []
+
     def synthesize(self, text: Any, voice: Any = None) -> Iterator[np.ndarray]:
         """Yield float32 16 kHz mono audio for `text`, in pieces as they are ready. Closing the generator stops."""
         raise NotImplementedError
@@ -1902,13 +1952,16 @@ class OpenAITTSHandler(TTSHandler):
     def describe(self) -> str:
         return f"openai-compatible speech {self.model}/{self.voice} at {self.base_url}"
 
+    def voice_named(self, name: str) -> str:
+        return name  # the API knows its voices
+
     def setup(self) -> None:
         self.client = openai_client(self.base_url, "TTS_API_KEY", self.timeout_s)
 
     def synthesize(self, text: str, voice: Any = None) -> Iterator[np.ndarray]:
         with api_errors("TTS", self.base_url, self.timeout_s):
             with self.client.audio.speech.with_streaming_response.create(
-                    model=self.model, voice=self.voice, input=text, response_format=self.response_format) as response:
+                    model=self.model, voice=voice or self.voice, input=text, response_format=self.response_format) as response:
                 ctype = response.headers.get("content-type", "")
                 if not ctype.startswith(("audio/", "application/octet-stream")):
                     raise APIError(f"TTS API at {self.base_url} answered {ctype or 'no content type'}, not audio: "
@@ -2029,6 +2082,12 @@ class CosyVoiceTTSHandler(TTSHandler):
         for _ in self.synthesize("Hello, this is a warm-up.", self.voices[0]):
             pass
 
+    def voice_named(self, name: str) -> Optional[Voice]:
+        return next((v for v in self.voices if v.name == name), None)
+
+    def voice_names(self) -> list:
+        return [v.name for v in self.voices]
+
     def choose_voice(self) -> Voice:
         if self.voice_choice == "random":
             return random.choice(self.voices)
@@ -2110,6 +2169,8 @@ class Session:
         self.history = ChatHistory(args.chat_size)
         self.listener = Listener(args, pipeline)
         self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
+        self.tools: list = []  # functions the LLM may call, in the chat API's form (an OpenAI Realtime client's)
+        self.tool_choice: Any = "auto"
         self.save_dir: Optional[str] = None  # --save_data: this session's folder, named at its first saved file
         self.closed = False
         self.speaker = Speaker(args, legacy)
@@ -2147,6 +2208,19 @@ class Session:
 
     def output(self) -> AsyncIterator[Any]:
         return self.speaker.output(self)
+
+    # ---- what the stages ask of it (worker threads) ----
+
+    def prompt(self, turn: Turn, role: str, prompt: str, question: str) -> list:
+        """The messages the LLM answers `turn` from: the opening prompt, the history, the question; the turn joins the
+        history. (An OpenAI Realtime session builds them from its conversation instead.)"""
+        messages = self.history.messages(role, prompt, question)
+        self.history.add(turn)
+        return messages
+
+    def speaks(self, turn: int) -> bool:
+        """Whether the answer to `turn` is spoken: its text goes to the TTS (else it goes out as text alone)."""
+        return True
 
     def leave(self) -> None:
         """The client is gone, and may come back: its answer stops, and the utterance cut off with its connection is
@@ -2233,6 +2307,10 @@ class Session:
         self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1 or t is old or t is record}
         self.turns[self.turn] = record
         return record
+
+    def speech_ended(self, t: Turn) -> None:
+        """The user's turn `t` has ended; its words go to the ASR (or a tentative answer has them already)."""
+        self.speaker.put(SpeechEndEvent(t.number))
 
     def start_spoken_turn(self, heard_at: Optional[float]) -> Turn:
         """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way; over an
@@ -2480,8 +2558,8 @@ class Speaker:
         kept = []
         while not self.outbox.empty():
             item = self.outbox.get_nowait()
-            if isinstance(item, (ErrorEvent, MetricsEvent)):
-                kept.append(item)
+            if isinstance(item, (ErrorEvent, MetricsEvent)) or (isinstance(item, ServerEvent) and not item.extended):
+                kept.append(item)  # (the Realtime adapter's events: it orders a response's end itself)
         for item in kept + [InterruptEvent(turn)]:
             self.outbox.put_nowait(item)
         self.paused_turn = None
@@ -2627,13 +2705,20 @@ class Pipeline:
         self.vad_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vad")
         self.asr = Stage("asr", asr, args.asr_workers, lambda text: text.session.transcribed(text))
         # The LLM waits on the network, so there is a worker for every session: one slow stream holds no one else.
-        self.llm = Stage("llm", llm, args.max_sessions, lambda chunk: self.tts.put(chunk))
+        self.llm = Stage("llm", llm, args.max_sessions, self.speak)
         self.tts = Stage("tts", tts, args.tts_workers, lambda audio: audio.session.deliver(audio))
         self.stages = (self.asr, self.llm, self.tts)
 
     def start(self) -> None:
         for stage in self.stages:
             stage.start()
+
+    def speak(self, chunk: AnswerText) -> None:
+        """An LLM chunk to the TTS; an answer that is not spoken (a Realtime client's text response) goes out as text."""
+        if chunk.session.speaks(chunk.turn):
+            self.tts.put(chunk)
+        else:
+            chunk.session.deliver(AnswerAudio(chunk.session, chunk.turn, chunk.seq, chunk.text, b"", chunk.last))
 
     def running(self) -> bool:
         return all(t.is_alive() for stage in self.stages for t in stage.threads)
@@ -2930,7 +3015,7 @@ def extended_messages(item: Any) -> list:
     """The extended protocol: events as JSON; each piece of an answer as a JSON "answer" header, then its audio in
     a binary frame that starts with the turn and seq (little-endian uint32 each)."""
     if isinstance(item, ServerEvent):
-        return [item.to_json()]
+        return [item.to_json()] if item.extended else []
     header = json.dumps({"event": "answer", "turn": item.turn, "seq": item.seq, "text": item.text, "end": item.last},
                         ensure_ascii=False)
     return [header, struct.pack("<II", item.turn, item.seq) + item.pcm] if item.pcm else [header]
@@ -2999,6 +3084,794 @@ class LegacyAnswer:
         """The chunk that waited for the answer's end in vain."""
         waiting, self.waiting = self.waiting, None
         return [waiting] if waiting is not None else []
+
+
+# ------------------------------------------------------------------------------------------------
+# The OpenAI Realtime protocol (its GA version) on /v1/realtime of the receiver port: one socket both ways, JSON
+# events, audio as base64 pcm16 at 24 kHz. The same session under it: its hearing and turn-taking, the stages, its
+# paced output. docs/realtime.md lists the events it takes and sends, and those it does not.
+# ------------------------------------------------------------------------------------------------
+
+REALTIME_PATH = "/v1/realtime"
+REALTIME_RATE = 24000  # Hz: the protocol's audio/pcm, its only rate
+REALTIME_FORMAT = {"type": "audio/pcm", "rate": REALTIME_RATE}
+REALTIME_MAX_ITEMS = 1000  # a conversation keeps this many items; the oldest go first
+MIN_COMMIT_MS = 100  # the least audio a commit takes, as the protocol says
+# semantic_vad: the longest wait for a turn the model hears unfinished (auto: --max_turn_silence_ms)
+SEMANTIC_WAIT_MS = {"low": 4000, "medium": 2000, "auto": None, "high": 1000}
+
+
+def realtime_id(kind: str) -> str:
+    return f"{kind}_{secrets.token_hex(10)}"
+
+
+@dataclass
+class RealtimeEvent(ServerEvent):  # a Realtime server event the session makes itself (session.updated, item acks, errors)
+    extended: ClassVar[bool] = False
+    payload: dict
+
+
+def realtime_error(code: str, message: str, event_id: Optional[str] = None, kind: str = "invalid_request_error") -> dict:
+    return {"type": "error", "error": {"type": kind, "code": code, "message": message, "param": None, "event_id": event_id}}
+
+
+@dataclass
+class RealtimeItem:
+    """One item of a Realtime conversation: a message (user, assistant or system), a function call, or its output."""
+    type: str  # "message", "function_call" or "function_call_output"
+    role: str = ""  # a message's: "user", "assistant" or "system"
+    text: Optional[str] = None  # a message's text; a spoken one's transcript (None until the ASR has it)
+    audio: bool = False  # the message was spoken (input_audio, output_audio)
+    turn: Optional[int] = None  # the turn whose words (a user message) it holds
+    answer: Optional[Turn] = None  # the turn whose answer (an assistant message) it is: its text is what was heard
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+    output: str = ""
+    status: str = "completed"
+    id: str = field(default_factory=lambda: realtime_id("item"))
+    start_ms: int = 0  # a spoken message's place in the input audio
+    end_ms: int = 0
+
+    def content(self) -> str:
+        return self.answer.heard_text() if self.answer is not None else self.text or ""
+
+    def to_json(self) -> dict:
+        item = {"id": self.id, "object": "realtime.item", "type": self.type, "status": self.status}
+        if self.type == "function_call":
+            return {**item, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        if self.type == "function_call_output":
+            return {**item, "call_id": self.call_id, "output": self.output}
+        side = "output" if self.role == "assistant" else "input"
+        part = ({"type": f"{side}_audio", "transcript": self.content() if self.answer or self.text is not None else None}
+                if self.audio else {"type": f"{side}_text", "text": self.content()})
+        return {**item, "role": self.role, "content": [part]}
+
+    def chat(self) -> Optional[dict]:
+        """The item as a chat API message; None for a message with no words (a sound the ASR heard nothing in)."""
+        if self.type == "function_call":
+            call = {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+            return {"role": "assistant", "content": None, "tool_calls": [call]}
+        if self.type == "function_call_output":
+            return {"role": "tool", "tool_call_id": self.call_id, "content": self.output}
+        text = self.content()
+        if self.answer is not None and self.answer.state is TurnState.INTERRUPTED:
+            text += INTERRUPTED_MARK
+        return {"role": self.role, "content": text} if text else None
+
+
+class RealtimeConversation:
+    """A Realtime conversation's items in order: the client adds, deletes and truncates them; the session adds what the
+    user said and its answers. The LLM reads it from its worker thread (messages()): from the last --chat_size user
+    messages on, older ones dropped by half that many at once, as ChatHistory does (the prompt's start stays the same
+    for several turns, so prompt caches keep serving it)."""
+
+    def __init__(self, max_exchanges: int):
+        self.max_exchanges = max_exchanges
+        self.items: list = []
+        self.lock = threading.Lock()
+
+    def add(self, item: RealtimeItem, after: Optional[str] = "") -> Optional[str]:
+        """Insert `item` after the item `after` ("": at the end, None or "root": first); returns the id before it."""
+        with self.lock:
+            if any(i.id == item.id for i in self.items):
+                raise BadMessage("item_already_exists", f"an item with id {item.id} exists")
+            at = len(self.items) if after == "" else 0 if after in (None, "root") else self._index(after) + 1
+            self.items.insert(at, item)
+            if len(self.items) > REALTIME_MAX_ITEMS:
+                del self.items[0]
+                at -= 1
+            return self.items[at - 1].id if at > 0 else None
+
+    def find(self, item_id: Any) -> RealtimeItem:
+        with self.lock:
+            return self.items[self._index(item_id)]
+
+    def delete(self, item_id: Any) -> None:
+        with self.lock:
+            del self.items[self._index(item_id)]
+
+    def _index(self, item_id: Any) -> int:
+        for i, item in enumerate(self.items):
+            if item.id == item_id:
+                return i
+        raise BadMessage("item_not_found", f"no item with id {str(item_id)[:64]}")
+
+    def last_words(self) -> str:
+        with self.lock:
+            return next((i.content() for i in reversed(self.items) if i.role == "user" and i.content()), "")
+
+    def last_id(self) -> Optional[str]:
+        with self.lock:
+            return self.items[-1].id if self.items else None
+
+    def messages(self, instructions: str, answering: Turn, question: str) -> list:
+        """Chat messages for answering `answering`: the instructions, every item (a function call joins the assistant
+        message before it), then the question, when the turn's words are not in the conversation yet."""
+        with self.lock:
+            items = list(self.items)
+        asked = [i for i, item in enumerate(items) if item.role == "user" and item.turn != answering.number]
+        keep, half = max(1, self.max_exchanges), max(1, self.max_exchanges // 2)
+        if len(asked) > keep:  # (from a user message: no function output is left without its call)
+            items = items[asked[(len(asked) - keep + half - 1) // half * half]:]
+        msgs = [{"role": "system", "content": instructions}] if instructions else []
+        for item in items:
+            if item.turn == answering.number and item.role == "user":
+                continue  # the words being answered: the question, last
+            m = item.chat()
+            if m is None:
+                continue
+            if m.get("tool_calls") and msgs and msgs[-1]["role"] == "assistant":
+                msgs[-1] = {**msgs[-1], "tool_calls": msgs[-1].get("tool_calls", []) + m["tool_calls"]}
+            else:
+                msgs.append(m)
+        if question:
+            msgs.append({"role": "user", "content": question})
+        return msgs
+
+
+class RealtimeSession(Session):
+    """A session for an OpenAI Realtime client: the settings it chose (session.update), its conversation, and the
+    responses asked of it, by turn detection or by response.create. Turns work as for any session; a turn's answer is
+    the response. The protocol has no pause: speech over an answer cuts it off."""
+
+    def __init__(self, pipeline: Pipeline, args: argparse.Namespace, model: str,
+                 on_turn_end: Optional[Callable[[Session, Turn, bool], None]] = None):
+        args = copy.copy(args)
+        args.sample_rate = REALTIME_RATE
+        super().__init__(realtime_id("sess"), pipeline, args, on_turn_end=on_turn_end)
+        self.can_pause = False
+        self.model = model
+        self.conversation = RealtimeConversation(args.chat_size)
+        self.instructions = args.init_chat_prompt
+        self.modalities = ["audio"]
+        self.voice_name = "default"
+        self.server_args = args
+        self.turn_detection: Optional[dict] = {"type": "server_vad", "threshold": args.vad_thresh,
+                                               "prefix_padding_ms": args.speech_pad_ms, "silence_duration_ms": args.min_silence_ms,
+                                               "create_response": True, "interrupt_response": True}
+        if args.turn_detection == "smart_turn":  # as the server's own turn-taking does
+            self.turn_detection = {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
+        self.extra: dict = {"tool_choice": "auto", "max_output_tokens": "inf"}  # settings echoed as given
+        self.buffer: list = []  # audio appended with no turn detection, float32 at 24 kHz, until a commit
+        self.heard_ms = 0.0  # input audio appended so far
+        self.spoken_items: dict = {}  # turn -> the user message of its speech, from the speech's start
+        self.transcribing: dict = {}  # turn in waiting -> (item, Turn): audio the client gave, with the ASR
+        self.responses: dict = {}  # turn -> the options of the response.create that started it
+        self.deferred: Optional[dict] = None  # a response.create waiting for the transcripts before it
+        self.cancelled_by_client: set = set()
+
+    # ---- settings ----
+
+    def settings(self) -> dict:
+        audio_in = {"format": REALTIME_FORMAT, "transcription": None, "noise_reduction": None,
+                    "turn_detection": self.turn_detection}
+        return {"type": "realtime", "object": "realtime.session", "id": self.uid, "model": self.model,
+                "output_modalities": self.modalities, "instructions": self.instructions,
+                "audio": {"input": audio_in, "output": {"format": REALTIME_FORMAT, "voice": self.voice_name, "speed": 1.0}},
+                "tools": [{"type": "function", **t["function"]} for t in self.tools], **self.extra}
+
+    def detect_turns(self, detection: Optional[dict]) -> None:
+        """Hear the client's audio with these settings from now on (the utterance under way is dropped)."""
+        args = copy.copy(self.server_args)
+        if detection is not None:
+            semantic = detection["type"] == "semantic_vad"
+            args.turn_detection = "smart_turn" if semantic else "silence"
+            if semantic:
+                args.max_turn_silence_ms = SEMANTIC_WAIT_MS[detection["eagerness"]] or args.max_turn_silence_ms
+            else:
+                args.vad_thresh = detection["threshold"]
+                args.speech_pad_ms, args.min_silence_ms = detection["prefix_padding_ms"], detection["silence_duration_ms"]
+            args.enable_interruption = detection["interrupt_response"]
+        self.args, self.turn_detection = args, detection
+        self.listener = Listener(args, self.pipeline)
+        self.buffer.clear()
+
+    def answers(self) -> bool:
+        """Whether a turn the server hears ends in a response (turn detection's create_response)."""
+        return self.turn_detection is not None and self.turn_detection["create_response"]
+
+    # ---- the client's audio ----
+
+    async def append(self, audio: np.ndarray) -> None:
+        """float32 at 24 kHz: heard at once with turn detection, else kept for a commit."""
+        self.heard_ms += len(audio) * 1000 / REALTIME_RATE
+        if self.turn_detection is not None:
+            await self.hear(audio)
+            return
+        if (sum(map(len, self.buffer)) + len(audio)) * 1000 / REALTIME_RATE > self.args.max_speech_ms:
+            raise BadMessage("input_audio_buffer_full", f"more than {self.args.max_speech_ms} ms of audio waits for a commit")
+        self.buffer.append(audio)
+
+    def commit(self) -> RealtimeItem:
+        """The audio appended so far becomes a user message; the ASR transcribes it."""
+        if self.turn_detection is not None:
+            raise BadMessage("input_audio_buffer_commit_unsupported",
+                             "with turn detection the server commits the audio itself; set turn_detection to null to commit")
+        audio, self.buffer = concat(self.buffer), []
+        if len(audio) * 1000 / REALTIME_RATE < MIN_COMMIT_MS:
+            raise BadMessage("input_audio_buffer_commit_empty", f"buffer too small: at least {MIN_COMMIT_MS} ms of audio is needed, "
+                                                                f"it has {len(audio) * 1000 / REALTIME_RATE:.0f} ms")
+        item = RealtimeItem("message", "user", audio=True, start_ms=round(self.heard_ms - len(audio) * 1000 / REALTIME_RATE),
+                            end_ms=round(self.heard_ms))
+        self.conversation.add(item)
+        self.transcribe(item, audio)
+        return item
+
+    def transcribe(self, item: RealtimeItem, audio: np.ndarray) -> None:
+        """A user message the client gave as audio (24 kHz): its transcript becomes its text (see _transcribed). It is
+        a turn in waiting of its own, which nothing cuts off."""
+        import soxr
+        t = Turn(self.waiting_number(), spoken=True, state=TurnState.ANSWERING)
+        item.turn = t.number
+        self.transcribing[t.number] = (item, t)
+        self.pipeline.asr.put(Utterance(self, t.number, soxr.resample(audio, REALTIME_RATE, SAMPLE_RATE).astype(np.float32)))
+
+    def clear_input(self) -> None:
+        self.buffer.clear()
+        self.listener.forget()
+
+    # ---- responses ----
+
+    def respond(self, options: dict) -> None:
+        """response.create: answer from the conversation as it is (after any transcript still with the ASR)."""
+        t = self.current()
+        if t is not None and t.state in (TurnState.ANSWERING, TurnState.SPEAKING) or self.deferred is not None:
+            raise BadMessage("conversation_already_has_active_response", "the conversation already has an active response")
+        if self.transcribing:
+            self.deferred = options
+            return
+        t = self.start_turn(spoken=False)
+        t.question = self.conversation.last_words()  # what it answers, for the logs and --save_data
+        t.times.speech_end = now()
+        t.move(TurnState.ANSWERING)
+        self.responses[t.number] = options
+        self.pipeline.llm.put(UserText(self, t.number, ""))
+
+    def cancel_response(self) -> None:
+        t = self.current()
+        if self.deferred is not None:
+            self.deferred = None
+            return
+        if t is None or t.state not in (TurnState.ANSWERING, TurnState.SPEAKING, TurnState.FAILED):
+            raise BadMessage("response_cancel_not_active", "there is no active response to cancel")
+        self.cancelled_by_client.add(t.number)
+        t.move(TurnState.INTERRUPTED)
+        self.speaker.interrupt(t.number)
+        t.cancel()
+        self.report_turn(t)
+
+    # ---- the engine, for a Realtime conversation ----
+
+    def prompt(self, turn: Turn, role: str, prompt: str, question: str) -> list:
+        instructions = self.responses.get(turn.number, {}).get("instructions") or self.instructions
+        return self.conversation.messages(instructions, turn, question)
+
+    def speaks(self, turn: int) -> bool:
+        return "audio" in self.responses.get(turn, {}).get("output_modalities", self.modalities)
+
+    def start_spoken_turn(self, heard_at: Optional[float]) -> Turn:
+        t = super().start_spoken_turn(heard_at)
+        vad = self.listener.vad
+        start_ms = self.heard_ms - len(vad.windows) * vad.window_ms
+        self.spoken_items = {n: i for n, i in self.spoken_items.items() if n >= t.number - 1}
+        self.spoken_items[t.number] = RealtimeItem("message", "user", audio=True, turn=t.number, status="in_progress",
+                                                   start_ms=max(0, round(start_ms)))
+        return t
+
+    def speech_ended(self, t: Turn) -> None:
+        item = self.spoken_items.get(t.number)
+        if item is not None:
+            item.status, item.end_ms = "completed", round(self.heard_ms - t.times.eot_wait_ms)
+            self.conversation.add(item)
+        super().speech_ended(t)
+        if item is not None and not self.answers():  # create_response off: the words join the conversation, no more
+            self.transcribing[t.number] = (item, t)
+            t.move(TurnState.SENT)
+
+    def speculate(self, audio: np.ndarray, speech_ms: float) -> None:
+        if self.answers():  # nothing to start where the turn's end makes no response
+            super().speculate(audio, speech_ms)
+
+    def wants(self, turn: int) -> bool:
+        return super().wants(turn) or (not self.closed and turn in self.transcribing)
+
+    def turn_record(self, number: int) -> Turn:
+        held = self.transcribing.get(number)
+        return held[1] if held is not None else super().turn_record(number)
+
+    def transcribed(self, text: UserText) -> None:
+        if text.turn in self.transcribing:
+            self._call_from_thread(self._transcribed, text)
+        else:
+            super().transcribed(text)
+
+    def fail_turn(self, turn: int, code: str, message: str) -> None:
+        if turn in self.transcribing:  # the client's audio message keeps no words; the session goes on
+            self.send_event(ErrorEvent(code, message))
+            self._call_from_thread(self._transcribed, UserText(self, turn, ""))
+        else:
+            super().fail_turn(turn, code, message)
+
+    def _transcribed(self, text: UserText) -> None:
+        held = self.transcribing.pop(text.turn, None)
+        if held is None:
+            return
+        item = held[0]
+        item.text = text.text
+        if self.spoken_items.get(text.turn) is not item:  # (a spoken turn's transcript goes out as any turn's does)
+            self.speaker.put(RealtimeEvent(transcript_completed(item)))
+            self.speaker.put(RealtimeEvent({"type": "conversation.item.done", "item": item.to_json()}))
+        if not self.transcribing and self.deferred is not None:
+            options, self.deferred = self.deferred, None
+            self.respond(options)
+
+
+def transcript_completed(item: RealtimeItem) -> dict:
+    return {"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id, "content_index": 0,
+            "transcript": item.text or "", "usage": {"type": "duration", "seconds": round((item.end_ms - item.start_ms) / 1000, 3)}}
+
+
+@dataclass
+class RealtimeResponse:
+    """One response as it goes out: an assistant message (its audio and transcript, or its text), and a function
+    call item per call the model makes."""
+    id: str
+    turn: int
+    modalities: list
+    metadata: Any = None
+    output: list = field(default_factory=list)  # RealtimeItems, in order
+    message: Optional[RealtimeItem] = None
+    calls: dict = field(default_factory=dict)  # the call's index in the answer -> its item
+    resampler: Any = None  # the answer's audio, 16 -> 24 kHz
+    error: Optional[dict] = None
+
+    def json(self, status: str, details: Optional[dict] = None) -> dict:
+        return {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
+                "output": [item.to_json() for item in self.output], "conversation_id": None,
+                "output_modalities": self.modalities, "metadata": self.metadata, "usage": None,
+                "audio": {"output": {"format": REALTIME_FORMAT}}}
+
+
+class RealtimeOutput:
+    """A RealtimeSession's output (Session.output) as Realtime server events, in order: speech started and stopped,
+    the user's message and its transcript, and each answer as a response."""
+
+    def __init__(self, session: RealtimeSession):
+        self.session = session
+        self.responses: dict = {}  # turn -> its RealtimeResponse, while it goes out
+        self.done: deque = deque(maxlen=64)  # turns whose response is done
+
+    def messages(self, item: Any) -> list:
+        events = self.events(item)
+        return [json.dumps({"event_id": realtime_id("event"), **e}, ensure_ascii=False) for e in events]
+
+    def events(self, item: Any) -> list:
+        s = self.session
+        if isinstance(item, RealtimeEvent):
+            return [item.payload]
+        if isinstance(item, AnswerAudio):
+            return self.answer(item)
+        if isinstance(item, ToolCallEvent):
+            return self.tool_call(item)
+        if isinstance(item, MetricsEvent):
+            return self.finish(item.turn, item.metrics)
+        if isinstance(item, ErrorEvent):
+            if item.turn is not None and item.turn in self.responses:
+                self.responses[item.turn].error = {"type": "server_error", "code": item.code, "message": item.message}
+                return []
+            return [realtime_error(item.code, item.message, kind="server_error" if item.turn is not None else "invalid_request_error")]
+        spoken = s.spoken_items.get(getattr(item, "turn", None))
+        if spoken is None:
+            return []
+        if isinstance(item, SpeechStartEvent):
+            return [{"type": "input_audio_buffer.speech_started", "audio_start_ms": spoken.start_ms, "item_id": spoken.id}]
+        if isinstance(item, SpeechEndEvent):
+            before = self.before(spoken)
+            return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": spoken.end_ms, "item_id": spoken.id},
+                    {"type": "input_audio_buffer.committed", "item_id": spoken.id, "previous_item_id": before},
+                    {"type": "conversation.item.added", "item": spoken.to_json(), "previous_item_id": before}]
+        if isinstance(item, TranscriptEvent):
+            if not item.final:
+                return [{"type": "conversation.item.input_audio_transcription.delta", "item_id": spoken.id, "content_index": 0,
+                         "delta": item.text}]
+            spoken.text = item.text
+            return [transcript_completed(spoken), {"type": "conversation.item.done", "item": spoken.to_json()}]
+        return []
+
+    def before(self, item: RealtimeItem) -> Optional[str]:
+        with self.session.conversation.lock:
+            ids = [i.id for i in self.session.conversation.items]
+        at = ids.index(item.id) if item.id in ids else 0
+        return ids[at - 1] if at > 0 else None
+
+    def response(self, turn: int, events: list) -> Optional[RealtimeResponse]:
+        """The turn's response, started (response.created) at its first output; None once it is done."""
+        if turn in self.done:
+            return None
+        r = self.responses.get(turn)
+        if r is None:
+            options = self.session.responses.get(turn, {})
+            r = RealtimeResponse(realtime_id("resp"), turn, options.get("output_modalities", self.session.modalities),
+                                 options.get("metadata"))
+            self.responses[turn] = r
+            events.append({"type": "response.created", "response": r.json("in_progress")})
+        return r
+
+    def add_output(self, r: RealtimeResponse, item: RealtimeItem, events: list) -> None:
+        before = self.session.conversation.last_id()
+        self.session.conversation.add(item)
+        r.output.append(item)
+        events += [{"type": "response.output_item.added", "response_id": r.id, "output_index": len(r.output) - 1,
+                    "item": item.to_json()},
+                   {"type": "conversation.item.added", "item": item.to_json(), "previous_item_id": before}]
+
+    def answer(self, item: AnswerAudio) -> list:
+        events: list = []
+        r = self.response(item.turn, events)
+        if r is None or not (item.text or item.pcm):
+            return events
+        audio = "audio" in r.modalities
+        if r.message is None:
+            r.message = RealtimeItem("message", "assistant", audio=audio, answer=self.session.turns.get(item.turn),
+                                     status="in_progress")
+            self.add_output(r, r.message, events)
+            part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
+            events.append({"type": "response.content_part.added", **self.place(r), "part": part})
+        if item.text:
+            kind = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
+            events.append({"type": kind, **self.place(r), "delta": item.text})
+        if item.pcm:
+            if r.resampler is None:
+                import soxr
+                r.resampler = soxr.ResampleStream(SAMPLE_RATE, REALTIME_RATE, 1, dtype="int16")
+            pcm = r.resampler.resample_chunk(np.frombuffer(item.pcm, "<i2")).astype("<i2").tobytes()
+            events.append({"type": "response.output_audio.delta", **self.place(r), "delta": base64.b64encode(pcm).decode()})
+        return events
+
+    def place(self, r: RealtimeResponse) -> dict:
+        return {"response_id": r.id, "item_id": r.message.id, "output_index": r.output.index(r.message), "content_index": 0}
+
+    def tool_call(self, ev: ToolCallEvent) -> list:
+        events: list = []
+        r = self.response(ev.turn, events)
+        if r is None:
+            return events
+        call = r.calls.get(ev.index)
+        if call is None:
+            call = r.calls[ev.index] = RealtimeItem("function_call", call_id=ev.call_id, name=ev.name, status="in_progress")
+            self.add_output(r, call, events)
+        place = {"response_id": r.id, "item_id": call.id, "output_index": r.output.index(call), "call_id": call.call_id}
+        if not ev.done:
+            call.arguments += ev.arguments
+            return events + [{"type": "response.function_call_arguments.delta", **place, "delta": ev.arguments}]
+        call.name, call.arguments, call.status = ev.name, ev.arguments, "completed"
+        return events + [{"type": "response.function_call_arguments.done", **place, "name": call.name, "arguments": call.arguments},
+                         {"type": "response.output_item.done", "response_id": r.id, "output_index": place["output_index"],
+                          "item": call.to_json()},
+                         {"type": "conversation.item.done", "item": call.to_json()}]
+
+    def finish(self, turn: int, metrics: dict) -> list:
+        """The turn is over: its response is done, completed, cancelled or failed."""
+        events: list = []
+        r = self.response(turn, events)
+        if r is None:
+            return events
+        del self.responses[turn]
+        self.done.append(turn)
+        self.session.responses.pop(turn, None)
+        if metrics["interrupted"]:
+            reason = "client_cancelled" if turn in self.session.cancelled_by_client else "turn_detected"
+            status, details = "cancelled", {"type": "cancelled", "reason": reason}
+        elif r.error is not None:
+            status, details = "failed", {"type": "failed", "error": r.error}
+        else:
+            status, details = "completed", None
+        m = r.message
+        if m is not None:
+            m.status = "completed" if status == "completed" else "incomplete"
+            place, text = self.place(r), m.content()
+            if m.audio:
+                events += [{"type": "response.output_audio.done", **place},
+                           {"type": "response.output_audio_transcript.done", **place, "transcript": text}]
+                part = {"type": "audio", "transcript": text}
+            else:
+                events.append({"type": "response.output_text.done", **place, "text": text})
+                part = {"type": "text", "text": text}
+            events += [{"type": "response.content_part.done", **place, "part": part},
+                       {"type": "response.output_item.done", "response_id": r.id, "output_index": place["output_index"],
+                        "item": m.to_json()},
+                       {"type": "conversation.item.done", "item": m.to_json()}]
+        return events + [{"type": "response.done", "response": r.json(status, details)}]
+
+
+class RealtimeClient:
+    """What an OpenAI Realtime client's events ask of its session, checked: each is carried out, or answered with an
+    `error` event that names it, and the session goes on."""
+
+    SESSION_KEYS = {"type", "instructions", "output_modalities", "audio", "tools", "tool_choice", "max_output_tokens",
+                    "tracing", "truncation", "prompt", "include", "model"}
+    RESPONSE_KEYS = {"instructions", "output_modalities", "metadata", "conversation"}
+
+    def __init__(self, session: RealtimeSession, max_text_chars: int, pace: Callable[[int], Any]):
+        self.session, self.max_text_chars = session, max_text_chars
+        self.pace = pace  # awaited with the samples of each append before they are heard: the real-time limit
+        self.handlers = {
+            "session.update": self.session_update, "input_audio_buffer.append": self.append,
+            "input_audio_buffer.commit": self.commit, "input_audio_buffer.clear": self.clear,
+            "conversation.item.create": self.item_create, "conversation.item.truncate": self.item_truncate,
+            "conversation.item.delete": self.item_delete, "conversation.item.retrieve": self.item_retrieve,
+            "response.create": self.response_create, "response.cancel": self.response_cancel,
+        }
+
+    def send(self, payload: dict) -> None:
+        self.session.speaker.put(RealtimeEvent(payload))
+
+    def opened(self) -> None:
+        self.send({"type": "session.created", "session": self.session.settings()})
+
+    async def take(self, message: Any) -> None:
+        """Carry out one client event. A bad one is answered with an error event (and raises BadMessage, for the log)."""
+        event: dict = {}
+        try:
+            if isinstance(message, bytes):
+                raise BadMessage("invalid_event", "events are JSON text; audio goes in input_audio_buffer.append")
+            event = parse_json(message)
+            handler = self.handlers.get(event.get("type"))
+            if handler is None:
+                raise BadMessage("invalid_event", f"unknown or unsupported event type: {str(event.get('type'))[:64]}")
+            result = handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except BadMessage as exc:
+            event_id = event.get("event_id")
+            self.send(realtime_error(exc.code, str(exc), event_id if isinstance(event_id, str) else None))
+            raise
+
+    # ---- the session's settings ----
+
+    def session_update(self, event: dict) -> None:
+        s, new = self.session, event.get("session")
+        if not isinstance(new, dict):
+            raise BadMessage("invalid_value", "session.update needs a session object")
+        unknown = set(new) - self.SESSION_KEYS
+        if unknown:
+            raise BadMessage("unknown_parameter", f"unknown or unsupported session settings: {', '.join(sorted(unknown))}")
+        if new.get("type", "realtime") != "realtime":
+            raise BadMessage("invalid_value", "only realtime sessions are served here (not transcription)")
+        audio = new.get("audio") or {}
+        audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
+        for fmt in (audio_in.get("format"), audio_out.get("format")):
+            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm" or fmt.get("rate", REALTIME_RATE) != REALTIME_RATE):
+                raise BadMessage("invalid_value", "the only audio format served is {'type': 'audio/pcm', 'rate': 24000}")
+        instructions = new.get("instructions", s.instructions)
+        if not isinstance(instructions, str) or len(instructions) > 16 * self.max_text_chars:
+            raise BadMessage("invalid_value", "instructions must be a string of at most "
+                                              f"{16 * self.max_text_chars} characters")
+        modalities = self.modalities(new.get("output_modalities", s.modalities))
+        voice = self.voice(audio_out.get("voice"))
+        tools = self.tools(new["tools"]) if "tools" in new else s.tools
+        if tools and not s.pipeline.llm.handler.takes_tools:
+            raise BadMessage("invalid_value", "tools need an LLM that calls functions (--llm openai)")
+        tool_choice = self.tool_choice(new.get("tool_choice", s.extra["tool_choice"]))
+        detection = self.turn_detection(audio_in["turn_detection"]) if "turn_detection" in audio_in else s.turn_detection
+        s.instructions, s.modalities, s.tools = instructions, modalities, tools
+        s.extra["tool_choice"], s.tool_choice = tool_choice, self.chat_tool_choice(tool_choice)
+        if "max_output_tokens" in new:
+            s.extra["max_output_tokens"] = new["max_output_tokens"]
+        if voice is not None:
+            s.voice_name, s.voice = voice
+        if detection != s.turn_detection:
+            s.detect_turns(detection)
+        self.send({"type": "session.updated", "session": s.settings()})
+
+    @staticmethod
+    def modalities(value: Any) -> list:
+        if value not in (["audio"], ["text"]):
+            raise BadMessage("invalid_value", 'output_modalities must be ["audio"] or ["text"]')
+        return list(value)
+
+    def voice(self, value: Any) -> Optional[tuple]:
+        """(name, the TTS's voice) for a voice the client names, None when it names none."""
+        name = value.get("id") if isinstance(value, dict) else value
+        if name is None:
+            return None
+        if not isinstance(name, str) or not name:
+            raise BadMessage("invalid_value", "voice must be a voice's name")
+        tts = self.session.pipeline.tts.handler
+        voice = tts.voice_named(name)
+        if voice is None and tts.voice_names():
+            raise BadMessage("invalid_value", f"no voice {name[:64]}; this server has: {', '.join(tts.voice_names())}")
+        return name, voice  # a TTS with one voice speaks with it, whatever the name
+
+    @staticmethod
+    def tools(value: Any) -> list:
+        """Realtime function tools in the chat API's form."""
+        if not isinstance(value, list) or len(value) > 128:
+            raise BadMessage("invalid_value", "tools must be a list of at most 128 functions")
+        tools = []
+        for tool in value:
+            if (not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(tool.get("name"), str)
+                    or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tool["name"])):
+                raise BadMessage("invalid_value", "each tool must be a function with a name of 1-64 letters, digits, _ or -")
+            tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters") if k in tool}})
+        return tools
+
+    @staticmethod
+    def tool_choice(value: Any) -> Any:
+        if value in ("auto", "none", "required") or (isinstance(value, dict) and value.get("type") == "function"
+                                                     and isinstance(value.get("name"), str)):
+            return value
+        raise BadMessage("invalid_value", 'tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}')
+
+    @staticmethod
+    def chat_tool_choice(value: Any) -> Any:
+        return {"type": "function", "function": {"name": value["name"]}} if isinstance(value, dict) else value
+
+    def turn_detection(self, value: Any) -> Optional[dict]:
+        if value is None:
+            return None
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind not in ("server_vad", "semantic_vad"):
+            raise BadMessage("invalid_value", "turn_detection must be null, server_vad or semantic_vad")
+        if kind == "semantic_vad" and self.session.pipeline.turn_model is None:
+            raise BadMessage("invalid_value", "semantic_vad needs the turn model: start the server with --turn_detection smart_turn")
+        current = self.session.turn_detection or {}
+        merged = {"type": kind, "create_response": True, "interrupt_response": True}
+        if kind == "server_vad":
+            merged.update(threshold=current.get("threshold", self.session.args.vad_thresh),
+                          prefix_padding_ms=current.get("prefix_padding_ms", self.session.args.speech_pad_ms),
+                          silence_duration_ms=current.get("silence_duration_ms", self.session.args.min_silence_ms))
+        else:
+            merged["eagerness"] = "auto"
+        for key, given in value.items():
+            if key == "type" or given is None:
+                continue
+            if key not in merged:
+                raise BadMessage("unknown_parameter", f"turn_detection.{key[:64]} is not supported")
+            ok = {"threshold": lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+                  "prefix_padding_ms": lambda v: isinstance(v, int) and 0 <= v <= 2000,
+                  "silence_duration_ms": lambda v: isinstance(v, int) and 100 <= v <= 10000,
+                  "eagerness": lambda v: v in SEMANTIC_WAIT_MS}.get(key, lambda v: isinstance(v, bool))
+            if isinstance(given, bool) != (key in ("create_response", "interrupt_response")) or not ok(given):
+                raise BadMessage("invalid_value", f"turn_detection.{key} is out of range")
+            merged[key] = given
+        return merged
+
+    # ---- input audio ----
+
+    async def append(self, event: dict) -> None:
+        audio = event.get("audio")
+        if not isinstance(audio, str):
+            raise BadMessage("invalid_value", "audio must be base64 pcm16")
+        samples = decode_pcm16(audio)
+        await self.pace(len(samples))
+        await self.session.append(samples)
+
+    def commit(self, event: dict) -> None:
+        before = self.session.conversation.last_id()
+        item = self.session.commit()
+        self.send({"type": "input_audio_buffer.committed", "item_id": item.id, "previous_item_id": before})
+        self.send({"type": "conversation.item.added", "item": item.to_json(), "previous_item_id": before})
+
+    def clear(self, event: dict) -> None:
+        self.session.clear_input()
+        self.send({"type": "input_audio_buffer.cleared"})
+
+    # ---- the conversation ----
+
+    def item_create(self, event: dict) -> None:
+        item, audio = self.item(event.get("item"))
+        before = self.session.conversation.add(item, event.get("previous_item_id") or "")
+        self.send({"type": "conversation.item.added", "item": item.to_json(), "previous_item_id": before})
+        if audio is None:
+            self.send({"type": "conversation.item.done", "item": item.to_json(), "previous_item_id": before})
+        else:
+            self.session.transcribe(item, audio)
+
+    def item(self, value: Any) -> tuple:
+        """A client's item, and its audio (24 kHz) when it is a spoken message."""
+        if not isinstance(value, dict):
+            raise BadMessage("invalid_value", "conversation.item.create needs an item")
+        kind, given_id = value.get("type"), value.get("id")
+        extra = {"id": given_id} if isinstance(given_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", given_id) else {}
+        if kind == "function_call_output":
+            if not isinstance(value.get("call_id"), str) or not isinstance(value.get("output"), str):
+                raise BadMessage("invalid_value", "a function_call_output needs a call_id and an output string")
+            return RealtimeItem("function_call_output", call_id=value["call_id"], output=self.text(value["output"]), **extra), None
+        if kind == "function_call":
+            if not all(isinstance(value.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise BadMessage("invalid_value", "a function_call needs call_id, name and arguments strings")
+            return RealtimeItem("function_call", call_id=value["call_id"], name=value["name"][:64],
+                                arguments=self.text(value["arguments"]), **extra), None
+        role, content = value.get("role"), value.get("content")
+        if kind != "message" or role not in ("user", "assistant", "system") or not isinstance(content, list) or len(content) != 1:
+            raise BadMessage("invalid_value", "an item must be a message (user, assistant or system, with one content part), "
+                                              "a function_call or a function_call_output")
+        part = content[0] if isinstance(content[0], dict) else {}
+        if part.get("type") == "input_audio" and role == "user":
+            if not isinstance(part.get("audio"), str):
+                raise BadMessage("invalid_value", "input_audio needs base64 pcm16 audio")
+            audio = decode_pcm16(part["audio"])
+            if not MIN_COMMIT_MS <= len(audio) * 1000 / REALTIME_RATE <= self.session.args.max_speech_ms:
+                raise BadMessage("invalid_value", f"input_audio must hold {MIN_COMMIT_MS} to {self.session.args.max_speech_ms} ms")
+            return RealtimeItem("message", "user", audio=True, end_ms=round(len(audio) * 1000 / REALTIME_RATE), **extra), audio
+        if part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise BadMessage("invalid_value", "a message's content must be input_text (output_text for the assistant) "
+                                              "or, for the user, input_audio")
+        return RealtimeItem("message", role, text=self.text(part["text"]), **extra), None
+
+    def text(self, value: str) -> str:
+        if len(value) > self.max_text_chars:
+            raise BadMessage("text_too_long", f"text longer than {self.max_text_chars} characters")
+        return check_text(value, self.max_text_chars) if value.strip() else value
+
+    def item_truncate(self, event: dict) -> None:
+        item = self.session.conversation.find(event.get("item_id"))
+        end_ms = event.get("audio_end_ms")
+        if item.answer is None or not item.audio:
+            raise BadMessage("invalid_value", "only an assistant's audio message can be truncated")
+        if not isinstance(end_ms, int) or isinstance(end_ms, bool) or not 0 <= end_ms <= item.answer.audio_sent_ms + 1:
+            raise BadMessage("invalid_value", f"audio_end_ms must be 0 to the audio's length ({item.answer.audio_sent_ms:.0f} ms)")
+        item.answer.played_ms = end_ms
+        self.send({"type": "conversation.item.truncated", "item_id": item.id, "content_index": 0, "audio_end_ms": end_ms})
+
+    def item_delete(self, event: dict) -> None:
+        self.session.conversation.delete(event.get("item_id"))
+        self.send({"type": "conversation.item.deleted", "item_id": event["item_id"]})
+
+    def item_retrieve(self, event: dict) -> None:
+        item = self.session.conversation.find(event.get("item_id"))
+        self.send({"type": "conversation.item.retrieved", "item": item.to_json()})
+
+    # ---- responses ----
+
+    def response_create(self, event: dict) -> None:
+        options = event.get("response") or {}
+        if not isinstance(options, dict) or set(options) - self.RESPONSE_KEYS:
+            raise BadMessage("unknown_parameter", 'response.create takes instructions, output_modalities, metadata and '
+                                                  'conversation "auto"')
+        if options.get("conversation", "auto") != "auto":
+            raise BadMessage("invalid_value", 'only conversation "auto" is served (no out-of-band responses)')
+        if "output_modalities" in options:
+            self.modalities(options["output_modalities"])
+        if not isinstance(options.get("instructions", ""), str):
+            raise BadMessage("invalid_value", "instructions must be a string")
+        self.session.respond(options)
+
+    def response_cancel(self, event: dict) -> None:
+        self.session.cancel_response()
+
+
+def decode_pcm16(b64: str) -> np.ndarray:
+    """base64 int16 little-endian PCM -> float32 in [-1, 1]."""
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadMessage("invalid_value", f"audio is not valid base64: {exc}") from None
+    if len(raw) % 2:
+        raise BadMessage("invalid_value", "audio must be pcm16 (an even number of bytes)")
+    return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3111,6 +3984,7 @@ class VoiceAgentServer:
         self.admission = Admission(self)
         self.legacy_allowed = legacy_clients_allowed(args)
         self.receiver, self.sender = ReceiverSocket(self), SenderSocket(self)
+        self.realtime = RealtimeSocket(self)
         self.stopped: asyncio.Event = None
 
     async def run(self, ready: Optional[Callable[[], None]] = None) -> None:
@@ -3160,7 +4034,7 @@ class VoiceAgentServer:
         common = dict(ssl=tls, max_size=a.max_message_kb * 1024, ping_interval=a.ping_interval_s or None,
                       ping_timeout=a.ping_timeout_s or None, close_timeout=2, compression=None,
                       select_subprotocol=AccessPolicy.select_subprotocol, create_connection=functools.partial(GatedConnection, gate))
-        async with serve(self.receiver.handle, a.recv_host, a.recv_port, **common, process_request=receiver_request), \
+        async with serve(self.on_receiver_port, a.recv_host, a.recv_port, **common, process_request=receiver_request), \
                 serve(self.sender.handle, a.send_host, a.send_port, **common, process_request=bad_request):
             ws_scheme, http_scheme = ("wss", "https") if tls else ("ws", "http")
             if files:
@@ -3172,6 +4046,11 @@ class VoiceAgentServer:
                         ws_scheme, a.send_host, a.send_port, " (token required)" if a.auth_token else "",
                         "" if self.legacy_allowed else " (legacy clients refused)")
             yield
+
+    async def on_receiver_port(self, ws: ServerConnection) -> None:
+        """An OpenAI Realtime client on /v1/realtime; any other socket on the receiver port is a receiver."""
+        realtime = urlparse(ws.request.path).path.rstrip("/") == REALTIME_PATH
+        await (self.realtime if realtime else self.receiver).handle(ws)
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """asyncio's own errors. Out of descriptors, it logs a traceback for every accept it retries (megabytes a minute
@@ -3362,14 +4241,30 @@ class SessionRegistry:
         """A new session for the client on `conn`, which becomes its receiver."""
         if not extended and uid in self.legacy:
             raise Refused(1008, f"uid {uid} already has a connected receiver")
+        self.make_room()
+        session = Session(uid, self.server.pipeline, self.args, legacy=not extended, on_turn_end=self.server.turn_ended)
+        return self.register(SessionLink(session, extended, conn.address, self.args.sample_rate, self.args.max_audio_ahead_s), conn)
+
+    def open_realtime(self, conn: ReceiverConnection, model: str) -> SessionLink:
+        """A session for an OpenAI Realtime client: its one connection speaks for it and hears it, and it ends with it."""
+        self.make_room()
+        session = RealtimeSession(self.server.pipeline, self.args, model, on_turn_end=self.server.turn_ended)
+        link = SessionLink(session, True, conn.address, REALTIME_RATE, self.args.max_audio_ahead_s, RealtimeOutput(session).messages)
+        link.resumable = False
+        link.senders.add(conn)
+        return self.register(link, conn)
+
+    def make_room(self) -> None:
         if len(self.by_key) + len(self.legacy) >= self.args.max_sessions:
             detached = [s for s in self.by_key.values() if s.receiver is None]
             if not detached:
                 raise Refused(1013, f"server full: {self.args.max_sessions} sessions; try again later")
             self.end(min(detached, key=lambda s: s.detached_at))  # the one left longest ago gives way
-        session = Session(uid, self.server.pipeline, self.args, legacy=not extended, on_turn_end=self.server.turn_ended)
-        link = SessionLink(session, extended, conn.address, self.args.sample_rate, self.args.max_audio_ahead_s)
-        (self.by_key if extended else self.legacy)[link.key if extended else uid] = link
+
+    def register(self, link: SessionLink, conn: ReceiverConnection) -> SessionLink:
+        """A new session's link, with `conn` as its receiver, and a task that writes its output to its clients."""
+        session = link.session
+        (self.by_key if link.extended else self.legacy)[link.key if link.extended else session.uid] = link
         asyncio.get_running_loop().create_task(self.send_output(link), name=f"sender-{session.tag}")
         self.metrics.sessions.inc()
         logger.info("session %s opened from %s (%d active)", session.tag, conn.address, len(self.all()))
@@ -3403,7 +4298,7 @@ class SessionRegistry:
         if link.receiver is not conn:
             return
         link.receiver = None
-        if not link.extended or self.args.resume_s <= 0:
+        if not link.resumable or self.args.resume_s <= 0:
             self.end(link)
             return
         link.session.leave()
@@ -3446,13 +4341,15 @@ class SessionLink:
     connections that hear it. A legacy session (CleanS2S's client, which knows no key) is heard by every legacy
     sender connection."""
 
-    def __init__(self, session: Session, extended: bool, address: str, sample_rate: int, ahead_s: float):
+    def __init__(self, session: Session, extended: bool, address: str, sample_rate: int, ahead_s: float,
+                 messages: Optional[Callable[[Any], list]] = None):
         self.session, self.extended, self.address = session, extended, address
+        self.resumable = extended  # its client may come back with the key (not a legacy or Realtime client)
         self.key = secrets.token_urlsafe(24)  # 192 random bits
         self.receiver: Optional[ReceiverConnection] = None
         self.senders: set = set()  # an extended session's SenderConnections
         self.detached_at: Optional[float] = None  # its receiver closed; it ends --resume_s later unless one comes back
-        self.messages = extended_messages if extended else legacy_messages
+        self.messages = messages or (extended_messages if extended else legacy_messages)  # its format
         self.audio = RateLimit(sample_rate, burst=sample_rate * ahead_s)  # samples at the client's rate: real time
 
 
@@ -3520,6 +4417,46 @@ class SenderConnection:
     def __init__(self, ws: ServerConnection, writer: ClientWriter, address: str, link: Optional[SessionLink]):
         self.ws, self.writer, self.address, self.link = ws, writer, address, link
         self.extended = link is not None
+
+
+class RealtimeSocket:
+    """/v1/realtime on the receiver port: an OpenAI Realtime client. Admitted and limited as any receiver connection
+    (its token may come as `Authorization: Bearer`, as OpenAI's SDKs send a key); each connection is a session of its
+    own, which no other connection can join or resume."""
+
+    def __init__(self, server: VoiceAgentServer):
+        self.server, self.args, self.log = server, server.args, server.log
+        self.sessions, self.admission, self.receiver = server.sessions, server.admission, server.receiver
+
+    async def handle(self, ws: ServerConnection) -> None:
+        writer = await self.admission.admit(ws)
+        if writer is None:
+            return
+        conn = ReceiverConnection(ws, writer, self.admission.connections[ws], self.args.max_messages_per_s)
+        try:
+            model = (parse_qs(urlparse(ws.request.path).query).get("model") or ["default"])[0]
+            link = self.sessions.open_realtime(conn, model if re.fullmatch(r"[\w.:-]{1,64}", model) else "default")
+            client = RealtimeClient(link.session, self.args.max_text_chars, functools.partial(self.in_real_time, conn))
+            client.opened()
+            while (message := await self.receiver.next_message(conn)) is not None:
+                try:
+                    await client.take(message)
+                except BadMessage as exc:  # answered with an error event; the session goes on
+                    self.log.warning(f"bad {exc.code}", f"bad Realtime event from {conn.address}: {exc}")
+        except Refused as refusal:
+            await self.admission.refuse(ws, refusal, conn.address)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.admission.release(ws, writer)
+            if conn.link is not None:
+                self.sessions.detach(conn.link, conn)
+
+    async def in_real_time(self, conn: ReceiverConnection, samples: int) -> None:
+        """As ReceiverSocket.in_real_time: no client makes the server hear faster than a person talks."""
+        await self.receiver.slow_down(conn, conn.link.audio.wait_s(samples), "audio_too_fast",
+                                      f"audio more than {self.args.max_audio_ahead_s:g} s ahead of real time; the rest is heard in real time")
+        conn.link.audio.take(samples)
 
 
 CLOSE_TOO_SLOW = 4429
@@ -3670,6 +4607,7 @@ class AccessPolicy:
     SUBPROTOCOL = "s2s"  # a browser that offers subprotocols must get one back, or it drops the connection
     TOKEN_PREFIX = "s2s.token."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
     KEY_PREFIX = "s2s.key."  # and so does the session key
+    OPENAI_KEY_PREFIX = "openai-insecure-api-key."  # how OpenAI Realtime clients in a browser send their key (the token)
     LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
     def __init__(self, token: Optional[str], allowed_origins: str):
@@ -3678,12 +4616,19 @@ class AccessPolicy:
 
     def refusal(self, request: Any, secure: bool) -> Optional[Refused]:
         """`secure`: the client's connection came over TLS (to this server, or to a trusted proxy that says so)."""
-        if self.token is not None and not token_matches(self.token, self.presented(request, self.TOKEN_PREFIX, "token")):
+        if self.token is not None and not token_matches(self.token, self.token_presented(request)):
             return Refused(4401, "unauthorized: missing or wrong token")
         origin = request.headers.get("Origin")
         if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", ""), secure):
             return Refused(4403, f"origin not allowed: {origin[:100]}")
         return None
+
+    def token_presented(self, request: Any) -> str:
+        """The token, as a subprotocol (s2s.token.TOKEN, or openai-insecure-api-key.TOKEN), ?token=, or the header
+        Authorization: Bearer TOKEN (OpenAI's SDKs send their key so)."""
+        bearer = next((v[7:] for v in request.headers.get_all("Authorization") if v.startswith("Bearer ")), "")
+        return (self.presented(request, self.TOKEN_PREFIX, "token") or self.presented(request, self.OPENAI_KEY_PREFIX, "token")
+                or bearer)
 
     @staticmethod
     def presented(request: Any, prefix: str, query_name: str) -> str:
@@ -3712,7 +4657,7 @@ class AccessPolicy:
 
     @classmethod
     def select_subprotocol(cls, ws: ServerConnection, offered: list) -> Optional[str]:
-        return cls.SUBPROTOCOL if cls.SUBPROTOCOL in offered else None
+        return next((p for p in (cls.SUBPROTOCOL, "realtime") if p in offered), None)  # "realtime": OpenAI's, in a browser
 
 
 def token_matches(token: bytes, presented: str) -> bool:

@@ -118,7 +118,8 @@ class FakeAPI:
 class FakeChatAPI(FakeAPI):
     """/v1/chat/completions, streamed as Server-Sent Events.
 
-    `answer(messages) -> str` decides the reply; it is sent word by word, `token_delay_s` apart, after
+    `answer(messages) -> str` decides the reply (or a dict {"name": ..., "arguments": ...}: a call of that function,
+    its arguments streamed in three pieces, as tool-calling APIs stream them); it is sent word by word, `token_delay_s` apart, after
     `first_token_delay_s` (a number, or a function of the messages). How many tokens were written before
     the client hung up is recorded in `streams`.
 
@@ -153,7 +154,10 @@ class FakeChatAPI(FakeAPI):
                 "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model", "test"),
                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-        words = self.answer(body["messages"]).split(" ")
+        reply = self.answer(body["messages"])
+        if isinstance(reply, dict):
+            return self._stream_tool_call(request, body, reply)
+        words = reply.split(" ")
         tokens = [w + " " for w in words[:-1]] + [words[-1]]
         record = {"tokens_total": len(tokens), "tokens_sent": 0, "client_closed": False,
                   "messages": body["messages"], "done": threading.Event()}
@@ -193,6 +197,26 @@ class FakeChatAPI(FakeAPI):
             request.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             record["client_closed"] = True
+        request.close_connection = True
+
+    def _stream_tool_call(self, request, body, call):
+        with self.lock:
+            self.streams.append({"tool_call": call, "messages": body["messages"], "done": threading.Event()})
+        request.send_response(200)
+        request.send_header("Content-Type", "text/event-stream")
+        request.send_header("Connection", "close")
+        request.end_headers()
+        args, third = call["arguments"], len(call["arguments"]) // 3 + 1
+        pieces = [{"index": 0, "id": "call_test1", "type": "function", "function": {"name": call["name"], "arguments": ""}}]
+        pieces += [{"index": 0, "function": {"arguments": args[i:i + third]}} for i in range(0, len(args), third)]
+        for piece in pieces:
+            chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": body.get("model", "test"),
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [piece]}, "finish_reason": None}]}
+            request.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            request.wfile.flush()
+            time.sleep(self.token_delay_s)
+        request.wfile.write(b"data: [DONE]\n\n")
+        request.wfile.flush()
         request.close_connection = True
 
     def _stream_fault(self, request, body, tokens, record, fault):

@@ -322,7 +322,7 @@ def test_a_tentative_answer_is_dropped_unheard_when_the_user_speaks_on():
         assert [x.text for x in c.said if isinstance(x, s2s.TranscriptEvent)] == [whole]
         assert "".join(x.text for x in c.answer(1)) == "You said: " + whole
         assert [type(x) for x in c.said if not isinstance(x, s2s.AnswerAudio)] == [
-            s2s.SpeechStartEvent, s2s.TranscriptEvent, s2s.MetricsEvent]  # no interrupt, nothing of the half
+            s2s.SpeechStartEvent, s2s.SpeechEndEvent, s2s.TranscriptEvent, s2s.MetricsEvent]  # no interrupt, nothing of the half
         assert metrics.turn == 1 and metrics.metrics["speculated"]  # the last pause's answer was taken
         assert metrics.metrics["llm_requests_discarded"] == len(llm.questions) - 1 >= 1
         assert [t.question for t in c.session.history.past()] == [whole]

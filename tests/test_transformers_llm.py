@@ -69,6 +69,8 @@ def test_through_the_llm_stage_logic_into_speakable_chunks(llm):
         def is_current(self, n):
             return n == 1
 
+        prompt, speaks = s2s.Session.prompt, s2s.Session.speaks
+
     chunks = list(llm.process(s2s.UserText(Session(), 1, "hi")))
     assert chunks[-1].last and "".join(c.text for c in chunks).strip()
 
