@@ -453,6 +453,7 @@ class Turn:
     messages_sent: int = 0  # answer messages that went to the clients
     resumed: int = 0  # times its playback paused for speech that proved a backchannel or a noise, and went on
     llm_requests: int = 0  # answers asked of the LLM for it
+    usage: dict = field(default_factory=dict)  # its LLM request's token counts, where the LLM reports them
     # --speculate: its answer was started at a pause, before the turn was known to be over; earlier tentative answers
     # to the same utterance were dropped because the user spoke on, and cost this many LLM requests.
     speculated: bool = False
@@ -544,6 +545,11 @@ class ChatHistory:
 def to_pcm16(audio: np.ndarray) -> bytes:
     """float32 [-1, 1] -> int16 little-endian bytes."""
     return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def from_pcm16(pcm: bytes) -> np.ndarray:
+    """int16 little-endian bytes -> float32 [-1, 1]."""
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
 
 
 class SileroVAD:
@@ -1489,6 +1495,7 @@ class OpenAILLMHandler(LLMHandler):
         super().__init__(**kwargs)
         self.base_url, self.model = base_url, model
         self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
+        self.counts_tokens = True  # stream_options is asked for, until a server refuses it
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -1518,13 +1525,11 @@ class OpenAILLMHandler(LLMHandler):
                 yield delta.content
 
     def respond(self, msg: UserText, turn: Turn, messages: list) -> Iterator[str]:
-        """The answer's text; where the session offers functions (an OpenAI Realtime client's tools), the model may
-        call them: each call goes to the client, piece by piece, as ToolCallEvents, and the client answers it."""
-        if not msg.session.tools:
-            yield from self.stream(messages)
-            return
+        """The answer's text, its token counts in turn.usage; where the session offers functions (an OpenAI Realtime
+        client's tools), the model may call them: each call goes to the client, piece by piece, as ToolCallEvents."""
+        tools = {"tools": msg.session.tools, "tool_choice": msg.session.tool_choice} if msg.session.tools else {}
         calls: dict = {}  # index -> the call's id and name
-        for delta in self.deltas(messages, tools=msg.session.tools, tool_choice=msg.session.tool_choice):
+        for delta in self.deltas(messages, usage=turn.usage, **tools):
             if delta.content:
                 yield delta.content
             for call in delta.tool_calls or []:
@@ -1537,18 +1542,34 @@ class OpenAILLMHandler(LLMHandler):
         for index, known in calls.items():
             msg.session.send_event(ToolCallEvent(msg.turn, index, known["id"], known["name"], known["args"], done=True))
 
-    def deltas(self, messages: list, **request: Any) -> Iterator[Any]:
-        """The streamed reply's deltas (text, and tool calls when `request` offers tools, as the RAG agent does)."""
+    def deltas(self, messages: list, usage: Optional[dict] = None, **request: Any) -> Iterator[Any]:
+        """The streamed reply's deltas (text, and tool calls when `request` offers tools, as the RAG agent does); with
+        `usage`, the reply's token counts go into it (input_tokens, output_tokens) where the API reports them."""
         with api_errors("LLM", self.base_url, self.timeout_s):
-            response = self.client.chat.completions.create(
-                model=self.model, messages=messages, stream=True,
-                temperature=self.temperature, max_tokens=self.max_tokens, **request)
+            response = self.create(messages, usage is not None, request)
             try:
                 for chunk in response:
                     if chunk.choices:
                         yield chunk.choices[0].delta
+                    if usage is not None and getattr(chunk, "usage", None):
+                        usage.update(input_tokens=chunk.usage.prompt_tokens, output_tokens=chunk.usage.completion_tokens)
             finally:
                 response.close()  # closes the HTTP stream: the server stops generating, nothing is drained
+
+    def create(self, messages: list, counted: bool, request: dict) -> Any:
+        """The streamed request; `counted` asks for the token counts (stream_options), unless the server refused them."""
+        import openai
+        ask = dict(model=self.model, messages=messages, stream=True, temperature=self.temperature,
+                   max_tokens=self.max_tokens, **request)
+        if counted and self.counts_tokens:
+            try:
+                return self.client.chat.completions.create(**ask, stream_options={"include_usage": True})
+            except openai.BadRequestError as exc:
+                if "stream_options" not in str(exc):
+                    raise
+                self.counts_tokens = False  # an older OpenAI-compatible server: answers count no tokens
+                logger.warning("the chat API refuses stream_options (%s): token counts are not reported", short_error(exc))
+        return self.client.chat.completions.create(**ask)
 
 
 class EchoLLMHandler(LLMHandler):
@@ -2933,7 +2954,7 @@ def read_actions(message: bytes | dict, max_samples: int, max_text_chars: int) -
             raise BadMessage("bad_audio", "binary audio must be int16 PCM (an even number of bytes)")
         if len(message) // 2 > max_samples:
             raise BadMessage("audio_too_long", f"more than {max_samples} samples of audio in one message")
-        return [ClientAudio(np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)]
+        return [ClientAudio(from_pcm16(message))]
     kind = message.get("type")
     if kind is not None and not isinstance(kind, str):
         raise BadMessage("bad_message", "type must be a string")
@@ -2958,16 +2979,20 @@ def decode_float32_audio(b64: Any, max_samples: int) -> np.ndarray:
         raise BadMessage("bad_audio", "audio must be a base64 string")
     if len(b64) > (max_samples * 4 + 2) // 3 * 4:  # refused before decoding: 4 base64 characters per 3 bytes
         raise BadMessage("audio_too_long", f"more than {max_samples} samples of audio in one message")
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadMessage("bad_audio", f"audio is not valid base64: {exc}") from None
+    raw = from_base64(b64, "bad_audio")
     if len(raw) % 4:
         raise BadMessage("bad_audio", "audio must be float32 PCM (a multiple of 4 bytes)")
     audio = np.frombuffer(raw, "<f4")
     if not np.all(np.isfinite(audio)):
         raise BadMessage("bad_audio", "audio contains NaN or infinity")
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+def from_base64(b64: str, code: str) -> bytes:
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadMessage(code, f"audio is not valid base64: {exc}") from None
 
 
 def check_text(text: Any, max_chars: int) -> str:
@@ -3446,10 +3471,12 @@ class RealtimeResponse:
     resampler: Any = None  # the answer's audio, 16 -> 24 kHz
     error: Optional[dict] = None
 
-    def json(self, status: str, details: Optional[dict] = None) -> dict:
+    def json(self, status: str, details: Optional[dict] = None, usage: Optional[dict] = None) -> dict:
+        if usage:  # the LLM's token counts (the protocol's usage counts a speech model's tokens, audio included)
+            usage = {**usage, "total_tokens": usage["input_tokens"] + usage["output_tokens"]}
         return {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
                 "output": [item.to_json() for item in self.output], "conversation_id": None,
-                "output_modalities": self.modalities, "metadata": self.metadata, "usage": None,
+                "output_modalities": self.modalities, "metadata": self.metadata, "usage": usage or None,
                 "audio": {"output": {"format": REALTIME_FORMAT}}}
 
 
@@ -3602,7 +3629,8 @@ class RealtimeOutput:
                        {"type": "response.output_item.done", "response_id": r.id, "output_index": place["output_index"],
                         "item": m.to_json()},
                        {"type": "conversation.item.done", "item": m.to_json()}]
-        return events + [{"type": "response.done", "response": r.json(status, details)}]
+        t = self.session.turns.get(turn)
+        return events + [{"type": "response.done", "response": r.json(status, details, t.usage if t is not None else None)}]
 
 
 class RealtimeClient:
@@ -3780,8 +3808,10 @@ class RealtimeClient:
 
     # ---- the conversation ----
 
-    def item_create(self, event: dict) -> None:
+    async def item_create(self, event: dict) -> None:
         item, audio = self.item(event.get("item"))
+        if audio is not None:
+            await self.pace(len(audio))  # the ASR hears it: within the real-time limit, as appended audio
         before = self.session.conversation.add(item, event.get("previous_item_id") or "")
         self.send({"type": "conversation.item.added", "item": item.to_json(), "previous_item_id": before})
         if audio is None:
@@ -3865,13 +3895,10 @@ class RealtimeClient:
 
 def decode_pcm16(b64: str) -> np.ndarray:
     """base64 int16 little-endian PCM -> float32 in [-1, 1]."""
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadMessage("invalid_value", f"audio is not valid base64: {exc}") from None
+    raw = from_base64(b64, "invalid_value")
     if len(raw) % 2:
         raise BadMessage("invalid_value", "audio must be pcm16 (an even number of bytes)")
-    return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    return from_pcm16(raw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -4090,29 +4117,22 @@ class ReceiverSocket:
         self.max_samples = self.args.max_audio_ms_per_message * self.args.sample_rate // 1000  # per message, at the client's rate
 
     async def handle(self, ws: ServerConnection) -> None:
-        writer = await self.admission.admit(ws)
-        if writer is None:
-            return
-        conn = ReceiverConnection(ws, writer, self.admission.connections[ws], self.args.max_messages_per_s)
-        try:
-            self.open(conn)
-            while (message := await self.next_message(conn)) is not None:
-                try:
-                    await self.on_message(conn, message)
-                except BadMessage as exc:
-                    self.report(conn, exc.code, str(exc))
-                    if isinstance(message, str):
-                        writer.send(PLACEHOLDER)
-        except BadMessage as exc:  # a bad uid or protocol in the URL
-            await self.admission.refuse(ws, Refused(1008, str(exc)), conn.address)
-        except Refused as refusal:  # no session for this connection
-            await self.admission.refuse(ws, refusal, conn.address)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.admission.release(ws, writer)
-            if conn.link is not None:
-                self.sessions.detach(conn.link, conn)
+        async with self.admission.serving(ws) as writer:
+            if writer is None:
+                return
+            conn = ReceiverConnection(ws, writer, self.admission.connections[ws], self.args.max_messages_per_s)
+            try:
+                self.open(conn)
+                while (message := await self.next_message(conn)) is not None:
+                    try:
+                        await self.on_message(conn, message)
+                    except BadMessage as exc:
+                        self.report(conn, exc.code, str(exc))
+                        if isinstance(message, str):
+                            writer.send(PLACEHOLDER)
+            finally:
+                if conn.link is not None:
+                    self.sessions.detach(conn.link, conn)
 
     def open(self, conn: ReceiverConnection) -> None:
         """An extended client names its uid in the URL: it gets a new session, or, presenting a key, its own back, and
@@ -4362,23 +4382,14 @@ class SenderSocket:
         self.sessions, self.admission, self.legacy_allowed = server.sessions, server.admission, server.legacy_allowed
 
     async def handle(self, ws: ServerConnection) -> None:
-        writer = await self.admission.admit(ws)
-        if writer is None:
-            return
-        address, conn = self.admission.connections[ws], None
-        try:
-            conn = self.open(ws, writer, address)
-            await self.serve(conn)
-        except BadMessage as exc:  # a bad uid or protocol in the URL
-            await self.admission.refuse(ws, Refused(1008, str(exc)), address)
-        except Refused as refusal:
-            await self.admission.refuse(ws, refusal, address)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            if conn is not None:
+        async with self.admission.serving(ws) as writer:
+            if writer is None:
+                return
+            conn = self.open(ws, writer, self.admission.connections[ws])
+            try:
+                await self.serve(conn)
+            finally:
                 (conn.link.senders if conn.extended else self.sessions.legacy_senders).discard(conn)
-            self.admission.release(ws, writer)
 
     def open(self, ws: ServerConnection, writer: ClientWriter, address: str) -> SenderConnection:
         """An extended client presents its session's key (from the receiver's ready event) and hears that session
@@ -4425,32 +4436,25 @@ class RealtimeSocket:
     own, which no other connection can join or resume."""
 
     def __init__(self, server: VoiceAgentServer):
-        self.server, self.args, self.log = server, server.args, server.log
-        self.sessions, self.admission, self.receiver = server.sessions, server.admission, server.receiver
+        self.server, self.args, self.receiver = server, server.args, server.receiver  # its reading and limits
 
     async def handle(self, ws: ServerConnection) -> None:
-        writer = await self.admission.admit(ws)
-        if writer is None:
-            return
-        conn = ReceiverConnection(ws, writer, self.admission.connections[ws], self.args.max_messages_per_s)
-        try:
+        async with self.server.admission.serving(ws) as writer:
+            if writer is None:
+                return
+            conn = ReceiverConnection(ws, writer, self.server.admission.connections[ws], self.args.max_messages_per_s)
             model = (parse_qs(urlparse(ws.request.path).query).get("model") or ["default"])[0]
-            link = self.sessions.open_realtime(conn, model if re.fullmatch(r"[\w.:-]{1,64}", model) else "default")
+            link = self.server.sessions.open_realtime(conn, model if re.fullmatch(r"[\w.:-]{1,64}", model) else "default")
             client = RealtimeClient(link.session, self.args.max_text_chars, functools.partial(self.in_real_time, conn))
             client.opened()
-            while (message := await self.receiver.next_message(conn)) is not None:
-                try:
-                    await client.take(message)
-                except BadMessage as exc:  # answered with an error event; the session goes on
-                    self.log.warning(f"bad {exc.code}", f"bad Realtime event from {conn.address}: {exc}")
-        except Refused as refusal:
-            await self.admission.refuse(ws, refusal, conn.address)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.admission.release(ws, writer)
-            if conn.link is not None:
-                self.sessions.detach(conn.link, conn)
+            try:
+                while (message := await self.receiver.next_message(conn)) is not None:
+                    try:
+                        await client.take(message)
+                    except BadMessage as exc:  # answered with an error event; the session goes on
+                        self.server.log.warning(f"bad {exc.code}", f"bad Realtime event from {conn.address}: {exc}")
+            finally:
+                self.server.sessions.detach(link, conn)
 
     async def in_real_time(self, conn: ReceiverConnection, samples: int) -> None:
         """As ReceiverSocket.in_real_time: no client makes the server hear faster than a person talks."""
@@ -4560,6 +4564,26 @@ class Admission:
             self.log.warning("slow", f"closed a slow client from {address}: {reason}")
             self.metrics.closed.labels(str(CLOSE_TOO_SLOW)).inc()
         return ClientWriter(ws, self.args.send_buffer_kb * 1024, self.args.send_timeout_s, too_slow)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, ws: ServerConnection) -> AsyncIterator[Optional[ClientWriter]]:
+        """A connection from its admission to its end: its writer, None if it was refused at once. A Refused raised
+        while it is served (or a BadMessage, from its URL: 1008) closes it with its code; it is released at the end."""
+        writer = await self.admit(ws)
+        if writer is None:
+            yield None
+            return
+        address = self.connections[ws]
+        try:
+            yield writer
+        except BadMessage as exc:  # a bad uid or protocol in the URL
+            await self.refuse(ws, Refused(1008, str(exc)), address)
+        except Refused as refusal:
+            await self.refuse(ws, refusal, address)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.release(ws, writer)
 
     async def refuse(self, ws: ServerConnection, refusal: Refused, address: str) -> None:
         self.log.warning(f"refused {refusal.code}", f"refused a connection from {address}: {refusal.reason}")

@@ -137,6 +137,7 @@ class FakeChatAPI(FakeAPI):
         self.first_token_delay_s, self.token_delay_s = first_token_delay_s, token_delay_s
         self.fault = None
         self.fault_after_tokens = 3
+        self.refuses_stream_options = False
         # one dict per streamed reply: tokens_total, tokens_sent, client_closed, messages, done (an Event)
         self.streams: list = []
 
@@ -148,6 +149,8 @@ class FakeChatAPI(FakeAPI):
         if not path.endswith("/chat/completions"):
             return request.send_json(404, {"error": {"message": "not found"}})
         body = json.loads(body)
+        if self.refuses_stream_options and "stream_options" in body:  # as an older OpenAI-compatible server does
+            return request.send_json(400, {"error": {"message": "Unrecognized request argument supplied: stream_options"}})
         if not body.get("stream"):  # a whole completion in one JSON reply (the server's start-up check)
             text = self.answer(body["messages"])
             return request.send_json(200, {
@@ -193,6 +196,11 @@ class FakeChatAPI(FakeAPI):
                 request.wfile.write(self._sse_chunk(body, tok))
                 request.wfile.flush()
                 record["tokens_sent"] += 1
+            if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI counts: a last chunk, no choices
+                asked = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+                counted = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "test", "choices": [],
+                           "usage": {"prompt_tokens": asked, "completion_tokens": len(tokens), "total_tokens": asked + len(tokens)}}
+                request.wfile.write(f"data: {json.dumps(counted)}\n\n".encode())
             request.wfile.write(b"data: [DONE]\n\n")
             request.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -109,6 +109,9 @@ def test_a_text_turn_answers_from_the_instructions_and_the_conversation(server, 
     done = events[-1].response
     assert done.status == "completed" and [o.type for o in done.output] == ["message"]
     assert done.output[0].content[0].text == text and not of(events, "response.output_audio.delta")
+    # The LLM's token counts, as the chat API reported them (the fake counts words).
+    assert done.usage.output_tokens == len(text.split()) and done.usage.input_tokens == 7
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
     order = [e.type for e in events if e.type.startswith("response.")]
     assert order[:3] == ["response.created", "response.output_item.added", "response.content_part.added"]
     assert order[-3:] == ["response.content_part.done", "response.output_item.done", "response.done"]
@@ -229,7 +232,11 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
                    json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}, "event_id": "e3"}),
                    json.dumps({"type": "conversation.item.delete", "item_id": "item_nope", "event_id": "e4"}),
                    json.dumps({"type": "response.cancel", "event_id": "e5"}),
-                   json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}})]
+                   json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}}),
+                   json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+                       "type": "semantic_vad"}}}}}),  # this server has no turn model
+                   json.dumps({"type": "input_audio_buffer.commit"}),  # with turn detection, the server commits
+                   json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "bad name!"}]}})]
             errors = []
             for message in bad:
                 await ws.send(message)
@@ -244,7 +251,9 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
     errors, done = asyncio.run(talk())
     assert all(e["type"] == "error" and e["error"]["type"] == "invalid_request_error" for e in errors)
     assert [e["error"]["code"] for e in errors] == ["bad_json", "invalid_event", "invalid_value", "invalid_value",
-                                                    "item_not_found", "response_cancel_not_active", "invalid_value"]
+                                                    "item_not_found", "response_cancel_not_active", "invalid_value",
+                                                    "invalid_value", "input_audio_buffer_commit_unsupported", "invalid_value"]
+    assert "--turn_detection smart_turn" in errors[7]["error"]["message"]
     assert [e["error"]["event_id"] for e in errors][1:6] == ["e1", "e2", "e3", "e4", "e5"]
     assert done["response"]["status"] == "completed"
 
@@ -395,3 +404,29 @@ def test_the_llm_reads_the_conversation_from_its_last_user_messages():
     conversation.add(s2s.RealtimeItem("message", "user", text="question 7", turn=7))
     later = conversation.messages("Be brief.", s2s.Turn(8, True), "question 8")
     assert [m["content"] for m in later if m["role"] == "user"][:2] == ["question 5", "question 6"]
+
+
+def test_semantic_vad_is_the_turn_model(chat_api):
+    """On a server started with --turn_detection smart_turn, a session starts with semantic_vad (the Smart Turn model
+    ends its turns), takes an eagerness, and answers a spoken question."""
+    srv = start_server(chat_api, "--tts", "fixed", "--turn_detection", "smart_turn")
+    try:
+        async def talk():
+            async with connect(srv, key="any") as conn:
+                created = (await until(conn, "session.created"))[-1].session.audio.input.turn_detection
+                await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+                    "type": "semantic_vad", "eagerness": "high"}}}})
+                updated = (await until(conn, "session.updated"))[-1].session.audio.input.turn_detection
+                await stream(conn, speech(), real_time=True)
+                events = await until(conn, "response.done", timeout=20)
+                while events[-1].response.status != "completed":  # (the model may end the turn at its mid pause)
+                    events += await until(conn, "response.done", timeout=20)
+                return created, updated, events
+
+        created, updated, events = asyncio.run(talk())
+    finally:
+        srv.stop()
+    assert created.type == "semantic_vad" and created.eagerness == "auto"
+    assert updated.type == "semantic_vad" and updated.eagerness == "high"
+    assert events[-1].response.status == "completed" and of(events, "input_audio_buffer.speech_stopped")
+    assert "Smart Turn" in srv.log()
