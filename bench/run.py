@@ -11,12 +11,14 @@ So everything the model latencies do not explain is the server's own cost: the o
 limit is about zero.
 
 Parts: latency (voice-to-voice and its breakdown), barge-in, the same two with CleanS2S's defaults reproduced
-by flags, capacity (concurrent sessions), and the VAD alone per stream. Prints markdown tables and writes JSON.
+by flags, the same two through the OpenAI Realtime endpoint with the official SDK's client (realtime), capacity
+(concurrent sessions), and the VAD alone per stream. Prints markdown tables and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime
 import json
 import os
@@ -52,7 +54,7 @@ TTS_RTF = 0.1
 SHORT_ANSWER = "Of course, I can help with that. Here is a short answer for you."  # ~4 s of speech
 LONG_ANSWER = " ".join([SHORT_ANSWER] + ["This sentence keeps the answer going for a while longer."] * 4)
 
-PARTS_RUN = ("latency", "barge_in", "capacity", "vad")
+PARTS_RUN = ("latency", "barge_in", "realtime", "capacity", "vad")
 OURS: list = []
 CLEANS2S = ["--min_silence_ms", "1200", "--interrupt_at", "speech_end", "--first_chunk", "sentence",
             "--playback_lead_ms", "0"]
@@ -104,8 +106,8 @@ class Microphone:
     """Sends audio as a microphone would: one frame every frame_ms on a fixed schedule, silence when the
     user is quiet. Times of what the user says are on this schedule (time.monotonic())."""
 
-    def __init__(self, send, frame_ms: int):
-        self.send, self.frame = send, SR * frame_ms // 1000
+    def __init__(self, send, frame_ms: int, rate: int = SR):
+        self.send, self.rate, self.frame = send, rate, rate * frame_ms // 1000
         self.queue = np.zeros(0, np.float32)  # speech not yet sent
         self.t0 = time.monotonic()
         self.sent = 0  # samples
@@ -116,11 +118,11 @@ class Microphone:
         start = self.sent + len(self.queue)
         self.queue = np.concatenate([self.queue, audio])
         first, last = voiced_span(audio)
-        return self.t0 + (start + first) / SR, self.t0 + (start + last) / SR
+        return self.t0 + (start + first) / self.rate, self.t0 + (start + last) / self.rate
 
     async def run(self) -> None:
         while True:
-            due = self.t0 + (self.sent + self.frame) / SR  # a frame exists only once its last sample is recorded
+            due = self.t0 + (self.sent + self.frame) / self.rate  # a frame exists only once its last sample is recorded
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             self.max_lag_ms = max(self.max_lag_ms, (time.monotonic() - due) * 1000)
             frame, self.queue = self.queue[:self.frame], self.queue[self.frame:]
@@ -184,6 +186,50 @@ class BenchClient(ExtendedClient):
                             m, round(sum(len(r.pcm) for r in self.audio(turn)) / 2 / SR, 2), round(self.underrun_ms(turn), 1))
         await asyncio.sleep(max(0.0, self.playback_end(turn) - time.monotonic()) + 0.3)  # the user listens
         return result
+
+
+async def realtime_turns(srv: ServerProcess, utterances: list, cut_after_s: float = None) -> list:
+    """Say each utterance (16 kHz) into one Realtime session, its microphone at 24 kHz, and wait for its answer. Without
+    `cut_after_s`: listen to each answer; the voice-to-voice of each, ms. With it: each utterance cuts into the answer
+    to the one before, `cut_after_s` into its audio; the barge-in of each, ms."""
+    import soxr
+    from openai import AsyncOpenAI
+    client = AsyncOpenAI(api_key="bench", websocket_base_url=f"ws://127.0.0.1:{srv.recv_port}/v1")
+    figures = []
+    utterances = [soxr.resample(u, SR, s2s.REALTIME_RATE) for u in utterances]  # recorded at 24 kHz, as a client's mic
+    async with client.realtime.connect(model="bench") as conn:
+        async def send(frame: np.ndarray) -> None:
+            await conn.input_audio_buffer.append(audio=base64.b64encode(s2s.to_pcm16(frame)).decode())
+
+        async def next_event(kind: str, after: float = 0.0, response: str = None):
+            async for event in events:
+                if event.type == kind and time.monotonic() >= after and (response is None or event.response.id == response):
+                    return event
+
+        mic = Microphone(send, 20, s2s.REALTIME_RATE)
+        task = asyncio.create_task(mic.run())
+        events = aiter(conn)
+        onset, end = mic.say(utterances[0])
+        for i in range(len(utterances)):
+            await next_event("input_audio_buffer.speech_started", after=onset)
+            answer = (await next_event("response.created")).response.id
+            await next_event("response.output_audio.delta")
+            first = time.monotonic()
+            if cut_after_s is None:
+                figures.append(round((first - end) * 1000, 1))
+                await next_event("response.done", response=answer)
+                await asyncio.sleep(len(SHORT_ANSWER) * 0.065 + 0.3)  # the user listens to it
+            elif i + 1 < len(utterances):
+                await asyncio.sleep(max(0.0, first + cut_after_s - time.monotonic()))  # a while of the answer plays
+                cut_by, _ = mic.say(utterances[i + 1])
+                done = await next_event("response.done", response=answer)
+                assert done.response.status == "cancelled", done.response.status
+                figures.append(round((time.monotonic() - cut_by) * 1000, 1))
+                onset = cut_by
+            if cut_after_s is None and i + 1 < len(utterances):
+                onset, end = mic.say(utterances[i + 1])
+        task.cancel()
+    return figures
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +300,21 @@ class Bench:
                 "barge_in_ms": spread([r["barge_in_ms"] for r in rows]),
                 "old_frames_after_interrupt": sum(r["old_frames_after_interrupt"] for r in rows),
                 "unplayed_audio_s": pct([r["unplayed_audio_s"] for r in rows], 50), "results": rows}
+
+    def realtime(self, turns: int, cuts: int) -> dict:
+        """The latency and barge-in parts through /v1/realtime, as an OpenAI Realtime client (the official SDK's) sees
+        them: end of the voice -> first response.output_audio.delta; onset of new speech -> the answer's response.done
+        (cancelled)."""
+        srv = self.server(*OURS)
+        try:
+            self.api.answer = lambda messages: SHORT_ANSWER
+            v2v = asyncio.run(realtime_turns(srv, [self.question] * turns))
+            self.api.answer = lambda messages: LONG_ANSWER
+            cut = asyncio.run(realtime_turns(srv, [self.question, self.interruption] * (cuts // 2) + [self.question],
+                                             cut_after_s=1.0))
+        finally:
+            srv.stop()
+        return {"turns": len(v2v), "voice_to_voice_ms": spread(v2v), "cuts": len(cut), "barge_in_ms": spread(cut)}
 
     def capacity(self, sizes: list, seconds: float) -> list:
         """N sessions at once, each talking turn after turn with real-time microphones, until one breaks: overhead
@@ -448,6 +509,8 @@ def report(r: dict) -> str:
     out = []
     if "ours" in r["latency"] and "ours" in r["barge_in"]:
         out += latency_report(r)
+    if r.get("realtime"):
+        out += realtime_report(r)
     if r.get("capacity"):
         out += capacity_report(r)
     if r.get("vad"):
@@ -476,6 +539,17 @@ def latency_report(r: dict) -> list:
                  bt["unplayed_audio_s"], ""])
     return ["Latency, ms (model = the fixed latency of the test models; for barge-in, --min_speech_ms):", "",
             table(rows, ["", "model", "ours p50", "ours p95", "model", "CleanS2S defaults p50", "p95"]), ""]
+
+
+def realtime_report(r: dict) -> list:
+    rt, ours = r["realtime"], r["latency"].get("ours")
+    rows = [["voice-to-voice (end of speech → first audio received)", rt["voice_to_voice_ms"]["p50"], rt["voice_to_voice_ms"]["p95"],
+             ours["voice_to_voice_ms"]["p50"] if ours else None, ours["voice_to_voice_ms"]["p95"] if ours else None]]
+    bo = r["barge_in"].get("ours")
+    rows.append(["barge-in (onset of new speech → the answer cancelled)", rt["barge_in_ms"]["p50"], rt["barge_in_ms"]["p95"],
+                 bo["barge_in_ms"]["p50"] if bo else None, bo["barge_in_ms"]["p95"] if bo else None])
+    return ["The same through the OpenAI Realtime endpoint, with the official Python SDK's client, ms:", "",
+            table(rows, ["", "Realtime p50", "p95", "extended protocol p50", "p95"]), ""]
 
 
 def capacity_report(r: dict) -> list:
@@ -546,6 +620,9 @@ def main(argv=None) -> dict:
             if "barge_in" in parts:
                 print(f"barge-in, {name} ...", flush=True)
                 results["barge_in"][name] = bench.barge_in(flags, args.cuts)
+        if "realtime" in parts:
+            print("realtime ...", flush=True)
+            results["realtime"] = bench.realtime(args.turns, args.cuts)
         if "capacity" in parts:
             print("capacity ...", flush=True)
             results["capacity"] = bench.capacity(sizes, args.capacity_seconds)
