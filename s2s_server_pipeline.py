@@ -3610,6 +3610,7 @@ class RealtimeOutput:
         self.session.responses.pop(turn, None)
         if metrics["interrupted"]:
             reason = "client_cancelled" if turn in self.session.cancelled_by_client else "turn_detected"
+            self.session.cancelled_by_client.discard(turn)
             status, details = "cancelled", {"type": "cancelled", "reason": reason}
         elif r.error is not None:
             status, details = "failed", {"type": "failed", "error": r.error}
@@ -3707,10 +3708,12 @@ class RealtimeClient:
             raise BadMessage("invalid_value", "tools need an LLM that calls functions (--llm openai)")
         tool_choice = self.tool_choice(new.get("tool_choice", s.extra["tool_choice"]))
         detection = self.turn_detection(audio_in["turn_detection"]) if "turn_detection" in audio_in else s.turn_detection
+        limit = new.get("max_output_tokens", s.extra["max_output_tokens"])
+        if limit != "inf" and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 4096):
+            raise BadMessage("invalid_value", 'max_output_tokens must be 1 to 4096, or "inf"')
         s.instructions, s.modalities, s.tools = instructions, modalities, tools
         s.extra["tool_choice"], s.tool_choice = tool_choice, self.chat_tool_choice(tool_choice)
-        if "max_output_tokens" in new:
-            s.extra["max_output_tokens"] = new["max_output_tokens"]
+        s.extra["max_output_tokens"] = limit
         if voice is not None:
             s.voice_name, s.voice = voice
         if detection != s.turn_detection:
@@ -3930,7 +3933,8 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
 
     sec = p.add_argument_group("security and limits")
     sec.add_argument("--auth_token", default=None,
-                     help="shared secret both sockets require (query ?token= or WebSocket subprotocol s2s.token.TOKEN); "
+                     help="shared secret every socket requires (query ?token=, WebSocket subprotocol s2s.token.TOKEN, or the header "
+                          "Authorization: Bearer TOKEN, as OpenAI Realtime clients send their key); "
                           "default: the S2S_AUTH_TOKEN environment variable (preferred: a flag shows in the process list), else none")
     sec.add_argument("--allowed_origins", default="auto",
                      help="browser pages that may connect, comma-separated (https://app.example.com,http://localhost:3000); "
@@ -4446,6 +4450,8 @@ class RealtimeSocket:
         async with self.server.admission.serving(ws) as writer:
             if writer is None:
                 return
+            if beta_client(ws.request):
+                raise Refused(1008, "this server speaks the GA Realtime protocol; the beta (OpenAI-Beta: realtime=v1) is not served")
             conn = ReceiverConnection(ws, writer, self.server.admission.connections[ws], self.args.max_messages_per_s)
             model = (parse_qs(urlparse(ws.request.path).query).get("model") or ["default"])[0]
             link = self.server.sessions.open_realtime(conn, model if re.fullmatch(r"[\w.:-]{1,64}", model) else "default")
@@ -4465,6 +4471,13 @@ class RealtimeSocket:
         await self.receiver.slow_down(conn, conn.link.audio.wait_s(samples), "audio_too_fast",
                                       f"audio more than {self.args.max_audio_ahead_s:g} s ahead of real time; the rest is heard in real time")
         conn.link.audio.take(samples)
+
+
+def beta_client(request: Any) -> bool:
+    """A client of the Realtime protocol's beta (its event names and session shape differ from the GA's): it says so
+    in a header, or, in a browser, in a subprotocol."""
+    offered = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
+    return any("realtime=v1" in v for v in request.headers.get_all("OpenAI-Beta")) or "openai-beta.realtime-v1" in offered
 
 
 CLOSE_TOO_SLOW = 4429

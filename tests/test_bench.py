@@ -24,6 +24,10 @@ def test_quick_benchmark_runs_every_part(tmp_path):
         assert r["barge_in"][name]["cuts"] == 2 and r["barge_in"][name]["old_frames_after_interrupt"] == 0
     # Interruption at the end of the new utterance comes after that utterance, ours at its start.
     assert r["barge_in"]["cleans2s"]["barge_in_ms"]["p50"] > r["barge_in"]["ours"]["barge_in_ms"]["p50"] + 1000
+    rt = r["realtime"]  # the same turns through /v1/realtime: each answered after the end-of-turn wait, each cut
+    assert rt["turns"] == 2 and rt["voice_to_voice_ms"]["p50"] > ours["parts"]["eot_wait_ms"]["p50"]
+    assert rt["cuts"] == 2 and rt["barge_in_ms"]["p50"] > 0  # (the cut answer ended "cancelled": the bench asserts it)
+    assert "OpenAI Realtime endpoint" in stdout
     assert [c["sessions"] for c in r["capacity"]][:1] == [1] and r["capacity"][0]["turns"] >= 1
     assert {v["vad"].split(" (")[0] for v in r["vad"]} == {"silero ONNX", "silero JIT", "webrtcvad"}
     assert "| **voice-to-voice**" in stdout and "Capacity" in stdout

@@ -238,23 +238,28 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
                    json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
                        "type": "semantic_vad"}}}}}),  # this server has no turn model
                    json.dumps({"type": "input_audio_buffer.commit"}),  # with turn detection, the server commits
-                   json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "bad name!"}]}})]
+                   json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "bad name!"}]}}),
+                   json.dumps({"type": "session.update", "session": {"instructions": "unseen", "max_output_tokens": 0}})]
             errors = []
             for message in bad:
                 await ws.send(message)
                 errors.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "session.update", "session": {}}))
+            settings = json.loads(await ws.recv())["session"]  # nothing of a refused update was taken
             await ws.send(json.dumps({"type": "conversation.item.create", "item": {
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": "still there"}]}}))
             await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
             while (event := json.loads(await ws.recv()))["type"] != "response.done":
                 pass
-            return errors, event
+            return errors, event, settings
 
-    errors, done = asyncio.run(talk())
+    errors, done, settings = asyncio.run(talk())
+    assert settings["instructions"] != "unseen" and settings["max_output_tokens"] == "inf"
     assert all(e["type"] == "error" and e["error"]["type"] == "invalid_request_error" for e in errors)
     assert [e["error"]["code"] for e in errors] == ["bad_json", "invalid_event", "invalid_value", "invalid_value",
                                                     "item_not_found", "response_cancel_not_active", "invalid_value",
-                                                    "invalid_value", "input_audio_buffer_commit_unsupported", "invalid_value"]
+                                                    "invalid_value", "input_audio_buffer_commit_unsupported", "invalid_value",
+                                                    "invalid_value"]
     assert "--turn_detection smart_turn" in errors[7]["error"]["message"]
     assert [e["error"]["event_id"] for e in errors][1:6] == ["e1", "e2", "e3", "e4", "e5"]
     assert done["response"]["status"] == "completed"
@@ -345,6 +350,19 @@ def test_the_token_is_required_and_sessions_are_private(server):
     refused, error = asyncio.run(talk())
     assert "4401" in str(refused.value)
     assert error.error.code == "item_not_found"
+
+
+def test_a_beta_client_is_told_what_is_served(server):
+    """A client of the protocol's beta would misread every GA event: it is closed with a reason that says so."""
+    async def talk():
+        async with websockets.connect(f"ws://127.0.0.1:{server.recv_port}/v1/realtime?model=m",
+                                      additional_headers={"Authorization": f"Bearer {TOKEN}", "OpenAI-Beta": "realtime=v1"}) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            return closed.value
+
+    closed = asyncio.run(talk())
+    assert closed.rcvd.code == 1008 and "GA Realtime protocol" in closed.rcvd.reason
 
 
 def test_realtime_turns_are_saved_and_counted(server):
