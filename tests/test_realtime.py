@@ -226,9 +226,8 @@ def test_a_function_call_round_trip(server, chat_api):
 
 def test_bad_events_get_error_events_and_the_session_goes_on(server):
     async def talk():
-        async with websockets.connect(f"ws://127.0.0.1:{server.recv_port}/v1/realtime?model=m",
-                                      additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
-            assert json.loads(await ws.recv())["type"] == "session.created"
+        async with connect(server) as conn:
+            await until(conn, "session.created")
             bad = ["not json", json.dumps({"type": "no.such.event", "event_id": "e1"}),
                    json.dumps({"type": "input_audio_buffer.append", "audio": "@@@", "event_id": "e2"}),
                    json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}, "event_id": "e3"}),
@@ -242,27 +241,43 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
                    json.dumps({"type": "session.update", "session": {"instructions": "unseen", "max_output_tokens": 0}})]
             errors = []
             for message in bad:
-                await ws.send(message)
-                errors.append(json.loads(await ws.recv()))
-            await ws.send(json.dumps({"type": "session.update", "session": {}}))
-            settings = json.loads(await ws.recv())["session"]  # nothing of a refused update was taken
-            await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "still there"}]}}))
-            await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
-            while (event := json.loads(await ws.recv()))["type"] != "response.done":
-                pass
-            return errors, event, settings
+                await conn.send_raw(message)  # the SDK's own way to send what it would not build
+                errors.append((await until(conn, "error"))[-1].error)
+            await conn.session.update(session={"type": "realtime"})
+            settings = (await until(conn, "session.updated"))[-1].session  # nothing of a refused update was taken
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "still there"}]})
+            await conn.response.create(response={"output_modalities": ["text"]})
+            return errors, (await until(conn, "response.done"))[-1], settings
 
     errors, done, settings = asyncio.run(talk())
-    assert settings["instructions"] != "unseen" and settings["max_output_tokens"] == "inf"
-    assert all(e["type"] == "error" and e["error"]["type"] == "invalid_request_error" for e in errors)
-    assert [e["error"]["code"] for e in errors] == ["bad_json", "invalid_event", "invalid_value", "invalid_value",
-                                                    "item_not_found", "response_cancel_not_active", "invalid_value",
-                                                    "invalid_value", "input_audio_buffer_commit_unsupported", "invalid_value",
-                                                    "invalid_value"]
-    assert "--turn_detection smart_turn" in errors[7]["error"]["message"]
-    assert [e["error"]["event_id"] for e in errors][1:6] == ["e1", "e2", "e3", "e4", "e5"]
-    assert done["response"]["status"] == "completed"
+    assert all(e.type == "invalid_request_error" for e in errors)
+    assert [e.code for e in errors] == ["bad_json", "invalid_event", "invalid_value", "invalid_value", "item_not_found",
+                                        "response_cancel_not_active", "invalid_value", "invalid_value",
+                                        "input_audio_buffer_commit_unsupported", "invalid_value", "invalid_value"]
+    assert [e.event_id for e in errors][1:6] == ["e1", "e2", "e3", "e4", "e5"]
+    assert "--turn_detection smart_turn" in errors[7].message
+    assert settings.instructions != "unseen" and settings.max_output_tokens == "inf"
+    assert done.response.status == "completed"
+
+
+def test_audio_faster_than_real_time_is_heard_in_real_time(server):
+    """As on the other sockets: audio more than --max_audio_ahead_s (5 s) ahead of real time gets an error event, and
+    the rest is read at real time; nothing is lost."""
+    async def talk():
+        async with connect(server) as conn:
+            await until(conn, "session.created")
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await stream(conn, bytes(RATE * 2 * 7), real_time=False)  # 7 s of silence, sent at once
+            error = (await until(conn, "error"))[-1].error
+            await conn.input_audio_buffer.clear()
+            await until(conn, "input_audio_buffer.cleared")
+            return error, loop.time() - start
+
+    error, took = asyncio.run(talk())
+    assert error.code == "audio_too_fast" and "real time" in error.message
+    assert took > 1.5  # the last 2 s past the allowance were heard in real time, not at once
 
 
 def test_manual_commits_and_create_response_off(server, chat_api):
