@@ -3,7 +3,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 from conftest import ROOT
 
@@ -54,10 +53,13 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_help_is_fast_and_import_has_no_side_effects():
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "s2s_server_pipeline.py"), "--help"],
-                         capture_output=True, text=True, check=True)
-    assert time.monotonic() - t0 < 2.0 and "--min_silence_ms" in out.stdout
+    # --help loads no model library (what would make it slow; a timing would only measure the machine's load).
+    help_probe = ("import runpy, sys; sys.argv = ['s2s_server_pipeline.py', '--help']\n"
+                  "try:\n    runpy.run_path('s2s_server_pipeline.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                  "heavy = {'torch', 'funasr', 'transformers', 'onnxruntime', 'openai'} & set(sys.modules)\n"
+                  "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", help_probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "--min_silence_ms" in out.stdout
     probe = ("import logging, os, sys; before = dict(os.environ); import s2s_server_pipeline; "
              "assert dict(os.environ) == before; assert not logging.getLogger().handlers; "
              "assert 'torch' not in sys.modules and 'funasr' not in sys.modules and 'openai' not in sys.modules")
