@@ -3695,7 +3695,8 @@ class RealtimeClient:
         audio = new.get("audio") or {}
         audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
         for fmt in (audio_in.get("format"), audio_out.get("format")):
-            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm" or fmt.get("rate", REALTIME_RATE) != REALTIME_RATE):
+            served = isinstance(fmt, dict) and fmt.get("type") == "audio/pcm" and fmt.get("rate", REALTIME_RATE) == REALTIME_RATE
+            if fmt is not None and not served:
                 raise BadMessage("invalid_value", "the only audio format served is {'type': 'audio/pcm', 'rate': 24000}")
         instructions = new.get("instructions", s.instructions)
         if not isinstance(instructions, str) or len(instructions) > 16 * self.max_text_chars:
