@@ -344,7 +344,8 @@ class Bench:
                 print(f"  capacity N={n}: breaks ({row['why']}) while {row['load_note']}: again", flush=True)
             limit = row["overhead_limit_ms"] = step_limit  # set by the first step with turns, then kept
             rows.append(row)
-            print(f"  capacity N={n}: overhead p95 {row['overhead_ms']['p95']} ms, server CPU {row['server_cpu_pct']}%, "
+            print(f"  capacity N={n}: overhead p95 {row['overhead_ms']['p95']} ms, server CPU {row['server_cpu_pct']}% "
+                  f"({row['server_cpu_ms_per_session_s']} ms per session-second), "
                   f"machine CPU {row['machine_cpu_pct']}% of {row['machine_cpu_max_pct']}%, "
                   f"{'holds' if row['holds'] else 'breaks: ' + row['why']}{'; ' + row['load_note'] if row['load_note'] else ''}",
                   flush=True)
@@ -395,7 +396,10 @@ class Bench:
         if cpu["busy_s_frac"] >= 0.2:
             notes.append(f"machine saturated {round(cpu['busy_s_frac'] * 100)}% of the time, other processes using "
                          f"{cpu['other_cpu_pct']}% of a core")
+        # Every session hears its client's audio the whole run: a second of the run is a session-second of audio each.
+        per_session_s = round(cpu["server_cpu_pct"] * 10 / n, 2)  # % of a core -> ms of CPU a second, shared out
         return {"sessions": n, "turns": len(results), "failures": len(failures),
+                "server_cpu_ms_per_session_s": per_session_s,
                 "overhead_ms": spread(overhead), "voice_to_voice_ms": spread([r.voice_to_voice_ms for r in results]),
                 "server_ms": spread([r.server_ms for r in results]), "edge_ms": spread([r.edge_ms for r in results]),
                 "parts": {k: spread([r.metrics[k] for r in results]) for k in PARTS},
@@ -554,7 +558,8 @@ def realtime_report(r: dict) -> list:
 
 def capacity_report(r: dict) -> list:
     cap = [[c["sessions"], c["turns"], c["overhead_ms"]["p50"], c["overhead_ms"]["p95"], c["server_ms"]["p95"],
-            c["voice_to_voice_ms"]["p95"], c["underrun_ms"], c["server_cpu_pct"], c["client_cpu_pct"],
+            c["voice_to_voice_ms"]["p95"], c["underrun_ms"], c["server_cpu_pct"], c["server_cpu_ms_per_session_s"],
+            c["client_cpu_pct"],
             f"{c['machine_cpu_pct']} of {c['machine_cpu_max_pct']}", c["client_loop_lag_ms"]["p99"],
             ("yes" if c["holds"] else "no: " + c["why"]) + (f" ({c['load_note']})" if c["load_note"] else "")]
            for c in r["capacity"]]
@@ -564,7 +569,8 @@ def capacity_report(r: dict) -> list:
             f"holds = overhead p95 under {limit} ms, no audio behind real time, every turn answered; "
             f"CPU in % of one core):", "",
             table(cap, ["sessions", "turns", "overhead p50", "overhead p95", "of which server p95", "voice-to-voice p95",
-                        "underrun ms", "server CPU", "bench process CPU", "machine CPU", "bench loop lag p99 ms",
+                        "underrun ms", "server CPU", "server CPU ms per session-second", "bench process CPU", "machine CPU",
+                        "bench loop lag p99 ms",
                         "holds"]), ""]
 
 
