@@ -3227,23 +3227,23 @@ class RealtimeConversation:
         with self.lock:
             return next((i.content() for i in reversed(self.items) if i.role == "user" and i.content()), "")
 
-    def last_id(self) -> Optional[str]:
+    def before(self, item_id: str) -> Optional[str]:
+        """The id of the item before this one; None for the first (or for one no longer there)."""
         with self.lock:
-            return self.items[-1].id if self.items else None
+            ids = [i.id for i in self.items]
+        return next((a for a, b in zip(ids, ids[1:]) if b == item_id), None)
 
     def messages(self, instructions: str, answering: Turn, question: str) -> list:
         """Chat messages for answering `answering`: the instructions, every item (a function call joins the assistant
         message before it), then the question, when the turn's words are not in the conversation yet."""
-        with self.lock:
-            items = list(self.items)
-        asked = [i for i, item in enumerate(items) if item.role == "user" and item.turn != answering.number]
+        with self.lock:  # (the words being answered are the question, last)
+            items = [item for item in self.items if not (item.role == "user" and item.turn == answering.number)]
+        asked = [i for i, item in enumerate(items) if item.role == "user"]
         keep, half = max(1, self.max_exchanges), max(1, self.max_exchanges // 2)
         if len(asked) > keep:  # (from a user message: no function output is left without its call)
             items = items[asked[(len(asked) - keep + half - 1) // half * half]:]
         msgs = [{"role": "system", "content": instructions}] if instructions else []
         for item in items:
-            if item.turn == answering.number and item.role == "user":
-                continue  # the words being answered: the question, last
             m = item.chat()
             if m is None:
                 continue
@@ -3515,7 +3515,7 @@ class RealtimeOutput:
         if isinstance(item, SpeechStartEvent):
             return [{"type": "input_audio_buffer.speech_started", "audio_start_ms": spoken.start_ms, "item_id": spoken.id}]
         if isinstance(item, SpeechEndEvent):
-            before = self.before(spoken)
+            before = s.conversation.before(spoken.id)
             return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": spoken.end_ms, "item_id": spoken.id},
                     {"type": "input_audio_buffer.committed", "item_id": spoken.id, "previous_item_id": before},
                     {"type": "conversation.item.added", "item": spoken.to_json(), "previous_item_id": before}]
@@ -3526,12 +3526,6 @@ class RealtimeOutput:
             spoken.text = item.text
             return [transcript_completed(spoken), {"type": "conversation.item.done", "item": spoken.to_json()}]
         return []
-
-    def before(self, item: RealtimeItem) -> Optional[str]:
-        with self.session.conversation.lock:
-            ids = [i.id for i in self.session.conversation.items]
-        at = ids.index(item.id) if item.id in ids else 0
-        return ids[at - 1] if at > 0 else None
 
     def response(self, turn: int, events: list) -> Optional[RealtimeResponse]:
         """The turn's response, started (response.created) at its first output; None once it is done."""
@@ -3547,8 +3541,7 @@ class RealtimeOutput:
         return r
 
     def add_output(self, r: RealtimeResponse, item: RealtimeItem, events: list) -> None:
-        before = self.session.conversation.last_id()
-        self.session.conversation.add(item)
+        before = self.session.conversation.add(item)
         r.output.append(item)
         events += [{"type": "response.output_item.added", "response_id": r.id, "output_index": len(r.output) - 1,
                     "item": item.to_json()},
@@ -3805,8 +3798,8 @@ class RealtimeClient:
         await self.session.append(samples)
 
     def commit(self, event: dict) -> None:
-        before = self.session.conversation.last_id()
         item = self.session.commit()
+        before = self.session.conversation.before(item.id)
         self.send({"type": "input_audio_buffer.committed", "item_id": item.id, "previous_item_id": before})
         self.send({"type": "conversation.item.added", "item": item.to_json(), "previous_item_id": before})
 
@@ -4203,17 +4196,17 @@ class ReceiverSocket:
         elif isinstance(data, dict) and "uid" in data and data["uid"] != conn.link.session.uid:
             raise BadMessage("uid_mismatch", "this connection belongs to another uid")
         actions = read_actions(data, self.max_samples, self.args.max_text_chars)
-        await self.in_real_time(conn, actions)
+        await self.in_real_time(conn, sum(len(a.audio) for a in actions if isinstance(a, ClientAudio)))
         started = await take(conn.link.session, actions)
         if isinstance(data, dict):
             for reply in [VAD_DETECTED] * started or [PLACEHOLDER]:
                 conn.writer.send(reply)
 
-    async def in_real_time(self, conn: ReceiverConnection, actions: list) -> None:
-        """Wait, before the session hears this audio, while it would take the session more than --max_audio_ahead_s
-        ahead of real time: every second of audio costs the server's CPU (the VAD, the turn model), so a client that
-        sent a hundred seconds a second would cost as much as a hundred people talking. Nothing is lost."""
-        samples = sum(len(a.audio) for a in actions if isinstance(a, ClientAudio))
+    async def in_real_time(self, conn: ReceiverConnection, samples: int) -> None:
+        """Wait, before the session hears this many samples of audio (at the client's rate), while they would take the
+        session more than --max_audio_ahead_s ahead of real time: every second of audio costs the server's CPU (the VAD,
+        the turn model), so a client that sent a hundred seconds a second would cost as much as a hundred people
+        talking. Nothing is lost."""
         if samples:
             await self.slow_down(conn, conn.link.audio.wait_s(samples), "audio_too_fast",
                                  f"audio more than {self.args.max_audio_ahead_s:g} s ahead of real time; the rest is heard in real time")
@@ -4456,7 +4449,7 @@ class RealtimeSocket:
             conn = ReceiverConnection(ws, writer, self.server.admission.connections[ws], self.args.max_messages_per_s)
             model = (parse_qs(urlparse(ws.request.path).query).get("model") or ["default"])[0]
             link = self.server.sessions.open_realtime(conn, model if re.fullmatch(r"[\w.:-]{1,64}", model) else "default")
-            client = RealtimeClient(link.session, self.args.max_text_chars, functools.partial(self.in_real_time, conn))
+            client = RealtimeClient(link.session, self.args.max_text_chars, functools.partial(self.receiver.in_real_time, conn))
             client.opened()
             try:
                 while (message := await self.receiver.next_message(conn)) is not None:
@@ -4466,12 +4459,6 @@ class RealtimeSocket:
                         self.server.log.warning(f"bad {exc.code}", f"bad Realtime event from {conn.address}: {exc}")
             finally:
                 self.server.sessions.detach(link, conn)
-
-    async def in_real_time(self, conn: ReceiverConnection, samples: int) -> None:
-        """As ReceiverSocket.in_real_time: no client makes the server hear faster than a person talks."""
-        await self.receiver.slow_down(conn, conn.link.audio.wait_s(samples), "audio_too_fast",
-                                      f"audio more than {self.args.max_audio_ahead_s:g} s ahead of real time; the rest is heard in real time")
-        conn.link.audio.take(samples)
 
 
 def beta_client(request: Any) -> bool:
