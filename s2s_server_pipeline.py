@@ -3663,7 +3663,7 @@ class RealtimeClient:
             if isinstance(message, bytes):
                 raise BadMessage("invalid_event", "events are JSON text; audio goes in input_audio_buffer.append")
             event = parse_json(message)
-            handler = self.handlers.get(event.get("type"))
+            handler = self.handlers.get(event.get("type")) if isinstance(event.get("type"), str) else None
             if handler is None:
                 raise BadMessage("invalid_event", f"unknown or unsupported event type: {str(event.get('type'))[:64]}")
             result = handler(event)
@@ -3686,7 +3686,9 @@ class RealtimeClient:
         if new.get("type", "realtime") != "realtime":
             raise BadMessage("invalid_value", "only realtime sessions are served here (not transcription)")
         audio = new.get("audio") or {}
-        audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
+        audio_in, audio_out = (audio.get("input") or {}, audio.get("output") or {}) if isinstance(audio, dict) else (None, None)
+        if not isinstance(audio_in, dict) or not isinstance(audio_out, dict):
+            raise BadMessage("invalid_value", "audio, audio.input and audio.output must be objects")
         for fmt in (audio_in.get("format"), audio_out.get("format")):
             served = isinstance(fmt, dict) and fmt.get("type") == "audio/pcm" and fmt.get("rate", REALTIME_RATE) == REALTIME_RATE
             if fmt is not None and not served:

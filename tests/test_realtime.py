@@ -238,7 +238,10 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
                        "type": "semantic_vad"}}}}}),  # this server has no turn model
                    json.dumps({"type": "input_audio_buffer.commit"}),  # with turn detection, the server commits
                    json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "bad name!"}]}}),
-                   json.dumps({"type": "session.update", "session": {"instructions": "unseen", "max_output_tokens": 0}})]
+                   json.dumps({"type": "session.update", "session": {"instructions": "unseen", "max_output_tokens": 0}}),
+                   json.dumps({"type": "session.update", "session": {"audio": "loud"}}),  # shapes no SDK would send
+                   json.dumps({"type": "session.update", "session": {"audio": {"input": [1], "output": "x"}}}),
+                   json.dumps({"type": ["session.update"]})]
             errors = []
             for message in bad:
                 await conn.send_raw(message)  # the SDK's own way to send what it would not build
@@ -254,7 +257,8 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
     assert all(e.type == "invalid_request_error" for e in errors)
     assert [e.code for e in errors] == ["bad_json", "invalid_event", "invalid_value", "invalid_value", "item_not_found",
                                         "response_cancel_not_active", "invalid_value", "invalid_value",
-                                        "input_audio_buffer_commit_unsupported", "invalid_value", "invalid_value"]
+                                        "input_audio_buffer_commit_unsupported", "invalid_value", "invalid_value",
+                                        "invalid_value", "invalid_value", "invalid_event"]
     assert [e.event_id for e in errors][1:6] == ["e1", "e2", "e3", "e4", "e5"]
     assert "--turn_detection smart_turn" in errors[7].message
     assert settings.instructions != "unseen" and settings.max_output_tokens == "inf"
