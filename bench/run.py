@@ -494,9 +494,9 @@ class SileroJIT:
     def new_state(self):
         return self.load(onnx=False)
 
-    def speech_prob(self, model, window: np.ndarray) -> float:
+    def speech_probs(self, models: list, streams: list) -> list:
         with self.torch.inference_mode():
-            return float(model(self.torch.from_numpy(window), SR))
+            return [[float(m(self.torch.from_numpy(w), SR)) for w in windows] for m, windows in zip(models, streams)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,11 +38,11 @@ class Conversation:
         return next(x for x in self.said if predicate(x))
 
     async def speak(self, audio):
-        """Faster than real time: the VAD counts samples, not seconds."""
-        started = 0
+        """Faster than real time (the VAD counts samples, not seconds), until all of it is heard. Returns how many
+        user turns it started."""
         for i in range(0, len(audio), CHUNK):
-            started += await self.session.hear(audio[i:i + CHUNK])
-        return started
+            await self.session.hear(audio[i:i + CHUNK])
+        return await self.session.caught_up()
 
     def answer(self, turn):
         return [x for x in self.said if isinstance(x, s2s.AnswerAudio) and x.turn == turn]
@@ -230,6 +230,7 @@ def test_speech_longer_than_a_backchannel_cuts_the_answer_off_before_it_ends():
         c = await answering(pipeline, args)
         first = voiced_span(QUESTION)[0]
         await c.speak(QUESTION[:first + int(1.4 * s2s.SAMPLE_RATE)])  # 1.4 s of voice, still speaking
+        await c.until(lambda x: isinstance(x, s2s.InterruptEvent), timeout_s=1.0)  # written out by the reader task
         assert [type(x) for x in c.said if isinstance(x, (s2s.PauseEvent, s2s.InterruptEvent))] == [
             s2s.PauseEvent, s2s.InterruptEvent]
         assert c.session.turn == 2 and c.session.cut_in is None

@@ -79,7 +79,7 @@ def test_asr_workers_flag_sets_the_asr_stage_threads():
     try:
         assert len(pipeline.asr.threads) == 3
     finally:
-        pipeline.vad_pool.shutdown()
+        pipeline.turn_pool.shutdown()
 
 
 def test_a_free_worker_takes_the_next_session_while_another_is_busy():

@@ -1,4 +1,6 @@
 """VAD on real speech (espeak-ng fixtures, English and Mandarin), silence and noise."""
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,115 @@ def test_end_of_turn_wait_counts_from_where_the_voice_stops(vad):
             decided_ms = (i + m.window - voice_end) * 1000 / 16000
             break
     assert 600 <= decided_ms < 600 + 1.5 * 1000 * m.window / 16000, decided_ms
+
+
+# The server hears every session through one VADBatcher: one model call for the windows all sessions have ready.
+
+class CountingModel:
+    """A VAD model that records how many streams each call had; `on_call`, when given, runs at each call."""
+
+    def __init__(self, inner, on_call=None):
+        self.inner, self.on_call, self.calls = inner, on_call, []
+        self.window, self.threshold = inner.window, inner.threshold
+
+    def new_state(self):
+        return self.inner.new_state()
+
+    def speech_probs(self, states, streams):
+        self.calls.append(len(streams))
+        if self.on_call is not None:
+            self.on_call()
+        return self.inner.speech_probs(states, streams)
+
+
+def streams():
+    """What several users say at once: two languages, speech at different offsets, noise, silence."""
+    en, zh = load_wav(fixture("en_question.wav")), load_wav(fixture("zh_question.wav"))
+    noise = np.random.default_rng(1).normal(0, 0.05, 16000 * 3).astype(np.float32)
+    return [np.concatenate([en, silence(1)]), np.concatenate([silence(0.7), zh, silence(1)]), np.concatenate([zh, en]),
+            noise, silence(2), np.concatenate([silence(0.3), en])]
+
+
+def alone(m, audio, chunk=1024):
+    """Each window's probability with the stream heard alone, one model call a window."""
+    seg = s2s.VADSegmenter(m, 200, 600, 200, 30000)
+    probs = []
+    for i in range(0, len(audio), chunk):
+        for w in seg.split(audio[i:i + chunk]):
+            probs += m.speech_probs([seg.state], [[w]])[0]
+    return probs
+
+
+async def hear_together(batcher, m, audios, chunk=1024):
+    """Every stream through one batcher at once, in 64 ms messages, as the server hears its sessions; each stream's
+    probabilities and events."""
+    async def one(audio):
+        seg = s2s.VADSegmenter(m, 200, 600, 200, 30000)
+        probs, events = [], []
+        for i in range(0, len(audio), chunk):
+            windows = seg.split(audio[i:i + chunk])
+            p = await batcher.probabilities(seg.state, windows)
+            probs += p
+            events += seg.decide(windows, p)
+        return probs, events
+    return await asyncio.gather(*(one(a) for a in audios))
+
+
+@pytest.mark.parametrize("vad", ["silero", "webrtc"])
+def test_sessions_heard_in_one_batch_get_the_probabilities_they_get_alone(vad):
+    m = model(vad)
+    audios = streams()
+    counted = CountingModel(m)
+    together = asyncio.run(hear_together(s2s.VADBatcher(counted), m, audios))
+    windows = sum(len(a) // m.window for a in audios)
+    assert max(counted.calls) == len(audios) and len(counted.calls) < windows / 4  # batched, not a call a window
+    for audio, (probs, events) in zip(audios, together):
+        expected = alone(m, audio)
+        assert len(probs) == len(expected)
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        assert [type(e) for e in events] == [type(e) for e in segment(m, audio)]
+    assert [type(e) for e in together[0][1]] == [s2s.SpeechStarted, s2s.SpeechEnded]
+
+
+def test_a_session_that_leaves_before_its_round_and_one_that_joins_during_a_round():
+    m = model("silero")
+    en = load_wav(fixture("en_question.wav"))
+    w = m.window
+    joined = []
+
+    async def scenario():
+        def join():  # a session's audio arrives while a round is in the model: it goes in the next round
+            if not joined:
+                joined.append(asyncio.ensure_future(batcher.probabilities(joining.state, [en[12000:12000 + w]])))
+
+        batcher = s2s.VADBatcher(CountingModel(m, join))
+        staying, leaving, joining = (s2s.VADSegmenter(m, 200, 600, 200, 30000) for _ in range(3))
+        first = asyncio.ensure_future(batcher.probabilities(staying.state, [en[5000:5000 + w], en[5000 + w:5000 + 2 * w]]))
+        left = asyncio.ensure_future(batcher.probabilities(leaving.state, [en[9000:9000 + w]]))
+        await asyncio.sleep(0)
+        left.cancel()  # its client went away before its round
+        return await first, await joined[0], left.cancelled(), batcher.model.calls, leaving.state
+
+    first, second, cancelled, calls, left_state = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert cancelled and calls == [1, 1]  # the leaver was not heard; the joiner went in the next round, alone
+    assert not left_state["state"].any()  # nothing of the leaver's was computed
+    assert first == pytest.approx(alone(m, en[5000:5000 + 2 * w], chunk=2 * w), abs=1e-5)
+    assert second == pytest.approx(alone(m, en[12000:12000 + w], chunk=w), abs=1e-5)
+
+
+def test_one_sessions_bad_input_fails_only_that_session():
+    m = model("silero")
+    audios = streams()[:3]
+
+    async def scenario():
+        batcher = s2s.VADBatcher(m)
+        segs = [s2s.VADSegmenter(m, 200, 600, 200, 30000) for _ in range(4)]
+        windows = [segs[i].split(a[:4 * m.window]) for i, a in enumerate(audios)]
+        bad = [np.zeros((m.window, 2), np.float32)]  # stereo, as a fork's decoder might give: the model refuses it
+        return await asyncio.gather(*(batcher.probabilities(s.state, ws) for s, ws in zip(segs, windows + [bad])),
+                                    return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert isinstance(outcomes[3], Exception)
+    for audio, probs in zip(audios, outcomes[:3]):
+        assert probs == pytest.approx(alone(m, audio[:4 * m.window]), abs=1e-5)
