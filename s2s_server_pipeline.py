@@ -623,7 +623,8 @@ class VADBatcher:
 
     The rounds run on the event loop, at most MAX_BATCH sessions at a time (~8 ms of model time), letting the loop
     read sockets between them. On a thread of its own the model would have to win Python's lock back from the busy
-    loop after every call: at 100 sessions on 2 cores that cost 23% more CPU and tripled the turns' overhead."""
+    loop after every call: at 100 sessions on 2 cores that cost 23% of a core more and four times the turns' median
+    overhead."""
 
     MAX_BATCH = 64  # sessions in one round
 
