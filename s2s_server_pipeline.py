@@ -808,7 +808,7 @@ class VADSegmenter:
     def feed(self, audio: np.ndarray) -> list:
         """split() and decide() for a stream heard alone (tests, bench/run.py --parts vad)."""
         windows = self.split(audio)
-        return self.decide(windows, self.model.speech_probs([self.state], [windows])[0] if windows else [])
+        return self.decide(windows, self.model.speech_probs([self.state], [windows])[0])
 
     def _step(self, window: np.ndarray, prob: float) -> Any:
         if self.heard_at is None:  # idle: wait for speech
