@@ -154,6 +154,27 @@ async def hear_together(batcher, m, audios, chunk=1024):
 
 
 @pytest.mark.parametrize("vad", ["silero", "webrtc"])
+def test_streams_of_different_lengths_in_one_call_get_what_they_get_alone(vad):
+    """Under load a round holds whatever each session sent meanwhile: none, one or several windows, a different
+    number for each."""
+    m = model(vad)
+    audios = streams()
+    segs = [s2s.VADSegmenter(m, 200, 600, 200, 30000) for _ in audios]
+    got, pos, uneven = [[] for _ in audios], [0] * len(audios), 0
+    rng = np.random.default_rng(2)
+    while any(p < len(a) for p, a in zip(pos, audios)):
+        sizes = rng.integers(0, 4, len(audios)) * 700  # samples: 0 to 4 windows, a leftover carried to the next
+        windows = [seg.split(a[p:p + n]) for seg, a, p, n in zip(segs, audios, pos, sizes)]
+        pos = [p + n for p, n in zip(pos, sizes)]
+        uneven += len({len(w) for w in windows}) > 1
+        for i, probs in enumerate(m.speech_probs([seg.state for seg in segs], windows)):
+            got[i] += probs
+    assert uneven > 20
+    for audio, probs in zip(audios, got):
+        np.testing.assert_allclose(probs, alone(m, audio), atol=1e-5)
+
+
+@pytest.mark.parametrize("vad", ["silero", "webrtc"])
 def test_sessions_heard_in_one_batch_get_the_probabilities_they_get_alone(vad):
     m = model(vad)
     audios = streams()
