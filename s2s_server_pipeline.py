@@ -1521,7 +1521,8 @@ def until_cancelled(source: Iterator[Any], cancelled: concurrent.futures.Future)
     read on the stage's worker, a stale turn would hold that worker, and with it the user's next question,
     until then. So the first item is awaited on a thread of its own, and a source left waiting is closed on that
     thread once its item comes (which closes the HTTP stream or stops generate()). The rest, a token's time apart,
-    are read on the worker: a thread hop for every token cost the server 5 to 8% of a core more at 100 sessions."""
+    are read on the worker, up to the first token after `cancelled` is done: a thread hop for every token cost the
+    server 5 to 8% of a core more at 100 sessions."""
     first: concurrent.futures.Future = concurrent.futures.Future()
 
     def read_first() -> None:
@@ -1530,16 +1531,19 @@ def until_cancelled(source: Iterator[Any], cancelled: concurrent.futures.Future)
         except Exception as exc:
             first.set_exception(exc)
 
+    settled = threading.Event()  # the first item came, or the turn was cancelled
+    first.add_done_callback(lambda _: settled.set())
+    cancelled.add_done_callback(lambda _: settled.set())
     threading.Thread(target=read_first, name="llm-read", daemon=True).start()
-    concurrent.futures.wait([first, cancelled], return_when=concurrent.futures.FIRST_COMPLETED)
+    settled.wait()
     if not first.done():  # cancelled while it waits
         first.add_done_callback(lambda _: source.close())
         return
     try:
         item = first.result()  # (raises what the source raised)
-        if item is not _DONE:
+        while item is not _DONE and not cancelled.done():  # a turn cut off mid-answer stops at its next token
             yield item
-            yield from source
+            item = next(source, _DONE)
     finally:
         source.close()
 

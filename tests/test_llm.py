@@ -1,4 +1,6 @@
 """The OpenAI-compatible LLM handler, through the real openai client, against a local SSE server."""
+import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -86,6 +88,43 @@ def test_cancel_mid_stream_closes_the_connection():
         assert got[0] == "word0. "
         assert api.streams[-1]["client_closed"]
         assert api.streams[-1]["tokens_sent"] < 50  # the server stopped early: not drained to 300
+
+
+class SlowSource:
+    """A model's stream: the first token after `first_s`, each next one after `next_s`; says when it was closed."""
+
+    def __init__(self, first_s, next_s, tokens=100):
+        self.first_s, self.next_s, self.tokens = first_s, next_s, tokens
+        self.made, self.closed = 0, threading.Event()
+
+    def __iter__(self):
+        try:
+            for i in range(self.tokens):
+                time.sleep(self.first_s if i == 0 else self.next_s)
+                self.made += 1
+                yield f"t{i} "
+        finally:
+            self.closed.set()
+
+
+def test_a_turn_cut_off_before_its_first_token_frees_its_worker_at_once():
+    source, cancelled = SlowSource(first_s=1.0, next_s=0.01), concurrent.futures.Future()
+    threading.Timer(0.1, cancelled.cancel).start()
+    started = time.monotonic()
+    assert list(s2s.until_cancelled(iter(source), cancelled)) == []
+    assert time.monotonic() - started < 0.5  # not the second the model takes to its first token
+    assert source.closed.wait(2) and source.made == 1  # closed once its first token came, not drained
+
+
+def test_a_turn_cut_off_mid_answer_stops_at_its_next_token():
+    source, cancelled = SlowSource(first_s=0.01, next_s=0.05), concurrent.futures.Future()
+    got = []
+    for token in s2s.until_cancelled(iter(source), cancelled):
+        got.append(token)
+        if len(got) == 3:
+            cancelled.cancel()
+    assert got == ["t0 ", "t1 ", "t2 "] and source.made == 4  # one more token read, none handed on
+    assert source.closed.is_set()
 
 
 def test_echo_llm_answers_in_the_language_heard():
