@@ -1516,36 +1516,36 @@ _DONE = object()
 
 
 def until_cancelled(source: Iterator[Any], cancelled: concurrent.futures.Future) -> Iterator[Any]:
-    """Yield what `source` yields; return at once if `cancelled` is done while it waits for its first item.
+    """Yield what `source` yields, reading it on a thread of its own, and return as soon as `cancelled` is done.
     A model call cannot be interrupted while it waits (for an API's first token, or through a long prompt):
     read on the stage's worker, a stale turn would hold that worker, and with it the user's next question,
-    until then. So the first item is awaited on a thread of its own, and a source left waiting is closed on that
-    thread once its item comes (which closes the HTTP stream or stops generate()). The rest, a token's time apart,
-    are read on the worker, up to the first token after `cancelled` is done: a thread hop for every token cost the
-    server 5 to 8% of a core more at 100 sessions."""
-    first: concurrent.futures.Future = concurrent.futures.Future()
+    until then. The source is closed on its own thread after its next item (which closes the HTTP stream or
+    stops generate())."""
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    abandoned = threading.Event()
 
-    def read_first() -> None:
+    def pump() -> None:
         try:
-            first.set_result(next(source, _DONE))
+            for item in source:
+                if abandoned.is_set():
+                    break
+                items.put((item, None))
         except Exception as exc:
-            first.set_exception(exc)
+            items.put((None, exc))
+        finally:
+            source.close()
+            items.put(_DONE)
 
-    settled = threading.Event()  # the first item came, or the turn was cancelled
-    first.add_done_callback(lambda _: settled.set())
-    cancelled.add_done_callback(lambda _: settled.set())
-    threading.Thread(target=read_first, name="llm-read", daemon=True).start()
-    settled.wait()
-    if not first.done():  # cancelled while it waits
-        first.add_done_callback(lambda _: source.close())
-        return
+    cancelled.add_done_callback(lambda _: items.put(_DONE))
+    threading.Thread(target=pump, name="llm-read", daemon=True).start()
     try:
-        item = first.result()  # (raises what the source raised)
-        while item is not _DONE and not cancelled.done():  # a turn cut off mid-answer stops at its next token
+        while (got := items.get()) is not _DONE:
+            item, exc = got
+            if exc is not None:
+                raise exc
             yield item
-            item = next(source, _DONE)
     finally:
-        source.close()
+        abandoned.set()
 
 
 class LLMHandler(BaseHandler):
