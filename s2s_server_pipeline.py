@@ -688,7 +688,7 @@ class VADBatcher:
         except Exception:
             return [self._alone(state, windows) for state, windows in batch]
 
-    def _alone(self, state: Any, windows: list) -> list | Exception:
+    def _alone(self, state: Any, windows: list | np.ndarray) -> list | Exception:
         try:
             return self.model.speech_probs([state], [windows])[0]
         except Exception as exc:
@@ -822,7 +822,7 @@ class VADSegmenter:
         self.pending = buf[n:].copy()
         return buf[:n].reshape(-1, self.model.window)
 
-    def decide(self, windows: list, probs: list) -> list:
+    def decide(self, windows: np.ndarray, probs: list) -> list:
         """The windows' speech probabilities (VADBatcher) -> SpeechStarted / SpeechPaused / SpeechEnded events, in order."""
         if self.heard_at is None and max(probs, default=0.0) < self.threshold:  # silence while idle: only the pre-roll
             self.pre_roll.extend(windows)
@@ -2769,9 +2769,9 @@ class Speaker:
         while True:
             while self.urgent:
                 yield self.urgent.popleft()
-            waiting = legacy is not None and legacy.waiting  # a chunk that ends a sentence waits for the answer's end
             try:
-                item = await (asyncio.wait_for(self.outbox.get(), LEGACY_END_WAIT_S) if waiting else self.outbox.get())
+                async with asyncio.timeout(LEGACY_END_WAIT_S if legacy is not None and legacy.waiting else None):
+                    item = await self.outbox.get()
             except TimeoutError:  # a legacy chunk that ends a sentence waited for the answer's end in vain
                 pieces = legacy.flush()
             else:
