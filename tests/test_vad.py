@@ -39,6 +39,17 @@ def test_one_utterance_found_in_speech(vad, name):
     assert events[1].silence_ms >= 600
 
 
+def test_the_utterance_begins_with_its_pad_of_what_came_before_the_voice():
+    """The windows heard before the voice, idle and silent, are kept as the utterance's start (--speech_pad_ms)."""
+    m = model("silero")
+    audio = np.concatenate([silence(1), load_wav(fixture("en_question.wav")), silence(1)])
+    audio += np.random.default_rng(3).normal(0, 0.002, len(audio)).astype(np.float32)  # a room, not digital silence
+    end = next(e for e in segment(m, audio) if isinstance(e, s2s.SpeechEnded))
+    first = next(i for i, p in enumerate(alone(m, audio)) if p >= m.threshold)  # the first voiced window
+    pad = round(200 / (1000 * m.window / 16000)) * m.window  # samples: the pad's whole windows
+    np.testing.assert_array_equal(end.audio[:pad], audio[first * m.window - pad:first * m.window])
+
+
 @pytest.mark.parametrize("vad", ["silero", "webrtc"])
 def test_two_utterances_separated_by_a_pause(vad):
     en, zh = load_wav(fixture("en_question.wav")), load_wav(fixture("zh_question.wav"))
