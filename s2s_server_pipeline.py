@@ -113,6 +113,72 @@ BACKCHANNELS = ("嗯", "嗯哼", "对", "好", "好的", "是", "是的", "行",
                 "yes", "yep", "okay", "ok", "right", "sure", "i see")
 
 
+def add_hearing_args(p: argparse.ArgumentParser) -> None:
+    """How the server hears the user: the VAD, and what counts as speech (Listener, VADSegmenter)."""
+    hear = p.add_argument_group("hearing")
+    hear.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
+    hear.add_argument("--vad_thresh", type=float, default=0.5, help="speech probability above which a window is speech (silero)")
+    hear.add_argument("--webrtc_mode", type=int, choices=[0, 1, 2, 3], default=3, help="webrtcvad aggressiveness, 3 rejects most noise")
+    hear.add_argument("--min_speech_ms", type=int, default=200,
+                      help="speech needed before a turn starts; shorter sounds are ignored. With interruption on, this much speech interrupts the assistant")
+    hear.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
+    hear.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
+    hear.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
+    hear.add_argument("--chunk_size", type=int, default=2048,
+                      help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
+
+
+def add_turn_args(p: argparse.ArgumentParser) -> None:
+    """What ends the user's turn, and the tentative answer started before it ends (VADSegmenter, Speculation)."""
+    turn = p.add_argument_group("turn-taking")
+    turn.add_argument("--min_silence_ms", type=int, default=600,
+                      help="--turn_detection silence: the end-of-turn wait, silence after speech before the server answers")
+    turn.add_argument("--turn_detection", choices=["silence", "smart_turn"], default="silence",
+                      help="what ends the user's turn: silence (--min_silence_ms of it), or smart_turn: at a pause of --turn_pause_ms, "
+                           "the Smart Turn model hears whether the turn is complete; if not, the server waits on, up to "
+                           "--max_turn_silence_ms (README: Smart Turn)")
+    turn.add_argument("--turn_pause_ms", type=int, default=200, help="--turn_detection smart_turn: the pause after which the model is asked")
+    turn.add_argument("--turn_reask_ms", type=int, default=300,
+                      help="--turn_detection smart_turn: while the silence goes on after an 'unfinished', ask again every this many ms "
+                           "(the model hears the silence too); 0 asks again only at the next pause")
+    turn.add_argument("--max_turn_silence_ms", type=int, default=2000,
+                      help="--turn_detection smart_turn: silence that ends the turn, whatever the model said")
+    turn.add_argument("--smart_turn_model", default="",
+                      help="--turn_detection smart_turn: the Smart Turn v3 ONNX file; default: the one the pipecat-ai wheel ships "
+                           "(pip install --no-deps pipecat-ai==1.14.0)")
+    turn.add_argument("--smart_turn_threshold", type=float, default=0.5,
+                      help="--turn_detection smart_turn: the probability from which the model's answer is 'complete'")
+    turn.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                      help="at a pause of --speculate_pause_ms, answer what the user said so far, sending nothing: if the pause "
+                           "ends the turn, the answer goes out at once; if the user speaks on, it is dropped unheard (its LLM "
+                           "request wasted; the metrics count them). Off with a streaming ASR or --interrupt_at speech_end")
+    turn.add_argument("--speculate_pause_ms", type=int, default=100,
+                      help="--speculate: the pause in the user's speech at which a tentative answer starts")
+
+
+def add_answer_args(p: argparse.ArgumentParser) -> None:
+    """The assistant's side: when the user cuts it off (Session, CutIn), how far its audio runs ahead of the client's
+    playback (Speaker), how much history the LLM sees (ChatHistory)."""
+    answer = p.add_argument_group("answering: barge-in, playback, history")
+    answer.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
+                        help="when new speech cuts the assistant off: speech_start (after --min_speech_ms of it) or speech_end "
+                             "(once the utterance is complete, as CleanS2S did; the turn starts there too)")
+    answer.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
+                        help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
+    answer.add_argument("--backchannels", default=",".join(BACKCHANNELS),
+                        help="words that, said alone while the assistant speaks, do not cut it off (comma-separated; repeated, as "
+                             "'嗯嗯' or 'yeah yeah', too): an extended client's answer pauses as soon as the user speaks, and goes on "
+                             "where it stopped if the speech was one of these, or a sound with no words (a cough); anything else "
+                             "cuts it off. Empty: any speech cuts it off at once, as CleanS2S's client always is")
+    answer.add_argument("--backchannel_max_ms", type=int, default=1000,
+                        help="--backchannels: speech longer than this while the assistant speaks cuts it off, whatever its words")
+    answer.add_argument("--playback_lead_ms", type=int, default=1000,
+                        help="send answer audio at most this far ahead of the client's playback, so a barge-in drops the rest; 0 sends audio as soon as it is made")
+    answer.add_argument("--chat_size", type=int, default=8,
+                        help="most user/assistant exchanges of history sent to the LLM; when full, the older half is dropped at once, "
+                             "so the prompt's start stays the same for several turns and prompt caches keep serving it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag. The conversation's are here; each model's beside its handler (add_args), so a forked handler
     brings its own; the network's with the network shell, at the end of the file (add_network_args)."""
@@ -121,58 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time speech-to-speech voice agent server (VAD -> ASR -> LLM -> TTS over two WebSockets).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    talk = p.add_argument_group("conversation: hearing, turn-taking, speaking")
-    talk.add_argument("--vad", choices=sorted(VAD_MODELS), default="silero", help="VAD model")
-    talk.add_argument("--vad_thresh", type=float, default=0.5, help="speech probability above which a window is speech (silero)")
-    talk.add_argument("--webrtc_mode", type=int, choices=[0, 1, 2, 3], default=3, help="webrtcvad aggressiveness, 3 rejects most noise")
-    talk.add_argument("--min_speech_ms", type=int, default=200,
-                      help="speech needed before a turn starts; shorter sounds are ignored. With interruption on, this much speech interrupts the assistant")
-    talk.add_argument("--min_silence_ms", type=int, default=600,
-                      help="--turn_detection silence: the end-of-turn wait, silence after speech before the server answers")
-    talk.add_argument("--turn_detection", choices=["silence", "smart_turn"], default="silence",
-                      help="what ends the user's turn: silence (--min_silence_ms of it), or smart_turn: at a pause of --turn_pause_ms, "
-                           "the Smart Turn model hears whether the turn is complete; if not, the server waits on, up to "
-                           "--max_turn_silence_ms (README: Smart Turn)")
-    talk.add_argument("--turn_pause_ms", type=int, default=200, help="--turn_detection smart_turn: the pause after which the model is asked")
-    talk.add_argument("--turn_reask_ms", type=int, default=300,
-                      help="--turn_detection smart_turn: while the silence goes on after an 'unfinished', ask again every this many ms "
-                           "(the model hears the silence too); 0 asks again only at the next pause")
-    talk.add_argument("--max_turn_silence_ms", type=int, default=2000,
-                      help="--turn_detection smart_turn: silence that ends the turn, whatever the model said")
-    talk.add_argument("--smart_turn_model", default="",
-                      help="--turn_detection smart_turn: the Smart Turn v3 ONNX file; default: the one the pipecat-ai wheel ships "
-                           "(pip install --no-deps pipecat-ai==1.14.0)")
-    talk.add_argument("--smart_turn_threshold", type=float, default=0.5,
-                      help="--turn_detection smart_turn: the probability from which the model's answer is 'complete'")
-    talk.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
-                      help="at a pause of --speculate_pause_ms, answer what the user said so far, sending nothing: if the pause "
-                           "ends the turn, the answer goes out at once; if the user speaks on, it is dropped unheard (its LLM "
-                           "request wasted; the metrics count them). Off with a streaming ASR or --interrupt_at speech_end")
-    talk.add_argument("--speculate_pause_ms", type=int, default=100,
-                      help="--speculate: the pause in the user's speech at which a tentative answer starts")
-    talk.add_argument("--speech_pad_ms", type=int, default=200, help="audio kept before and after the speech in each utterance")
-    talk.add_argument("--max_speech_ms", type=int, default=30000, help="an utterance longer than this is cut and answered")
-    talk.add_argument("--interrupt_at", choices=["speech_start", "speech_end"], default="speech_start",
-                      help="when new speech cuts the assistant off: speech_start (after --min_speech_ms of it) or speech_end "
-                           "(once the utterance is complete, as CleanS2S did; the turn starts there too)")
-    talk.add_argument("--enable_interruption", action=argparse.BooleanOptionalAction, default=True,
-                      help="barge-in: user speech while the assistant answers stops the answer at once; --no-enable_interruption ignores speech while the assistant speaks")
-    talk.add_argument("--backchannels", default=",".join(BACKCHANNELS),
-                      help="words that, said alone while the assistant speaks, do not cut it off (comma-separated; repeated, as "
-                           "'嗯嗯' or 'yeah yeah', too): an extended client's answer pauses as soon as the user speaks, and goes on "
-                           "where it stopped if the speech was one of these, or a sound with no words (a cough); anything else "
-                           "cuts it off. Empty: any speech cuts it off at once, as CleanS2S's client always is")
-    talk.add_argument("--backchannel_max_ms", type=int, default=1000,
-                      help="--backchannels: speech longer than this while the assistant speaks cuts it off, whatever its words")
-    talk.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="sample rate of the client's audio in Hz; resampled to 16000")
-    talk.add_argument("--chunk_size", type=int, default=2048,
-                      help="accepted for CleanS2S launch commands; ignored (the VAD window is fixed by the model: 512 samples silero, 480 webrtc)")
-    talk.add_argument("--chat_size", type=int, default=8,
-                      help="most user/assistant exchanges of history sent to the LLM; when full, the older half is dropped at once, "
-                           "so the prompt's start stays the same for several turns and prompt caches keep serving it")
-    talk.add_argument("--playback_lead_ms", type=int, default=1000,
-                      help="send answer audio at most this far ahead of the client's playback, so a barge-in drops the rest; 0 sends audio as soon as it is made")
-
+    add_hearing_args(p)
+    add_turn_args(p)
+    add_answer_args(p)
     models = p.add_argument_group("every model")
     models.add_argument("--device", default="auto",
                         help="torch device of the local models (FunASR, transformers, the RAG agent's embedder): auto (cuda when present), cuda, cuda:1, cpu")
@@ -944,7 +961,7 @@ class Listener:
     goes through the session's VAD (VADBatcher, with every other session's); a user turn starts when speech starts (with
     --interrupt_at speech_end, when it ends, as CleanS2S did), and the utterance goes to the ASR when the turn
     ends (a streaming ASR hears it in pieces as it comes). With --speculate, a pause in the user's speech starts a
-    tentative answer, which the end of the turn takes and more speech drops (Session.speculate). Speech over an
+    tentative answer, which the end of the turn takes and more speech drops (Speculation). Speech over an
     answer may pause it instead (the session decides): past --backchannel_max_ms of it, it takes the turn. It
     keeps no reference to its session: hear() is given it."""
 
@@ -1031,13 +1048,13 @@ class Listener:
                 self.speech_turn = session.start_spoken_turn(self.speech_heard_at).number
                 started += 1
             if isinstance(ev, SpeechPaused) and session.is_current(self.speech_turn):
-                session.speculate(ev.audio, ev.speech_ms)
+                session.speculation.start(session, ev.audio, ev.speech_ms)
             if isinstance(ev, SpeechEnded):
                 self._turn_ends(session, ev)
         if self.vad.heard_at is not None:
-            session.spoke_on(self.vad.speech_ms)  # a tentative answer to less than this is dropped
-        if session.pausing_for(self.speech_turn) and self.vad.speech_ms > self.args.backchannel_max_ms:
-            session.take_turn()  # too long for a backchannel
+            session.speculation.spoke_on(session, self.vad.speech_ms)  # a tentative answer to less than this is dropped
+        if session.cut_in.holds(self.speech_turn) and self.vad.speech_ms > self.args.backchannel_max_ms:
+            session.cut_in.take_turn(session)  # too long for a backchannel
         self._stream_to_asr(session)
         session.speaker.heard_more()
         return started
@@ -1051,7 +1068,7 @@ class Listener:
         t = session.turn_record(self.speech_turn)
         t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
         session.speech_ended(t)
-        if session.take_speculation(ev.speech_ms):  # its answer goes out now: the user said nothing more
+        if session.speculation.take(session, ev.speech_ms):  # its answer goes out now: the user said nothing more
             return
         t.move(TurnState.ANSWERING)
         asr = self.pipeline.asr
@@ -1151,19 +1168,20 @@ class Stage:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
-        while True:
-            session = self.ready.get()
-            if session is None:
-                return
-            with self.lock:
-                msg = self.waiting[session].popleft()
-            self._process(msg)
-            with self.lock:
-                more = bool(self.waiting[session])
-                if not more:
-                    del self.waiting[session]
-            if more:  # to the back of the line: the sessions waiting get a worker first
-                self.ready.put(session)
+        while (session := self.ready.get()) is not None:
+            self._serve(session)
+            del session  # an idle worker holds no session: a closed one is freed at once
+
+    def _serve(self, session: Session) -> None:
+        with self.lock:
+            msg = self.waiting[session].popleft()
+        self._process(msg)
+        with self.lock:
+            more = bool(self.waiting[session])
+            if not more:
+                del self.waiting[session]
+        if more:  # to the back of the line: the sessions waiting get a worker first
+            self.ready.put(session)
 
     def _process(self, msg: Any) -> None:
         session = msg.session
@@ -2295,29 +2313,158 @@ def uid_tag(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:8]
 
 
-@dataclass
 class CutIn:
-    """Speech that started over an extended client's answer, with --backchannels: the answer (`paused`) holds while
-    the user speaks. Its words, when the ASR has them, decide: a backchannel or none lets the answer go on
-    (Session.go_on); anything else, or speech past --backchannel_max_ms, cuts it off and becomes the turn
-    (Session.take_turn). Until then the speech is a turn in waiting (`turn`): not the current turn, heard by the
-    ASR only."""
-    paused: Turn
-    turn: Turn
-    heard_at: float  # when the speech was first heard
-    paused_at: float  # when the answer stopped for the user: its barge-in, if it is cut off
-    held: list = field(default_factory=list)  # its transcript events: said only if it takes the turn
+    """Speech over an extended client's answer, with --backchannels: the answer (`paused`) holds while the user
+    speaks. Its words, when the ASR has them, decide (weigh): a backchannel or none lets the answer go on (go_on);
+    anything else, or speech past --backchannel_max_ms, cuts it off and becomes the turn (take_turn). Until then the
+    speech is a turn in waiting (`turn`): not the current turn, heard by the ASR only. One per session, on its event
+    loop; `turn` is None while no one cuts in. Like Listener and Speaker, it keeps no reference to its session: each
+    call is given it."""
+
+    def __init__(self):
+        self.turn: Optional[Turn] = None  # the speech, a turn in waiting
+        self.paused: Optional[Turn] = None  # the answer it holds
+        self.heard_at = 0.0  # when the speech was first heard
+        self.paused_at = 0.0  # when the answer stopped for the user: its barge-in, if it is cut off
+        self.held: list = []  # the speech's transcript events: said only if it takes the turn
+
+    def holds(self, turn: int) -> bool:
+        """Whether `turn` is the turn in waiting (none once the session has closed: it drops it)."""
+        held = self.turn  # (once: worker threads ask while the loop changes it)
+        return held is not None and held.number == turn
+
+    def may_pause(self, s: Session) -> bool:
+        return (s.listener.backchannels is not None and s.can_pause and s.args.interrupt_at == "speech_start"
+                and (self.turn is not None or s.assistant_busy()))
+
+    def pause_for(self, s: Session, heard_at: float) -> Turn:
+        """Hold the answer while the user speaks; the speech gets a turn in waiting. New speech while the words of the
+        last are still with the ASR takes its place (the answer stays paused)."""
+        pausing = self.drop(s) is None
+        self.turn, self.held = Turn(s.waiting_number(), spoken=True), []
+        s.turns[self.turn.number] = self.turn
+        if pausing:
+            s.speaker.pause(s.turn)
+            self.paused, self.heard_at, self.paused_at = s.current(), heard_at, s.speaker.paused_at
+            s.loop.call_later(AUDIO_GAP_S, self._check, s, self.paused_at)
+        return self.turn
+
+    def _check(self, s: Session, paused_at: float) -> None:
+        """A client that stops sending audio in the middle of the speech (muted mid-word) leaves the VAD undecided:
+        the answer goes on, and the VAD starts afresh when audio comes again."""
+        if self.turn is None or self.paused_at != paused_at:
+            return
+        if self.turn.state is TurnState.HEARING and now() - s.listener.heard_audio_at > AUDIO_GAP_S:
+            s.listener.forget()
+            self.go_on(s, "")
+        else:
+            s.loop.call_later(AUDIO_GAP_S, self._check, s, paused_at)
+
+    def weigh(self, s: Session, text: UserText) -> None:
+        """The ASR's words for the speech: a backchannel lets the answer go on; anything else takes the turn."""
+        if not self.holds(text.turn):  # it took the turn meanwhile (it went on too long), or was dropped
+            if s.wants(text.turn):
+                s.pipeline.llm.put(text)
+            return
+        if s.listener.is_backchannel(text.text):
+            self.go_on(s, text.text)
+        else:
+            self.take_turn(s)
+            s.pipeline.llm.put(text)
+
+    def take_turn(self, s: Session) -> None:
+        """The speech cuts the paused answer off: its turn in waiting becomes the next turn."""
+        waiting, held = self.turn, self.held
+        self.turn, self.held = None, []
+        waiting.number = s.turn + 1  # its stages' messages still say its waiting number, which stays
+        s.make_current(waiting, self.heard_at, self.paused_at)
+        s.speaker.put(SpeechStartEvent(waiting.number))
+        for event in held:
+            s.emit(event)
+
+    def go_on(self, s: Session, heard: str) -> None:
+        """The speech was a backchannel or a noise: the answer plays on from where it stopped."""
+        self.drop(s)
+        self.paused.resumed += 1
+        s.speaker.resume(self.paused.number, heard)
+
+    def drop(self, s: Session) -> Optional[Turn]:
+        """Forget the turn in waiting (its ASR result will find no one); the answer stays paused."""
+        waiting, self.turn = self.turn, None
+        if waiting is not None:
+            waiting.cancel()
+            s.turns.pop(waiting.number, None)
+        return waiting
 
 
-@dataclass
 class Speculation:
     """A tentative answer (--speculate): at a pause in the user's speech, the ASR, LLM and TTS start on the utterance
     so far as a turn of their own (`turn`, a number the client never sees), and nothing of it goes out. If the pause
-    ends the user's turn, it becomes that turn's answer and what it made goes out at once (Session.take_speculation);
-    if the user speaks on, it is dropped, and no one hears of it."""
-    turn: Turn
-    speech_ms: float  # voice in the utterance when it started
-    held: list = field(default_factory=list)  # its events and audio, in order
+    ends the user's turn, it becomes that turn's answer and what it made goes out at once (take); if the user speaks
+    on, it is dropped, and no one hears of it. One per session, on its event loop; `turn` is None while there is none.
+    It keeps no reference to its session: each call is given it."""
+
+    def __init__(self):
+        self.turn: Optional[Turn] = None
+        self.speech_ms = 0.0  # voice in the utterance when it started
+        self.held: list = []  # its events and audio, in order
+
+    def holds(self, turn: int) -> bool:
+        """Whether `turn` is the tentative answer's (none once the session has closed: it drops it)."""
+        held = self.turn  # (once: worker threads ask while the loop changes it)
+        return held is not None and held.number == turn
+
+    def start(self, s: Session, audio: np.ndarray, speech_ms: float) -> None:
+        """The user paused: answer what they said so far, in a turn of its own that no one hears of yet."""
+        self.drop(s)
+        if s.current().state is not TurnState.HEARING or not s.answers():
+            return
+        tentative = Turn(s.waiting_number(), spoken=True, state=TurnState.ANSWERING)
+        tentative.times.speculated_at = now()
+        s.turns[tentative.number] = tentative
+        self.turn, self.speech_ms, self.held = tentative, speech_ms, []
+        s.pipeline.asr.put(Utterance(s, tentative.number, audio))
+
+    def spoke_on(self, s: Session, speech_ms: float) -> None:
+        """The utterance has this much voice in it now: a tentative answer to less is dropped."""
+        if self.turn is not None and speech_ms > self.speech_ms:
+            self.drop(s)
+
+    def failed(self, s: Session, turn: int) -> None:
+        """A stage failed it: the turn's end starts it again."""
+        if self.holds(turn):
+            self.drop(s)
+
+    def drop(self, s: Session) -> None:
+        """Forget the tentative answer: its work is stale, it leaves the history, and the turn counts what it cost."""
+        tentative, self.turn = self.turn, None
+        if tentative is None:
+            return
+        tentative.cancel()
+        s.turns.pop(tentative.number, None)
+        s.history.drop(tentative)
+        t = s.current()
+        if t is not None:
+            t.speculations_discarded += 1
+            t.llm_requests_discarded += tentative.llm_requests
+
+    def take(self, s: Session, speech_ms: float) -> bool:
+        """The user's turn has ended: if the tentative answer heard all of it, it becomes the turn (under its number,
+        with the turn's timings and what earlier ones cost), and what it made so far goes out. Else it is dropped."""
+        if self.turn is None or speech_ms != self.speech_ms or self.turn.state is not TurnState.ANSWERING:
+            self.drop(s)
+            return False
+        taken, held = self.turn, self.held
+        self.turn, self.held = None, []
+        heard = s.current()
+        taken.number, taken.speculated, taken.heard_audio = heard.number, True, heard.heard_audio
+        taken.times.speech_end, taken.times.eot_wait_ms = heard.times.speech_end, heard.times.eot_wait_ms
+        taken.speculations_discarded, taken.llm_requests_discarded = heard.speculations_discarded, heard.llm_requests_discarded
+        heard.cancel()
+        s.turns[heard.number] = taken  # its stages' messages still say its own number, which stays
+        for item in held:
+            s.emit(item)
+        return True
 
 
 class Session:
@@ -2334,9 +2481,9 @@ class Session:
         self.on_turn_end = on_turn_end  # (session, turn, again): the server's metrics and --save_data, as each turn ends
         self.turn = 0  # CleanS2S's user_input_count: +1 per utterance start and per text input
         self.unseen = 0  # the last number given to a turn in waiting (a cut-in's, a speculation's): -1, -2, ...
-        self.cut_in: Optional[CutIn] = None
-        self.speculation: Optional[Speculation] = None
-        self.turns: dict = {}  # the current turn and the one before it (a speculation taken: under both numbers)
+        self.turns: dict = {}  # the current turn and the one before it, and turns in waiting (a speculation taken: under both numbers)
+        self.cut_in = CutIn()
+        self.speculation = Speculation()
         self.history = ChatHistory(args.chat_size)
         self.listener = Listener(args, pipeline)
         self.voice: Any = None  # the TTS voice this session speaks with, chosen at its first answer
@@ -2384,19 +2531,6 @@ class Session:
     def output(self) -> AsyncIterator[Any]:
         return self.speaker.output(self)
 
-    # ---- what the stages ask of it (worker threads) ----
-
-    def prompt(self, turn: Turn, role: str, prompt: str, question: str) -> list:
-        """The messages the LLM answers `turn` from: the opening prompt, the history, the question; the turn joins the
-        history. (An OpenAI Realtime session builds them from its conversation instead.)"""
-        messages = self.history.messages(role, prompt, question)
-        self.history.add(turn)
-        return messages
-
-    def speaks(self, turn: int) -> bool:
-        """Whether the answer to `turn` is spoken: its text goes to the TTS (else it goes out as text alone)."""
-        return True
-
     def leave(self) -> None:
         """The client is gone, and may come back: its answer stops, and the utterance cut off with its connection is
         not continued by the next one's audio."""
@@ -2405,8 +2539,8 @@ class Session:
 
     def stop_answer(self) -> None:
         """The turn under way becomes stale, and so does all its queued work."""
-        self.drop_cut_in()
-        self.drop_speculation()
+        self.cut_in.drop(self)
+        self.speculation.drop(self)
         self.speaker.paused_turn = None  # no one hears a resume: the client left, or the session ends
         t = self.current()
         if t is not None:
@@ -2427,14 +2561,6 @@ class Session:
         record = self.turns.get(turn)  # (once: worker threads ask while the loop changes the dict)
         return not self.closed and record is not None and record is self.current()
 
-    def pausing_for(self, turn: int) -> bool:
-        """Whether `turn` is a cut-in's turn in waiting (see CutIn)."""
-        return not self.closed and self.cut_in is not None and self.cut_in.turn.number == turn
-
-    def speculating(self, turn: int) -> bool:
-        """Whether `turn` is a tentative answer's (see Speculation)."""
-        return not self.closed and self.speculation is not None and self.speculation.turn.number == turn
-
     def wants(self, turn: int) -> bool:
         """Whether work for this turn is still wanted: it is current (or a cut-in's, for the ASR, or a tentative
         answer's), not cancelled, and its answer is still being made (no stage has failed it, and not all of it has
@@ -2443,7 +2569,7 @@ class Session:
         working = (TurnState.HEARING, TurnState.ANSWERING, TurnState.SPEAKING)
         if self.closed or record is None or record.state not in working or record.cancelled.done():
             return False
-        return record is self.current() or self.pausing_for(turn) or self.speculating(turn)
+        return record is self.current() or self.cut_in.holds(turn) or self.speculation.holds(turn)
 
     def turn_record(self, number: int) -> Turn:
         return self.turns[number]
@@ -2454,6 +2580,10 @@ class Session:
     def assistant_busy(self) -> bool:
         return self.speaker.busy(self.current())
 
+    def answers(self) -> bool:
+        """Whether a turn the user ends is answered (an OpenAI Realtime client may say no)."""
+        return True
+
     def waiting_number(self) -> int:
         """A turn in waiting's number, below zero: the client never sees it (it gets the turn's own if it is taken),
         so the turns it sees are numbered 1, 2, 3... as CleanS2S's client counts them."""
@@ -2462,11 +2592,11 @@ class Session:
 
     def start_turn(self, spoken: bool, heard_at: Optional[float] = None) -> Turn:
         """A new turn makes the running one stale (a paused answer too: it is cut off). Returns the new turn's record."""
-        self.drop_cut_in()
-        self.drop_speculation()
-        return self._make_current(Turn(self.turn + 1, spoken), heard_at, now())
+        self.cut_in.drop(self)
+        self.speculation.drop(self)
+        return self.make_current(Turn(self.turn + 1, spoken), heard_at, now())
 
-    def _make_current(self, record: Turn, heard_at: Optional[float], stopped_at: float) -> Turn:
+    def make_current(self, record: Turn, heard_at: Optional[float], stopped_at: float) -> Turn:
         """`record` becomes the current turn; the answer under way, if any, is cut off (the user heard it stop at
         `stopped_at`)."""
         old = self.current()
@@ -2483,140 +2613,18 @@ class Session:
         self.turns[self.turn] = record
         return record
 
-    def speech_ended(self, t: Turn) -> None:
-        """The user's turn `t` has ended; its words go to the ASR (or a tentative answer has them already)."""
-        self.speaker.put(SpeechEndEvent(t.number))
-
     def start_spoken_turn(self, heard_at: Optional[float]) -> Turn:
         """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way; over an
         extended client's answer, with --backchannels, the answer pauses instead (see CutIn)."""
-        if self.may_pause():
-            return self.pause_for(heard_at or now())
+        if self.cut_in.may_pause(self):
+            return self.cut_in.pause_for(self, heard_at or now())
         t = self.start_turn(spoken=True, heard_at=heard_at)
         self.speaker.put(SpeechStartEvent(t.number))
         return t
 
-    # ---- a tentative answer at a pause in the user's speech, taken or dropped (event loop, --speculate) ----
-
-    def speculate(self, audio: np.ndarray, speech_ms: float) -> None:
-        """The user paused: answer what they said so far, in a turn of its own that no one hears of yet."""
-        self.drop_speculation()
-        if self.current().state is not TurnState.HEARING:
-            return
-        tentative = Turn(self.waiting_number(), spoken=True, state=TurnState.ANSWERING)
-        tentative.times.speculated_at = now()
-        self.turns[tentative.number] = tentative
-        self.speculation = Speculation(tentative, speech_ms)
-        self.pipeline.asr.put(Utterance(self, tentative.number, audio))
-
-    def spoke_on(self, speech_ms: float) -> None:
-        """The utterance has this much voice in it now: a tentative answer to less is dropped."""
-        if self.speculation is not None and speech_ms > self.speculation.speech_ms:
-            self.drop_speculation()
-
-    def drop_speculation(self) -> None:
-        """Forget the tentative answer: its work is stale, it leaves the history, and the turn counts what it cost."""
-        spec, self.speculation = self.speculation, None
-        if spec is None:
-            return
-        spec.turn.cancel()
-        self.turns.pop(spec.turn.number, None)
-        self.history.drop(spec.turn)
-        t = self.current()
-        if t is not None:
-            t.speculations_discarded += 1
-            t.llm_requests_discarded += spec.turn.llm_requests
-
-    def take_speculation(self, speech_ms: float) -> bool:
-        """The user's turn has ended: if a tentative answer heard all of it, it becomes the turn (under its number,
-        with the turn's timings and what earlier ones cost), and what it made so far goes out. Else it is dropped."""
-        spec = self.speculation
-        if spec is None or speech_ms != spec.speech_ms or spec.turn.state is not TurnState.ANSWERING:
-            self.drop_speculation()
-            return False
-        self.speculation = None
-        heard, taken = self.current(), spec.turn
-        taken.number, taken.speculated, taken.heard_audio = heard.number, True, heard.heard_audio
-        taken.times.speech_end, taken.times.eot_wait_ms = heard.times.speech_end, heard.times.eot_wait_ms
-        taken.speculations_discarded, taken.llm_requests_discarded = heard.speculations_discarded, heard.llm_requests_discarded
-        heard.cancel()
-        self.turns[heard.number] = taken  # its stages' messages still say its own number, which stays
-        for item in spec.held:
-            self._send(item)
-        return True
-
-    # ---- speech over an answer: pause, then go on or cut off (event loop) ----
-
-    def may_pause(self) -> bool:
-        return (self.listener.backchannels is not None and self.can_pause
-                and self.args.interrupt_at == "speech_start" and (self.cut_in is not None or self.assistant_busy()))
-
-    def pause_for(self, heard_at: float) -> Turn:
-        """Hold the answer while the user speaks; the speech gets a turn in waiting. New speech while the words of the
-        last are still with the ASR takes its place (the answer stays paused)."""
-        earlier = self.drop_cut_in()
-        waiting = Turn(self.waiting_number(), spoken=True)
-        self.turns[waiting.number] = waiting
-        if earlier is not None:
-            self.cut_in = dataclasses.replace(earlier, turn=waiting, held=[])
-        else:
-            self.speaker.pause(self.turn)
-            self.cut_in = CutIn(self.current(), waiting, heard_at, self.speaker.paused_at)
-            self.loop.call_later(AUDIO_GAP_S, self._check_pause, self.cut_in.paused_at)
-        return waiting
-
-    def _check_pause(self, paused_at: float) -> None:
-        """A client that stops sending audio in the middle of the speech (muted mid-word) leaves the VAD undecided:
-        the answer goes on, and the VAD starts afresh when audio comes again."""
-        c = self.cut_in
-        if c is None or c.paused_at != paused_at:
-            return
-        if c.turn.state is TurnState.HEARING and now() - self.listener.heard_audio_at > AUDIO_GAP_S:
-            self.listener.forget()
-            self.go_on("")
-        else:
-            self.loop.call_later(AUDIO_GAP_S, self._check_pause, paused_at)
-
-    def take_turn(self) -> None:
-        """The speech over the paused answer cuts it off: its turn in waiting becomes the next turn."""
-        c, self.cut_in = self.cut_in, None
-        c.turn.number = self.turn + 1  # its stages' messages still say its waiting number, which stays
-        self._make_current(c.turn, c.heard_at, c.paused_at)
-        self.speaker.put(SpeechStartEvent(c.turn.number))
-        for event in c.held:
-            self._send(event)
-
-    def go_on(self, heard: str) -> None:
-        """The speech over the paused answer was a backchannel or a noise: the answer plays on from where it stopped."""
-        c = self.drop_cut_in()
-        c.paused.resumed += 1
-        self.speaker.resume(c.paused.number, heard)
-
-    def drop_cut_in(self) -> Optional[CutIn]:
-        """Forget the turn in waiting (its ASR result will find no one); the answer stays paused."""
-        c, self.cut_in = self.cut_in, None
-        if c is not None:
-            c.turn.cancel()
-            self.turns.pop(c.turn.number, None)
-        return c
-
-    def transcribed(self, text: UserText) -> None:
-        """The ASR's words for a turn (a worker thread): on to the LLM; a cut-in's are first weighed on the loop."""
-        if self.pausing_for(text.turn):
-            self._call_from_thread(self.weigh_cut_in, text)
-        else:
-            self.pipeline.llm.put(text)
-
-    def weigh_cut_in(self, text: UserText) -> None:
-        if not self.pausing_for(text.turn):  # it took the turn meanwhile (it went on too long), or was dropped
-            if self.wants(text.turn):
-                self.pipeline.llm.put(text)
-            return
-        if self.listener.is_backchannel(text.text):
-            self.go_on(text.text)
-        else:
-            self.take_turn()
-            self.pipeline.llm.put(text)
+    def speech_ended(self, t: Turn) -> None:
+        """The user's turn `t` has ended; its words go to the ASR (or a tentative answer has them already)."""
+        self.speaker.put(SpeechEndEvent(t.number))
 
     def finish_turn(self, t: Turn) -> None:
         if t.move(TurnState.SENT):
@@ -2632,46 +2640,60 @@ class Session:
         if self.on_turn_end is not None:
             self.on_turn_end(self, t, again)
 
-    # ---- hand-offs from worker threads (thread-safe) ----
-
-    def send_event(self, event: ServerEvent) -> None:
-        self._call_from_thread(self._send, event)
-
-    def deliver(self, item: AnswerAudio) -> None:
-        self._call_from_thread(self._send, item)
-
-    def _send(self, item: ServerEvent | AnswerAudio) -> None:
+    def emit(self, item: ServerEvent | AnswerAudio) -> None:
         """To the client, under the turn's number; a cut-in's words and a tentative answer are held."""
         turn = getattr(item, "turn", None)
         record = self.turns.get(turn)
         if turn is not None and record is None:  # stale work of a turn long gone, or of a turn in waiting dropped unheard
             return
-        if self.pausing_for(turn):  # said if it takes the turn
+        if self.cut_in.holds(turn):  # said if it takes the turn
             self.cut_in.held.append(item)
-        elif self.speculating(turn):  # said if the user's turn ends with no more words
+        elif self.speculation.holds(turn):  # said if the user's turn ends with no more words
             self.speculation.held.append(item)
         else:
             if record is not None and record.number != turn:  # a tentative answer taken: the client knows its turn's number
                 item = dataclasses.replace(item, turn=record.number)
             self.speaker.put(item)
 
-    def _call_from_thread(self, fn: Callable[[Any], None], arg: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: so has the session, and no one would hear it
-            self.loop.call_soon_threadsafe(fn, arg)
+    # ---- what the stages ask of it and hand back (worker threads, thread-safe) ----
 
-    def _speculation_failed(self, turn: int) -> None:
-        if self.speculating(turn):
-            self.drop_speculation()
+    def prompt(self, turn: Turn, role: str, prompt: str, question: str) -> list:
+        """The messages the LLM answers `turn` from: the opening prompt, the history, the question; the turn joins the
+        history. (An OpenAI Realtime session builds them from its conversation instead.)"""
+        messages = self.history.messages(role, prompt, question)
+        self.history.add(turn)
+        return messages
+
+    def speaks(self, turn: int) -> bool:
+        """Whether the answer to `turn` is spoken: its text goes to the TTS (else it goes out as text alone)."""
+        return True
+
+    def transcribed(self, text: UserText) -> None:
+        """The ASR's words for a turn: on to the LLM; a cut-in's are first weighed on the loop."""
+        if self.cut_in.holds(text.turn):
+            self._call_from_thread(self.cut_in.weigh, self, text)
+        else:
+            self.pipeline.llm.put(text)
+
+    def send_event(self, event: ServerEvent) -> None:
+        self._call_from_thread(self.emit, event)
+
+    def deliver(self, item: AnswerAudio) -> None:
+        self._call_from_thread(self.emit, item)
+
+    def _call_from_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: so has the session, and no one would hear it
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def fail_turn(self, turn: int, code: str, message: str) -> None:
         """End a turn whose stage raised: the client hears an error, later turns go on. Speech over a paused answer
         that the ASR could not hear is taken for a noise: the answer goes on. A tentative answer that fails is dropped:
         the turn's end starts it again."""
-        if self.pausing_for(turn):
-            self._call_from_thread(self.weigh_cut_in, UserText(self, turn, ""))
+        if self.cut_in.holds(turn):
+            self._call_from_thread(self.cut_in.weigh, self, UserText(self, turn, ""))
             return
-        if self.speculating(turn):
-            self._call_from_thread(self._speculation_failed, turn)
+        if self.speculation.holds(turn):
+            self._call_from_thread(self.speculation.failed, self, turn)
             return
         record = self.turns.get(turn)
         if record is not None:
@@ -3002,11 +3024,7 @@ def load(name: str, component: Any) -> None:
     logger.info("%s: %s, load %.2f s, warm-up %.2f s", name, describe, t1 - t0, now() - t1)
 
 
-def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None,
-         handlers: Callable[[argparse.Namespace], tuple] = build_handlers) -> None:
-    """Serve until SIGINT/SIGTERM. A variant (s2s_server_pipeline_rag.py) passes its own parser, with more flags,
-    and its own `handlers`, which builds the (ASR, LLM, TTS) handlers from the parsed flags."""
-    args = parse_args(argv, parser)
+def setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = logging.getLogger().handlers[0]
     if args.log_format == "json":
@@ -3016,6 +3034,14 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
     # The websockets library logs two lines for every connection at INFO, which a flood of connections turns into a
     # flood of log (the server logs sessions itself), and every handshake header at DEBUG, the token among them.
     logging.getLogger("websockets").setLevel(logging.INFO if args.log_level == "DEBUG" else logging.WARNING)
+
+
+def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None,
+         handlers: Callable[[argparse.Namespace], tuple] = build_handlers) -> None:
+    """Serve until SIGINT/SIGTERM. A variant (s2s_server_pipeline_rag.py) passes its own parser, with more flags,
+    and its own `handlers`, which builds the (ASR, LLM, TTS) handlers from the parsed flags."""
+    args = parse_args(argv, parser)
+    setup_logging(args)
     if args.tts != "cosyvoice" and (args.tts_model_name or args.ref_dir):
         logger.warning("--tts_model_name/--ref_dir are for --tts cosyvoice; the %s TTS ignores them", args.tts)
     if (taken := taken_port(args)):
@@ -3049,7 +3075,6 @@ def main(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] 
         if exc.errno != errno.EADDRINUSE:
             raise
         raise SystemExit(f"{exc.strerror} (is another server running?)") from None
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3574,10 +3599,6 @@ class RealtimeSession(Session):
             self.transcribing[t.number] = (item, t)
             t.move(TurnState.SENT)
 
-    def speculate(self, audio: np.ndarray, speech_ms: float) -> None:
-        if self.answers():  # nothing to start where the turn's end makes no response
-            super().speculate(audio, speech_ms)
-
     def wants(self, turn: int) -> bool:
         return super().wants(turn) or (not self.closed and turn in self.transcribing)
 
@@ -3790,70 +3811,26 @@ class RealtimeOutput:
         return events + [{"type": "response.done", "response": r.json(status, details, t.usage if t is not None else None)}]
 
 
-class RealtimeClient:
-    """What an OpenAI Realtime client's events ask of its session, checked: each is carried out, or answered with an
-    `error` event that names it, and the session goes on."""
+class SessionUpdate:
+    """A session.update's settings, each checked against what this server serves. They take effect all together, or,
+    when one is refused (BadMessage), none do: the session keeps what it had."""
 
-    SESSION_KEYS = {"type", "instructions", "output_modalities", "audio", "tools", "tool_choice", "max_output_tokens",
-                    "tracing", "truncation", "prompt", "include", "model"}
-    RESPONSE_KEYS = {"instructions", "output_modalities", "metadata", "conversation"}
+    KEYS = {"type", "instructions", "output_modalities", "audio", "tools", "tool_choice", "max_output_tokens",
+            "tracing", "truncation", "prompt", "include", "model"}
 
-    def __init__(self, session: RealtimeSession, max_text_chars: int, pace: Callable[[int], Any]):
+    def __init__(self, session: RealtimeSession, max_text_chars: int):
         self.session, self.max_text_chars = session, max_text_chars
-        self.pace = pace  # awaited with the samples of each append before they are heard: the real-time limit
-        self.handlers = {
-            "session.update": self.session_update, "input_audio_buffer.append": self.append,
-            "input_audio_buffer.commit": self.commit, "input_audio_buffer.clear": self.clear,
-            "conversation.item.create": self.item_create, "conversation.item.truncate": self.item_truncate,
-            "conversation.item.delete": self.item_delete, "conversation.item.retrieve": self.item_retrieve,
-            "response.create": self.response_create, "response.cancel": self.response_cancel,
-        }
 
-    def send(self, payload: dict) -> None:
-        self.session.speaker.put(RealtimeEvent(payload))
-
-    def opened(self) -> None:
-        self.send({"type": "session.created", "session": self.session.settings()})
-
-    async def take(self, message: Any) -> None:
-        """Carry out one client event. A bad one is answered with an error event (and raises BadMessage, for the log)."""
-        event: dict = {}
-        try:
-            if isinstance(message, bytes):
-                raise BadMessage("invalid_event", "events are JSON text; audio goes in input_audio_buffer.append")
-            event = parse_json(message)
-            handler = self.handlers.get(event.get("type")) if isinstance(event.get("type"), str) else None
-            if handler is None:
-                raise BadMessage("invalid_event", f"unknown or unsupported event type: {str(event.get('type'))[:64]}")
-            if event["type"] != "input_audio_buffer.append":
-                await self.session.caught_up()  # the audio appended before this event is heard first
-            result = handler(event)
-            if inspect.isawaitable(result):
-                await result
-        except BadMessage as exc:
-            event_id = event.get("event_id")
-            self.send(realtime_error(exc.code, str(exc), event_id if isinstance(event_id, str) else None))
-            raise
-
-    # ---- the session's settings ----
-
-    def session_update(self, event: dict) -> None:
-        s, new = self.session, event.get("session")
+    def apply(self, new: Any) -> None:
+        s = self.session
         if not isinstance(new, dict):
             raise BadMessage("invalid_value", "session.update needs a session object")
-        unknown = set(new) - self.SESSION_KEYS
+        unknown = set(new) - self.KEYS
         if unknown:
             raise BadMessage("unknown_parameter", f"unknown or unsupported session settings: {', '.join(sorted(unknown))}")
         if new.get("type", "realtime") != "realtime":
             raise BadMessage("invalid_value", "only realtime sessions are served here (not transcription)")
-        audio = new.get("audio") or {}
-        audio_in, audio_out = (audio.get("input") or {}, audio.get("output") or {}) if isinstance(audio, dict) else (None, None)
-        if not isinstance(audio_in, dict) or not isinstance(audio_out, dict):
-            raise BadMessage("invalid_value", "audio, audio.input and audio.output must be objects")
-        for fmt in (audio_in.get("format"), audio_out.get("format")):
-            served = isinstance(fmt, dict) and fmt.get("type") == "audio/pcm" and fmt.get("rate", REALTIME_RATE) == REALTIME_RATE
-            if fmt is not None and not served:
-                raise BadMessage("invalid_value", "the only audio format served is {'type': 'audio/pcm', 'rate': 24000}")
+        audio_in, audio_out = self.audio(new.get("audio") or {})
         instructions = new.get("instructions", s.instructions)
         if not isinstance(instructions, str) or len(instructions) > 16 * self.max_text_chars:
             raise BadMessage("invalid_value", "instructions must be a string of at most "
@@ -3875,7 +3852,18 @@ class RealtimeClient:
             s.voice_name, s.voice = voice
         if detection != s.turn_detection:
             s.detect_turns(detection)
-        self.send({"type": "session.updated", "session": s.settings()})
+
+    @staticmethod
+    def audio(audio: Any) -> tuple:
+        """(audio.input, audio.output), checked: the one format served."""
+        audio_in, audio_out = (audio.get("input") or {}, audio.get("output") or {}) if isinstance(audio, dict) else (None, None)
+        if not isinstance(audio_in, dict) or not isinstance(audio_out, dict):
+            raise BadMessage("invalid_value", "audio, audio.input and audio.output must be objects")
+        for fmt in (audio_in.get("format"), audio_out.get("format")):
+            served = isinstance(fmt, dict) and fmt.get("type") == "audio/pcm" and fmt.get("rate", REALTIME_RATE) == REALTIME_RATE
+            if fmt is not None and not served:
+                raise BadMessage("invalid_value", "the only audio format served is {'type': 'audio/pcm', 'rate': 24000}")
+        return audio_in, audio_out
 
     @staticmethod
     def modalities(value: Any) -> list:
@@ -3949,6 +3937,54 @@ class RealtimeClient:
                 raise BadMessage("invalid_value", f"turn_detection.{key} is out of range")
             merged[key] = given
         return merged
+
+
+class RealtimeClient:
+    """What an OpenAI Realtime client's events ask of its session, checked: each is carried out, or answered with an
+    `error` event that names it, and the session goes on."""
+
+    RESPONSE_KEYS = {"instructions", "output_modalities", "metadata", "conversation"}
+
+    def __init__(self, session: RealtimeSession, max_text_chars: int, pace: Callable[[int], Any]):
+        self.session, self.max_text_chars = session, max_text_chars
+        self.pace = pace  # awaited with the samples of each append before they are heard: the real-time limit
+        self.handlers = {
+            "session.update": self.session_update, "input_audio_buffer.append": self.append,
+            "input_audio_buffer.commit": self.commit, "input_audio_buffer.clear": self.clear,
+            "conversation.item.create": self.item_create, "conversation.item.truncate": self.item_truncate,
+            "conversation.item.delete": self.item_delete, "conversation.item.retrieve": self.item_retrieve,
+            "response.create": self.response_create, "response.cancel": self.response_cancel,
+        }
+
+    def send(self, payload: dict) -> None:
+        self.session.speaker.put(RealtimeEvent(payload))
+
+    def opened(self) -> None:
+        self.send({"type": "session.created", "session": self.session.settings()})
+
+    async def take(self, message: Any) -> None:
+        """Carry out one client event. A bad one is answered with an error event (and raises BadMessage, for the log)."""
+        event: dict = {}
+        try:
+            if isinstance(message, bytes):
+                raise BadMessage("invalid_event", "events are JSON text; audio goes in input_audio_buffer.append")
+            event = parse_json(message)
+            handler = self.handlers.get(event.get("type")) if isinstance(event.get("type"), str) else None
+            if handler is None:
+                raise BadMessage("invalid_event", f"unknown or unsupported event type: {str(event.get('type'))[:64]}")
+            if event["type"] != "input_audio_buffer.append":
+                await self.session.caught_up()  # the audio appended before this event is heard first
+            result = handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except BadMessage as exc:
+            event_id = event.get("event_id")
+            self.send(realtime_error(exc.code, str(exc), event_id if isinstance(event_id, str) else None))
+            raise
+
+    def session_update(self, event: dict) -> None:
+        SessionUpdate(self.session, self.max_text_chars).apply(event.get("session"))
+        self.send({"type": "session.updated", "session": self.session.settings()})
 
     # ---- input audio ----
 
@@ -4048,7 +4084,7 @@ class RealtimeClient:
         if options.get("conversation", "auto") != "auto":
             raise BadMessage("invalid_value", 'only conversation "auto" is served (no out-of-band responses)')
         if "output_modalities" in options:
-            self.modalities(options["output_modalities"])
+            SessionUpdate.modalities(options["output_modalities"])
         if not isinstance(options.get("instructions", ""), str):
             raise BadMessage("invalid_value", "instructions must be a string")
         self.session.respond(options)
@@ -4071,6 +4107,14 @@ def decode_pcm16(b64: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
+    """The network shell's flags: where it listens, who may connect, what one client may cost, what it keeps."""
+    add_listening_args(p)
+    add_security_args(p)
+    add_limit_args(p)
+    add_data_args(p)
+
+
+def add_listening_args(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group("network")
     net.add_argument("--recv_host", default="localhost", help="host of the receiver socket (client -> server); 0.0.0.0 to accept other machines")
     net.add_argument("--recv_port", type=int, default=9001, help="port of the receiver socket")
@@ -4088,7 +4132,9 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                      help="where clients reach the sender socket when a proxy stands in front; as --public_receiver_url. "
                           "Default: --send_port on the page's host")
 
-    sec = p.add_argument_group("security and limits")
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    sec = p.add_argument_group("security")
     sec.add_argument("--auth_token", default=None,
                      help="shared secret every socket requires (query ?token=, WebSocket subprotocol s2s.token.TOKEN, or the header "
                           "Authorization: Bearer TOKEN, as OpenAI Realtime clients send their key); "
@@ -4101,6 +4147,13 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                           "the logs show that client instead of the proxy. Empty: trust none")
     sec.add_argument("--ssl_certfile", default=None, help="TLS certificate (PEM): serves wss:// and the browser client over https")
     sec.add_argument("--ssl_keyfile", default=None, help="TLS private key (PEM) of --ssl_certfile")
+    sec.add_argument("--legacy_clients", choices=["auto", "allow", "refuse"], default="auto",
+                     help="CleanS2S's own client (no uid in its URLs; it hears every legacy session's answers and keeps its own): "
+                          "auto allows it only with no --auth_token and both sockets on localhost; refused ones get code 4426")
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    sec = p.add_argument_group("limits")
     sec.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
     sec.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
     sec.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
@@ -4117,9 +4170,6 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--resume_s", type=float, default=30.0,
                      help="keep a session this long after its receiver closes, so the client can come back to it with its session "
                           "key; a new session that needs the slot ends it sooner")
-    sec.add_argument("--legacy_clients", choices=["auto", "allow", "refuse"], default="auto",
-                     help="CleanS2S's own client (no uid in its URLs; it hears every legacy session's answers and keeps its own): "
-                          "auto allows it only with no --auth_token and both sockets on localhost; refused ones get code 4426")
     sec.add_argument("--max_connections_per_client", type=int, default=8,
                      help="open connections from one client address (the forwarded one behind --trusted_proxies); the next is refused "
                           "with 1013. Clients on the machine itself (loopback, an SSH tunnel) are not limited")
@@ -4133,6 +4183,8 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
     sec.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
 
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--save_data", nargs="?", const="s2s_data", default=None, metavar="DIR",
                       help="store every turn (input wav, transcript, answer text, answer wav) in DIR, a folder per session; bare flag: s2s_data")

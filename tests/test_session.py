@@ -1,7 +1,9 @@
 """A whole conversation held through the session engine alone: no socket, no server. Audio goes in through
 hear(), text through type(), and everything the client would get comes out of output()."""
 import asyncio
+import gc
 import threading
+import weakref
 from collections import deque
 
 import numpy as np
@@ -233,7 +235,7 @@ def test_speech_longer_than_a_backchannel_cuts_the_answer_off_before_it_ends():
         await c.until(lambda x: isinstance(x, s2s.InterruptEvent), timeout_s=1.0)  # written out by the reader task
         assert [type(x) for x in c.said if isinstance(x, (s2s.PauseEvent, s2s.InterruptEvent))] == [
             s2s.PauseEvent, s2s.InterruptEvent]
-        assert c.session.turn == 2 and c.session.cut_in is None
+        assert c.session.turn == 2 and c.session.cut_in.turn is None
         await c.speak(np.concatenate([QUESTION[first + int(1.4 * s2s.SAMPLE_RATE):], SILENCE]))
         transcript = await c.until(lambda x: isinstance(x, s2s.TranscriptEvent) and x.turn == 2 and x.final)
         assert float(transcript.text.split()[1]) > 1.4  # the whole utterance, from its first word
@@ -258,7 +260,7 @@ def test_a_paused_answer_goes_on_when_the_microphone_stops_mid_word():
         await c.speak(SHORT_VOICE[:4800 + 1600])  # 0.3 s of the voice, and then nothing at all
         await c.until(lambda x: isinstance(x, s2s.PauseEvent))
         resume = await c.until(lambda x: isinstance(x, s2s.ResumeEvent), timeout_s=3)
-        assert resume.heard == "" and c.session.cut_in is None
+        assert resume.heard == "" and c.session.cut_in.turn is None
         await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))  # audio again: heard afresh (the fixed ASR's words)
         await c.until(lambda x: isinstance(x, s2s.InterruptEvent))
         c.session.close()
@@ -309,7 +311,6 @@ def test_a_tentative_answer_is_dropped_unheard_when_the_user_speaks_on():
     async def scenario(pipeline, args):
         first, last = voiced_span(QUESTION)
         middle = (first + last) // 2
-        c = Conversation(pipeline, args)
         llm = pipeline.llm.handler
         c = Conversation(pipeline, args)
         await c.speak(np.concatenate([SAID[:middle], PAUSE]))
@@ -340,7 +341,39 @@ def test_typed_text_during_a_pause_drops_the_tentative_answer():
         await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.last)
         assert {x.turn for x in c.said if isinstance(x, s2s.AnswerAudio)} == {c.session.turn}
         assert "".join(x.text for x in c.answer(c.session.turn)) == "You said: never mind, what time is it?"
-        assert c.session.speculation is None and [t.question for t in c.session.history.past()] == [
+        assert c.session.speculation.turn is None and [t.question for t in c.session.history.past()] == [
             "never mind, what time is it?"]
         c.session.close()
     with_pipeline(scenario, "--speculate")
+
+
+def test_a_closed_session_is_freed_by_reference_counting_alone():
+    """It holds no reference cycle (its listener, speaker, cut-in and tentative answer are each handed the session
+    rather than keeping it), and no idle stage worker holds it: with the garbage collector off, a session that
+    started and dropped tentative answers, paused an answer for a backchannel, and closed, is freed at once."""
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        first, last = voiced_span(QUESTION)
+        await c.speak(np.concatenate([SAID[:(first + last) // 2], PAUSE, QUESTION[(first + last) // 2:], SILENCE]))
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        assert metrics.metrics["speculations_discarded"] >= 1
+        c.session.type(LONG_ANSWER)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.turn == 2 and x.pcm)
+        pipeline.asr.handler.script.append("嗯。")
+        await c.speak(np.concatenate([SHORT_VOICE, SILENCE]))
+        await c.until(lambda x: isinstance(x, s2s.ResumeEvent))
+        pipeline.llm.handler.turns.clear()  # (the test's LLM keeps who asked it)
+        freed = asyncio.Event()
+        ref = weakref.ref(c.session, lambda _: freed.set())
+        c.session.close()
+        await asyncio.wait_for(c.reader, 5)
+        del c, metrics
+        await asyncio.wait_for(freed.wait(), 5)  # a cycle would keep it until a collection that never comes
+        assert ref() is None
+
+    gc.collect()
+    gc.disable()
+    try:
+        with_pipeline(scenario, "--speculate")
+    finally:
+        gc.enable()
