@@ -965,16 +965,16 @@ class RAGLLMHandler(s2s.LLMHandler):
         barge-in) closes the HTTP stream."""
         with closing(self.llm.deltas(messages, **request)) as deltas:
             for delta in deltas:
-                if delta.content:
-                    yield delta.content
-                for part in (delta.tool_calls or []) if calls is not None else []:
+                if delta.get("content"):
+                    yield delta["content"]
+                for part in (delta.get("tool_calls") or []) if calls is not None else []:
                     if not calls:
                         yield TOOL_CALL
-                    call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
-                    call["id"] = part.id or call["id"]
-                    if part.function is not None:
-                        call["name"] += part.function.name or ""
-                        call["arguments"] += part.function.arguments or ""
+                    call = calls.setdefault(part.get("index", 0), {"id": "", "name": "", "arguments": ""})
+                    call["id"] = part.get("id") or call["id"]
+                    function = part.get("function") or {}
+                    call["name"] += function.get("name") or ""
+                    call["arguments"] += function.get("arguments") or ""
 
     def _send_sources(self, msg: s2s.UserText, results: list) -> None:
         sources, seen = [], set()

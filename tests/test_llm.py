@@ -35,14 +35,14 @@ def test_token_counts_are_asked_for_and_a_server_that_refuses_them_still_answers
         h = handler(api)
         asked = [{"role": "user", "content": "count"}]
         usage: dict = {}
-        assert "".join(d.content for d in h.deltas(asked, usage=usage) if d.content) == "Two words."
+        assert "".join(d["content"] for d in h.deltas(asked, usage=usage) if d.get("content")) == "Two words."
         assert usage == {"input_tokens": 1, "output_tokens": 2}
         assert api.chat_requests()[-1]["stream_options"] == {"include_usage": True}
         api.refuses_stream_options = True  # an older OpenAI-compatible server: 400 for the unknown argument
         with caplog.at_level("WARNING", logger="s2s"):
             for _ in range(2):
                 usage = {}
-                assert "".join(d.content for d in h.deltas(asked, usage=usage) if d.content) == "Two words."
+                assert "".join(d["content"] for d in h.deltas(asked, usage=usage) if d.get("content")) == "Two words."
                 assert usage == {}
         assert ["stream_options" in body for body in api.chat_requests()[-3:]] == [True, False, False]
         assert [r.getMessage() for r in caplog.records].count(
