@@ -1716,28 +1716,51 @@ class OpenAILLMHandler(LLMHandler):
         """The streamed reply's deltas as the API sends them: dicts with "content", and "tool_calls" when `request`
         offers tools (as the RAG agent does). With `usage`, the reply's token counts go into it (input_tokens,
         output_tokens) where the API reports them."""
+        import httpx2  # the openai SDK's HTTP library
         with api_errors("LLM", self.base_url, self.timeout_s):
             response = self.create(messages, usage is not None, request)
             try:
-                for chunk in response:
+                for chunk in self.chunks(response):
                     delta = first_delta(chunk)
                     if delta:
                         yield delta
                     counts = chunk.get("usage") if isinstance(chunk, dict) else None
                     if usage is not None and isinstance(counts, dict):
                         usage.update(input_tokens=counts.get("prompt_tokens"), output_tokens=counts.get("completion_tokens"))
+            except httpx2.TimeoutException:
+                raise APIError(f"LLM API at {self.base_url} sent nothing for {self.timeout_s:g} s") from None
+            except httpx2.TransportError as exc:
+                raise APIError(f"LLM API at {self.base_url} broke off its answer ({type(exc).__name__})") from None
             finally:
-                response.close()  # closes the HTTP stream: the server stops generating, nothing is drained
+                response.close()  # mid-answer (a barge-in): closes the HTTP stream, the server stops generating
+
+    def chunks(self, response: Any) -> Iterator[Any]:
+        """The JSON chunks of a streamed reply, read to the end of its body, which follows [DONE] at once: the
+        connection then serves the next request. (The SDK's own reader closes it at [DONE], and every turn paid for
+        a new one: a TCP and a TLS handshake, two round trips to the API, before its first token.)"""
+        for data in sse_data(response.iter_lines()):
+            if data == "[DONE]":
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise APIError(f"LLM API at {self.base_url} sent a chunk that is not JSON: {data[:80]}") from None
+            if isinstance(chunk, dict) and chunk.get("error"):
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                raise APIError(f"LLM API at {self.base_url} failed mid-answer: {str(message)[:160]}")
+            yield chunk
 
     def create(self, messages: list, counted: bool, request: dict) -> Any:
-        """The streamed request; `counted` asks for the token counts (stream_options), unless the server refused them.
-        It goes out as the chat API's JSON, and its chunks come back as plain dicts: the SDK's typed request and reply
-        objects cost ~8 ms of CPU a call with a full history (2 cores), plain ones ~2 ms, and that is the turn's time too."""
+        """The streamed request, its HTTP response still to be read; `counted` asks for the token counts
+        (stream_options), unless the server refused them. It goes out as the chat API's JSON and its chunks are read
+        as plain dicts: the SDK's typed request and reply objects cost ~8 ms of CPU a call with a full history (2
+        cores), plain ones ~2 ms, and that is the turn's time too."""
+        import httpx2
         import openai
         ask = dict(model=self.model, messages=messages, stream=True, temperature=self.temperature,
                    max_tokens=self.max_tokens, **request)
-        post = functools.partial(self.client.post, "/chat/completions", cast_to=object, stream=True,
-                                 stream_cls=openai.Stream[object])
+        post = functools.partial(self.client.post, "/chat/completions", cast_to=httpx2.Response, stream=True)
         if counted and self.counts_tokens:
             try:
                 return post(body={**ask, "stream_options": {"include_usage": True}})
@@ -1747,6 +1770,19 @@ class OpenAILLMHandler(LLMHandler):
                 self.counts_tokens = False  # an older OpenAI-compatible server: answers count no tokens
                 logger.warning("the chat API refuses stream_options (%s): token counts are not reported", short_error(exc))
         return post(body=ask)
+
+
+def sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The data of each server-sent event, in order (its data lines joined); comments and other fields are skipped."""
+    data: list = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield "\n".join(data)
+            data = []
+    if data:
+        yield "\n".join(data)
 
 
 def first_delta(chunk: Any) -> dict:

@@ -29,6 +29,7 @@ class FakeAPI:
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
         self.open_connections: set = set()
+        self.connections_opened = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,7 @@ class FakeAPI:
                 super().setup()
                 with fake.lock:
                     fake.open_connections.add(self.connection)
+                    fake.connections_opened += 1
 
             def finish(self):
                 with fake.lock:
@@ -182,30 +184,37 @@ class FakeChatAPI(FakeAPI):
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
     def _stream_tokens(self, request, body, tokens, record):
+        """As OpenAI streams: chunked framing, the body ending right after [DONE], the connection kept for the next
+        request."""
         request.send_response(200)
         request.send_header("Content-Type", "text/event-stream")
         request.send_header("Cache-Control", "no-cache")
-        request.send_header("Connection", "close")
+        request.send_header("Transfer-Encoding", "chunked")
         request.end_headers()
+
+        def send(data: bytes) -> None:
+            request.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            request.wfile.flush()
+
         delay = self.first_token_delay_s
         time.sleep(delay(body["messages"]) if callable(delay) else delay)
         try:
             for i, tok in enumerate(tokens):
                 if i:
                     time.sleep(self.token_delay_s)
-                request.wfile.write(self._sse_chunk(body, tok))
-                request.wfile.flush()
+                send(self._sse_chunk(body, tok))
                 record["tokens_sent"] += 1
             if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI counts: a last chunk, no choices
                 asked = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
                 counted = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "test", "choices": [],
                            "usage": {"prompt_tokens": asked, "completion_tokens": len(tokens), "total_tokens": asked + len(tokens)}}
-                request.wfile.write(f"data: {json.dumps(counted)}\n\n".encode())
-            request.wfile.write(b"data: [DONE]\n\n")
+                send(f"data: {json.dumps(counted)}\n\n".encode())
+            send(b"data: [DONE]\n\n")
+            request.wfile.write(b"0\r\n\r\n")
             request.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             record["client_closed"] = True
-        request.close_connection = True
+            request.close_connection = True
 
     def _stream_tool_call(self, request, body, call):
         with self.lock:

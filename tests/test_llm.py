@@ -30,6 +30,24 @@ def test_streams_tokens_and_sends_the_conversation(monkeypatch):
         assert body["model"] == "test-model" and body["max_tokens"] == 64
 
 
+def test_answers_one_after_another_keep_their_connection_and_a_cut_one_gives_it_up():
+    """The fake ends each reply's body right after [DONE], as OpenAI's API does. Read to that end, a connection serves
+    the next request: a remote API's first token then comes without a TCP and a TLS handshake first (the SDK's own
+    stream reader closed it at [DONE], so every turn opened a new one). A reply cut off mid-answer, as at a barge-in,
+    closes its connection: the server stops generating."""
+    with FakeChatAPI(answer=lambda m: "Paris is the capital of France.", token_delay_s=0.02) as api:
+        h = handler(api)
+        asked = [{"role": "user", "content": "capital of France?"}]
+        for _ in range(3):
+            assert "".join(h.stream(asked)) == "Paris is the capital of France."
+        assert api.connections_opened == 1
+        cut = h.stream(asked)
+        next(cut)
+        cut.close()
+        assert "".join(h.stream(asked)) == "Paris is the capital of France."
+        assert api.connections_opened == 2 and api.streams[-2]["done"].wait(5) and api.streams[-2]["client_closed"]
+
+
 def test_token_counts_are_asked_for_and_a_server_that_refuses_them_still_answers(caplog):
     with FakeChatAPI(answer=lambda m: "Two words.") as api:
         h = handler(api)
