@@ -1211,10 +1211,17 @@ def api_key(env: str) -> str:
     return os.environ.get(env) or os.environ.get("LLM_API_KEY") or "EMPTY"
 
 
+API_KEEPALIVE_S = 60  # an idle connection to an API is kept this long: the SDK's 5 s end before the user's next turn
+
+
 def openai_client(base_url: str, key_env: str, timeout_s: float) -> Any:
-    OpenAI = require("openai", "pip install openai").OpenAI
+    openai = require("openai", "pip install openai")
+    import httpx2  # the SDK's HTTP library
+    # Kept connections spare each request a TCP and a TLS handshake (two round trips to a remote API).
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=API_KEEPALIVE_S)
     # A voice turn cannot wait for retries: fail fast and tell the user.
-    return OpenAI(base_url=base_url, api_key=api_key(key_env), timeout=timeout_s, max_retries=0)
+    return openai.OpenAI(base_url=base_url, api_key=api_key(key_env), timeout=timeout_s, max_retries=0,
+                         http_client=openai.DefaultHttpxClient(limits=limits))
 
 
 class APIError(RuntimeError):

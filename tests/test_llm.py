@@ -32,14 +32,17 @@ def test_streams_tokens_and_sends_the_conversation(monkeypatch):
 
 def test_answers_one_after_another_keep_their_connection_and_a_cut_one_gives_it_up():
     """The fake ends each reply's body right after [DONE], as OpenAI's API does. Read to that end, a connection serves
-    the next request: a remote API's first token then comes without a TCP and a TLS handshake first (the SDK's own
-    stream reader closed it at [DONE], so every turn opened a new one). A reply cut off mid-answer, as at a barge-in,
+    the next request, also after the user's next turn took a while: a remote API's first token then comes without a
+    TCP and a TLS handshake first (the SDK's own stream reader closed it at [DONE], so every turn opened a new one,
+    and its pool drops an idle one after 5 s). A reply cut off mid-answer, as at a barge-in,
     closes its connection: the server stops generating."""
     with FakeChatAPI(answer=lambda m: "Paris is the capital of France.", token_delay_s=0.02) as api:
         h = handler(api)
         asked = [{"role": "user", "content": "capital of France?"}]
         for _ in range(3):
             assert "".join(h.stream(asked)) == "Paris is the capital of France."
+        time.sleep(5.5)  # the user listens to the answer, then speaks: past the SDK's own keep-alive (5 s)
+        assert "".join(h.stream(asked)) == "Paris is the capital of France."
         assert api.connections_opened == 1
         cut = h.stream(asked)
         next(cut)
