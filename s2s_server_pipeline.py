@@ -1218,7 +1218,9 @@ def openai_client(base_url: str, key_env: str, timeout_s: float) -> Any:
     openai = require("openai", "pip install openai")
     import httpx2  # the SDK's HTTP library
     # Kept connections spare each request a TCP and a TLS handshake (two round trips to a remote API).
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=API_KEEPALIVE_S)
+    sdk = openai.DEFAULT_CONNECTION_LIMITS
+    limits = httpx2.Limits(max_connections=sdk.max_connections, max_keepalive_connections=sdk.max_keepalive_connections,
+                           keepalive_expiry=API_KEEPALIVE_S)
     # A voice turn cannot wait for retries: fail fast and tell the user.
     return openai.OpenAI(base_url=base_url, api_key=api_key(key_env), timeout=timeout_s, max_retries=0,
                          http_client=openai.DefaultHttpxClient(limits=limits))
@@ -1707,15 +1709,12 @@ class OpenAILLMHandler(LLMHandler):
         for delta in self.deltas(messages, usage=turn.usage, **tools):
             if delta.get("content"):
                 yield delta["content"]
-            for call in delta.get("tool_calls") or []:
+            for index, call_id, name, piece in tool_call_pieces(delta):
                 turn.times.llm_first_token = turn.times.llm_first_token or now()  # a call is the model's answer too
-                function = call.get("function") or {}
-                name, piece = function.get("name") or "", function.get("arguments") or ""
-                known = calls.setdefault(call.get("index", 0), {"id": call.get("id") or f"call_{secrets.token_hex(12)}",
-                                                                "name": "", "args": ""})
+                known = calls.setdefault(index, {"id": call_id or f"call_{secrets.token_hex(12)}", "name": "", "args": ""})
                 known["name"] += name
                 known["args"] += piece
-                msg.session.send_event(ToolCallEvent(msg.turn, call.get("index", 0), known["id"], known["name"], piece))
+                msg.session.send_event(ToolCallEvent(msg.turn, index, known["id"], known["name"], piece))
         for index, known in calls.items():
             msg.session.send_event(ToolCallEvent(msg.turn, index, known["id"], known["name"], known["args"], done=True))
 
@@ -1790,6 +1789,14 @@ def sse_data(lines: Iterator[str]) -> Iterator[str]:
             data = []
     if data:
         yield "\n".join(data)
+
+
+def tool_call_pieces(delta: dict) -> Iterator[tuple]:
+    """(index, id, name, arguments) of each piece of a function call in a streamed delta: a call comes in several,
+    its id and name in the first, its arguments spread over all ("" where a piece has none)."""
+    for call in delta.get("tool_calls") or []:
+        function = call.get("function") or {}
+        yield call.get("index", 0), call.get("id") or "", function.get("name") or "", function.get("arguments") or ""
 
 
 def first_delta(chunk: Any) -> dict:
@@ -4213,35 +4220,35 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
-    sec = p.add_argument_group("limits")
-    sec.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
-    sec.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
-    sec.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
-    sec.add_argument("--max_messages_per_s", type=int, default=100,
-                     help="messages per second per connection (a microphone sends about 31); past it, the server reads the rest at "
-                          "that rate (error rate_limited)")
-    sec.add_argument("--max_audio_ahead_s", type=float, default=5.0,
-                     help="audio a session may send ahead of real time (what a client held back while it reconnected); past it, "
-                          "the server hears the rest in real time (error audio_too_fast): no client makes it hear faster than a "
-                          "person talks")
-    sec.add_argument("--idle_timeout_s", type=float, default=300.0,
-                     help="close a receiver connection that sends nothing for this long, and a legacy sender that has no legacy "
-                          "session from its address for this long (code 4408); 0 never does")
-    sec.add_argument("--resume_s", type=float, default=30.0,
-                     help="keep a session this long after its receiver closes, so the client can come back to it with its session "
-                          "key; a new session that needs the slot ends it sooner")
-    sec.add_argument("--max_connections_per_client", type=int, default=8,
-                     help="open connections from one client address (the forwarded one behind --trusted_proxies); the next is refused "
-                          "with 1013. Clients on the machine itself (loopback, an SSH tunnel) are not limited")
-    sec.add_argument("--max_pending_connections", type=int, default=512,
-                     help="connections still in their opening handshake, in all; past it (or past 16 from one address) the one "
-                          "waiting longest is dropped, so slow handshakes cannot keep a new client out")
-    sec.add_argument("--send_timeout_s", type=float, default=10.0,
-                     help="close a connection (code 4429) whose client has not taken a message within this many seconds")
-    sec.add_argument("--send_buffer_kb", type=int, default=4096,
-                     help="close a connection (code 4429) that has more than this many KiB waiting to be sent to its client")
-    sec.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
-    sec.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
+    limits.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
+    limits.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
+    limits.add_argument("--max_messages_per_s", type=int, default=100,
+                        help="messages per second per connection (a microphone sends about 31); past it, the server reads the rest at "
+                             "that rate (error rate_limited)")
+    limits.add_argument("--max_audio_ahead_s", type=float, default=5.0,
+                        help="audio a session may send ahead of real time (what a client held back while it reconnected); past it, "
+                             "the server hears the rest in real time (error audio_too_fast): no client makes it hear faster than a "
+                             "person talks")
+    limits.add_argument("--idle_timeout_s", type=float, default=300.0,
+                        help="close a receiver connection that sends nothing for this long, and a legacy sender that has no legacy "
+                             "session from its address for this long (code 4408); 0 never does")
+    limits.add_argument("--resume_s", type=float, default=30.0,
+                        help="keep a session this long after its receiver closes, so the client can come back to it with its session "
+                             "key; a new session that needs the slot ends it sooner")
+    limits.add_argument("--max_connections_per_client", type=int, default=8,
+                        help="open connections from one client address (the forwarded one behind --trusted_proxies); the next is refused "
+                             "with 1013. Clients on the machine itself (loopback, an SSH tunnel) are not limited")
+    limits.add_argument("--max_pending_connections", type=int, default=512,
+                        help="connections still in their opening handshake, in all; past it (or past 16 from one address) the one "
+                             "waiting longest is dropped, so slow handshakes cannot keep a new client out")
+    limits.add_argument("--send_timeout_s", type=float, default=10.0,
+                        help="close a connection (code 4429) whose client has not taken a message within this many seconds")
+    limits.add_argument("--send_buffer_kb", type=int, default=4096,
+                        help="close a connection (code 4429) that has more than this many KiB waiting to be sent to its client")
+    limits.add_argument("--ping_interval_s", type=float, default=20.0, help="WebSocket keep-alive ping every this many seconds")
+    limits.add_argument("--ping_timeout_s", type=float, default=20.0, help="close a connection whose ping is not answered within this")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -967,14 +967,13 @@ class RAGLLMHandler(s2s.LLMHandler):
             for delta in deltas:
                 if delta.get("content"):
                     yield delta["content"]
-                for part in (delta.get("tool_calls") or []) if calls is not None else []:
+                for index, call_id, name, arguments in s2s.tool_call_pieces(delta) if calls is not None else []:
                     if not calls:
                         yield TOOL_CALL
-                    call = calls.setdefault(part.get("index", 0), {"id": "", "name": "", "arguments": ""})
-                    call["id"] = part.get("id") or call["id"]
-                    function = part.get("function") or {}
-                    call["name"] += function.get("name") or ""
-                    call["arguments"] += function.get("arguments") or ""
+                    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+                    call["id"] = call_id or call["id"]
+                    call["name"] += name
+                    call["arguments"] += arguments
 
     def _send_sources(self, msg: s2s.UserText, results: list) -> None:
         sources, seen = [], set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import email.parser
 import email.policy
+import functools
 import io
 import json
 import socket
@@ -191,11 +192,7 @@ class FakeChatAPI(FakeAPI):
         request.send_header("Cache-Control", "no-cache")
         request.send_header("Transfer-Encoding", "chunked")
         request.end_headers()
-
-        def send(data: bytes) -> None:
-            request.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            request.wfile.flush()
-
+        send = functools.partial(send_chunk, request)
         delay = self.first_token_delay_s
         time.sleep(delay(body["messages"]) if callable(delay) else delay)
         try:
@@ -245,11 +242,7 @@ class FakeChatAPI(FakeAPI):
         request.send_header("Transfer-Encoding", "chunked")
         request.send_header("Connection", "close")
         request.end_headers()
-
-        def send(data: bytes) -> None:
-            request.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            request.wfile.flush()
-
+        send = functools.partial(send_chunk, request)
         try:
             if html:
                 send(b"<!DOCTYPE html>\n<html><body><h1>502 Bad Gateway</h1></body></html>\n")
@@ -275,6 +268,12 @@ class FakeChatAPI(FakeAPI):
             request.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             record["client_closed"] = True
+
+
+def send_chunk(request, data: bytes) -> None:
+    """One chunk of a body sent with chunked framing, flushed at once."""
+    request.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    request.wfile.flush()
 
 
 def tone_wav(seconds: float, rate: int) -> bytes:
