@@ -428,6 +428,7 @@ class TurnTimes:
     speech_end: Optional[float] = None  # end of speech detected, after the end-of-turn wait (text: received)
     speculated_at: Optional[float] = None  # --speculate: when the answer started, at a pause before speech_end
     eot_wait_ms: float = 0.0  # silence waited before speech_end, and the turn model's time to decide
+    turn_model_ms: Optional[float] = None  # that time to decide alone (--turn_detection smart_turn)
     transcript: Optional[float] = None
     llm_first_token: Optional[float] = None
     llm_first_chunk: Optional[float] = None  # the first speakable chunk went to the TTS
@@ -442,6 +443,7 @@ class TurnTimes:
             return None if a is None or b is None else round((b - a) * 1000, 1)
         return {
             "eot_wait_ms": round(self.eot_wait_ms, 1),
+            "turn_model_ms": None if self.turn_model_ms is None else round(self.turn_model_ms, 1),
             "speculated_ms": ms(self.speculated_at, self.speech_end),  # how far ahead of the turn's end it started
             "asr_ms": ms(self.speculated_at or self.speech_end, self.transcript),
             "llm_first_token_ms": ms(self.transcript or self.speech_end, self.llm_first_token),
@@ -782,7 +784,8 @@ class SpeechPaused:  # --speculate: the user paused; the turn may be over
 @dataclass
 class SpeechEnded:
     audio: np.ndarray  # float32 PCM, 16 kHz mono, speech plus padding
-    silence_ms: float  # end-of-turn wait that preceded this event: silence heard, and the turn model's time to decide
+    silence_ms: float  # silence heard before this event (ms of audio)
+    turn_model_ms: float  # what asking the turn model took on the ask that ended the turn (0: none was asked)
     untaken: np.ndarray  # the part of the utterance take_new() has not handed out yet
     speech_ms: float  # voice heard in the utterance
 
@@ -823,7 +826,7 @@ class VADSegmenter:
         self.heard_at: Optional[float] = None
         self.asked_at: Optional[float] = None  # the silence (ms) at which the turn model was last asked about this pause
         self.pause_told = False  # SpeechPaused went out for this pause
-        self.decide_ms = 0.0  # what asking it cost, on the call that ended the turn
+        self.decide_ms = 0.0  # what asking it cost, when the last window asked it
 
     def reset(self) -> None:
         """Forget everything heard so far (used while speech is ignored)."""
@@ -879,7 +882,7 @@ class VADSegmenter:
             return None
         too_long = len(self.windows) * self.window_ms >= self.max_speech_ms
         if too_long or self._turn_over():
-            event = SpeechEnded(self._utterance(), self.silence_ms + self.decide_ms, concat(self.windows[self.taken:]),
+            event = SpeechEnded(self._utterance(), self.silence_ms, self.decide_ms, concat(self.windows[self.taken:]),
                                 self.speech_ms)
             self._reset_utterance()
             return event
@@ -895,6 +898,7 @@ class VADSegmenter:
 
     def _turn_over(self) -> bool:
         """Does the silence so far end the user's turn?"""
+        self.decide_ms = 0.0
         if self.turn_model is None:
             return self.silence_ms >= self.min_silence_ms
         if self.silence_ms >= self.max_silence_ms:
@@ -1066,7 +1070,8 @@ class Listener:
         if not session.wants(self.speech_turn):  # typed text in the middle of the speech took over the turn
             return
         t = session.turn_record(self.speech_turn)
-        t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms, ev.audio
+        t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms + ev.turn_model_ms, ev.audio
+        t.times.turn_model_ms = ev.turn_model_ms if self.vad.turn_model is not None else None
         session.speech_ended(t)
         if session.speculation.take(session, ev.speech_ms):  # its answer goes out now: the user said nothing more
             return
@@ -2526,6 +2531,7 @@ class Speculation:
         heard = s.current()
         taken.number, taken.speculated, taken.heard_audio = heard.number, True, heard.heard_audio
         taken.times.speech_end, taken.times.eot_wait_ms = heard.times.speech_end, heard.times.eot_wait_ms
+        taken.times.turn_model_ms = heard.times.turn_model_ms
         taken.speculations_discarded, taken.llm_requests_discarded = heard.speculations_discarded, heard.llm_requests_discarded
         heard.cancel()
         s.turns[heard.number] = taken  # its stages' messages still say its own number, which stays
@@ -3659,7 +3665,7 @@ class RealtimeSession(Session):
     def speech_ended(self, t: Turn) -> None:
         item = self.spoken_items.get(t.number)
         if item is not None:
-            item.status, item.end_ms = "completed", round(self.vad_at_ms() - t.times.eot_wait_ms)
+            item.status, item.end_ms = "completed", round(self.vad_at_ms() - t.times.eot_wait_ms + (t.times.turn_model_ms or 0))
             self.conversation.add(item)
         super().speech_ended(t)
         if item is not None and not self.answers():  # create_response off: the words join the conversation, no more
@@ -5317,7 +5323,7 @@ def wav_bytes(pcm: bytes) -> bytes:
 # Operations: Prometheus metrics, a health check for nginx and Kubernetes probes, logs a machine can read.
 # ------------------------------------------------------------------------------------------------
 
-TURN_FIGURES = ("eot_wait_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
+TURN_FIGURES = ("eot_wait_ms", "turn_model_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
                 "first_audio_ms", "voice_to_voice_ms", "barge_in_ms", "speculated_ms")  # the per-turn metrics, and voice-to-voice
 MS_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
 
