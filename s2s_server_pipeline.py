@@ -154,6 +154,10 @@ def add_turn_args(p: argparse.ArgumentParser) -> None:
                            "request wasted; the metrics count them). Off with a streaming ASR or --interrupt_at speech_end")
     turn.add_argument("--speculate_pause_ms", type=int, default=100,
                       help="--speculate: the pause in the user's speech at which a tentative answer starts")
+    turn.add_argument("--continue_turn_ms", type=int, default=900,
+                      help="speech that cuts off an answer of which the user has heard less than this many ms carries on their "
+                           "turn (a thinking pause taken for its end): the LLM answers both utterances as one question, and the "
+                           "cut answer leaves the history; 0: it is always a new question")
 
 
 def add_answer_args(p: argparse.ArgumentParser) -> None:
@@ -355,6 +359,7 @@ class TranscriptEvent(ServerEvent):
     turn: int
     text: str
     final: bool = True
+    continues: Optional[int] = None  # the turn whose question these words carry on (--continue_turn_ms)
 
 
 @dataclass
@@ -435,6 +440,7 @@ class TurnTimes:
     tts_first_audio: Optional[float] = None
     first_audio_sent: Optional[float] = None
     barge_in_ms: Optional[float] = None  # new speech first heard -> interrupt sent, when this turn was cut off
+    answer_heard_ms: Optional[float] = None  # cut off: its first audio sent -> the speech (or text) that cut it (0: none sent)
     extra_ms: dict = field(default_factory=dict)  # timings of steps a forked handler adds (the RAG agent's lookup_ms)
 
     def metrics(self) -> dict:
@@ -452,6 +458,7 @@ class TurnTimes:
             "send_ms": ms(self.tts_first_audio, self.first_audio_sent),
             "first_audio_ms": ms(self.speech_end, self.first_audio_sent),
             "barge_in_ms": self.barge_in_ms,
+            "answer_heard_ms": self.answer_heard_ms,
             **self.extra_ms,
         }
 
@@ -479,6 +486,10 @@ class Turn:
     speculated: bool = False
     speculations_discarded: int = 0
     llm_requests_discarded: int = 0
+    # --continue_turn_ms: the user spoke on over the answer to `continues` after a short pause, so this turn's
+    # question carries on that one's, which leaves the history (carried_on).
+    continues: Optional[Turn] = None
+    carried_on: bool = False
     times: TurnTimes = field(default_factory=TurnTimes)
     notes: dict = field(default_factory=dict)  # what a forked handler keeps with the turn (what the RAG agent found)
     # Resolved when the turn goes stale (a new turn, or the client left). A stage that waits on something slow
@@ -508,7 +519,8 @@ class Turn:
     def metrics(self) -> dict:
         return {**self.times.metrics(), "interrupted": self.state is TurnState.INTERRUPTED, "resumed": self.resumed,
                 "speculated": self.speculated, "speculations_discarded": self.speculations_discarded,
-                "llm_requests_discarded": self.llm_requests_discarded}
+                "llm_requests_discarded": self.llm_requests_discarded,
+                "continues": None if self.continues is None else self.continues.number}
 
 
 INTERRUPTED_MARK = " [interrupted by the user]"
@@ -542,10 +554,11 @@ class ChatHistory:
 
     def past(self) -> list:
         """The turns whose exchanges the LLM sees, oldest first: those with an answer (one cut off before a word
-        has its mark), since many chat templates refuse two user messages in a row (a failed model call has none)."""
+        has its mark), since many chat templates refuse two user messages in a row (a failed model call has none),
+        and whose question no later turn carried on."""
         with self.lock:
             kept = list(self.exchanges) if self.max_exchanges > 0 else []
-        return [t for t in kept if t.state is TurnState.INTERRUPTED or t.heard_text()]
+        return [t for t in kept if not t.carried_on and (t.state is TurnState.INTERRUPTED or t.heard_text())]
 
     def messages(self, role: str, prompt: str, question: str) -> list:
         """OpenAI-style messages: the opening prompt, past exchanges, then the new question."""
@@ -1486,12 +1499,19 @@ ASR_HANDLERS: dict = {"funasr": FunASRHandler, "funasr_streaming": FunASRStreami
 
 CJK_CHARS = "\u3400-\u9fff\uf900-\ufaff"  # a character class: CJK ideographs (unified, extension A, compatibility)
 CJK = re.compile(f"[{CJK_CHARS}]")
+WIDE = re.compile(f"[{CJK_CHARS}\u3000-\u303f\uff00-\uffef]")  # and CJK punctuation, full-width forms: no spaces between
 # Where speech may pause. CJK marks end a chunk at once; ASCII marks only when followed by a space,
 # so "3.14" and "e.g." inside a sentence do not split it.
 HARD_BREAK = re.compile(r"[。！？；…\n]+|[.!?;]+(?=\s)")
 SOFT_BREAK = re.compile(r"[，、：,:]+(?=\s)|[，、：]+")
 SPEAKABLE = re.compile(rf"[\w{CJK_CHARS}]")
 MAX_CHUNK_CHARS = 120  # a longer chunk is cut at its last comma, so TTS never waits for a paragraph
+
+
+def joined(first: str, then: str) -> str:
+    """Two transcripts of one speaker as one text: a space between them, none between Chinese characters or marks."""
+    close = WIDE.match(first[-1:]) and WIDE.match(then[:1])
+    return f"{first}{'' if close else ' '}{then}" if first and then else first or then
 
 
 def speech_length(text: str) -> int:
@@ -2491,7 +2511,7 @@ class Speculation:
         self.drop(s)
         if s.current().state is not TurnState.HEARING or not s.answers():
             return
-        tentative = Turn(s.waiting_number(), spoken=True, state=TurnState.ANSWERING)
+        tentative = Turn(s.waiting_number(), spoken=True, state=TurnState.ANSWERING, continues=s.current().continues)
         tentative.times.speculated_at = now()
         s.turns[tentative.number] = tentative
         self.turn, self.speech_ms, self.held = tentative, speech_ms, []
@@ -2678,13 +2698,22 @@ class Session:
             old.move(TurnState.INTERRUPTED)
             self.speaker.interrupt(old.number)
             old.times.barge_in_ms = round((stopped_at - (heard_at or stopped_at)) * 1000, 1)
+            started = old.times.first_audio_sent
+            old.times.answer_heard_ms = 0.0 if started is None else max(0.0, round(((heard_at or stopped_at) - started) * 1000, 1))
             self.report_turn(old, again=was_sent)
+            if record.spoken and self.carries_on(old):
+                record.continues, old.carried_on, old.continues = old, True, None  # (a chain holds two turns at most)
         if old is not None:
             old.cancel()
         self.turn = record.number
         self.turns = {n: t for n, t in self.turns.items() if n >= self.turn - 1 or t is old or t is record}
         self.turns[self.turn] = record
         return record
+
+    def carries_on(self, old: Turn) -> bool:
+        """Whether speech that cut off the answer to the user's turn `old` carries that turn on: the user had heard
+        less than --continue_turn_ms of the answer (none, if its audio had not started), too little to be answering it."""
+        return old.spoken and old.times.answer_heard_ms < self.args.continue_turn_ms
 
     def start_spoken_turn(self, heard_at: Optional[float]) -> Turn:
         """The user is speaking: a new turn starts, cutting off the assistant's answer if one is under way; over an
@@ -2726,13 +2755,18 @@ class Session:
         else:
             if record is not None and record.number != turn:  # a tentative answer taken: the client knows its turn's number
                 item = dataclasses.replace(item, turn=record.number)
+            if isinstance(item, TranscriptEvent) and item.final and record is not None and record.continues is not None:
+                item = dataclasses.replace(item, continues=record.continues.number)  # (known once the turn was taken)
             self.speaker.put(item)
 
     # ---- what the stages ask of it and hand back (worker threads, thread-safe) ----
 
     def prompt(self, turn: Turn, role: str, prompt: str, question: str) -> list:
-        """The messages the LLM answers `turn` from: the opening prompt, the history, the question; the turn joins the
-        history. (An OpenAI Realtime session builds them from its conversation instead.)"""
+        """The messages the LLM answers `turn` from: the opening prompt, the history, the question (carrying on the
+        question of the turn it continues); the turn joins the history. (An OpenAI Realtime session builds them from
+        its conversation instead.)"""
+        if turn.continues is not None and turn.continues.question:
+            turn.question = question = joined(turn.continues.question, question)
         messages = self.history.messages(role, prompt, question)
         self.history.add(turn)
         return messages
@@ -3045,6 +3079,8 @@ def parse_args(argv: Optional[list] = None, parser: Optional[argparse.ArgumentPa
     if not 0 < args.turn_pause_ms < args.max_turn_silence_ms or args.turn_reask_ms < 0 or args.speculate_pause_ms <= 0:
         parser.error("--turn_pause_ms must be positive and shorter than --max_turn_silence_ms, --turn_reask_ms 0 or more, "
                      "and --speculate_pause_ms positive")
+    if args.continue_turn_ms < 0:
+        parser.error("--continue_turn_ms must be 0 (off) or more")
     args.auth_token = args.auth_token or os.environ.get("S2S_AUTH_TOKEN") or None
     if args.auth_token and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.auth_token):
         parser.error("--auth_token must be 8-256 letters, digits or . _ ~ - (it travels in a URL or a subprotocol name); "
@@ -3645,6 +3681,9 @@ class RealtimeSession(Session):
     def prompt(self, turn: Turn, role: str, prompt: str, question: str) -> list:
         instructions = self.responses.get(turn.number, {}).get("instructions") or self.instructions
         return self.conversation.messages(instructions, turn, question)
+
+    def carries_on(self, old: Turn) -> bool:
+        return False  # the client keeps the conversation: each utterance is an item of its own
 
     def speaks(self, turn: int) -> bool:
         return "audio" in self.responses.get(turn, {}).get("output_modalities", self.modalities)
@@ -5324,7 +5363,7 @@ def wav_bytes(pcm: bytes) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 TURN_FIGURES = ("eot_wait_ms", "turn_model_ms", "asr_ms", "llm_first_token_ms", "llm_first_chunk_ms", "tts_first_audio_ms", "send_ms",
-                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms", "speculated_ms")  # the per-turn metrics, and voice-to-voice
+                "first_audio_ms", "voice_to_voice_ms", "barge_in_ms", "answer_heard_ms", "speculated_ms")  # the per-turn metrics, and voice-to-voice
 MS_BUCKETS = (10, 25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
 
 
@@ -5355,6 +5394,7 @@ class ServerMetrics:
     def observe_turn(self, m: dict, again: bool) -> None:
         if again:  # reported before; now only its barge-in is new
             self.turn_ms.labels("barge_in_ms").observe(m["barge_in_ms"])
+            self.turn_ms.labels("answer_heard_ms").observe(m["answer_heard_ms"])
             return
         self.turns.labels(str(m["interrupted"]).lower()).inc()
         self.resumed.inc(m["resumed"])

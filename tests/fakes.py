@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import socket
+import sys
 import threading
 import time
 import wave
@@ -15,6 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A client that resets its kept connection (as an API client does on a reply it cut off) is no error here."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 class FakeAPI:
     """An OpenAI-style HTTP server on 127.0.0.1. Subclasses answer POSTs in `handle(request, path, body)`.
@@ -78,7 +87,7 @@ class FakeAPI:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def _bind(self, port: int) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self.handler_class)
+        self.httpd = QuietHTTPServer(("127.0.0.1", port), self.handler_class)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.serving = False

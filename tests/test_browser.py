@@ -28,7 +28,7 @@ import soundfile as sf
 import soxr
 from websockets.asyncio.server import serve
 
-from client import load_wav
+from client import load_wav, voiced_span
 from conftest import ROOT, fixture, short_voice, start_server
 
 import s2s_server_pipeline as s2s
@@ -279,6 +279,30 @@ def test_a_backchannel_pauses_the_page_and_it_plays_on_losing_nothing(chat_api, 
     assert abs(played_ms - received_ms) < 20, (played_ms, received_ms)  # all it received, each frame once
     (exchange,) = page["spoken"]
     assert "went on after “Mm.”" in exchange["meta"] and "interrupted" not in exchange["meta"], exchange
+
+
+def test_words_after_a_pause_carry_the_question_on_in_one_exchange(chat_api, tmp_path):
+    """Half a question, a pause long enough to end the turn (its answer starts), then the rest over that answer: the
+    page shows one exchange, the whole question and the answer to it; the cut answer to the half is gone, as it is
+    from the server's history."""
+    mic_wav, screenshot = str(tmp_path / "mic.wav"), os.path.join(ARTIFACTS, "browser-spoken-on.png")
+    question, rest = load_wav(fixture("en_question.wav")), load_wav(fixture("en_interrupt.wav"))
+    write_mic(mic_wav, silence(1.0), question[:voiced_span(question)[1]], silence(0.9), rest[voiced_span(rest)[0]:],
+              silence(8.0))
+    srv = start_server(chat_api, "--client_dir", BUILT)
+    try:
+        page = run_page("spokenOn", f"http://127.0.0.1:{srv.recv_port}/", mic_wav, screenshot)
+    finally:
+        srv.stop()
+    check_ran(page, srv.log())
+    first, then = ([e["text"] for e in page["events"] if e["event"] == "transcript" and e["final"] and e["turn"] == n]
+                   for n in (1, 2))
+    assert [e["continues"] for e in page["events"] if e["event"] == "transcript" and e["turn"] == 2] == [1]
+    assert [e["turn"] for e in page["events"] if e["event"] == "interrupt"] == [1]  # its answer had begun
+    (exchange,) = page["spoken"]
+    assert exchange["turn"] == 2 and exchange["user"] == f"{first[0]} {then[0]}", exchange
+    assert exchange["answer"].startswith(f"About {first[0]} {then[0]}:"), exchange  # the LLM was asked the whole
+    assert "one question across a pause" in exchange["meta"] and "interrupted" not in exchange["meta"], exchange
 
 
 def test_token_from_the_page_url(token_server, tmp_path):

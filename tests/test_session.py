@@ -347,6 +347,47 @@ def test_typed_text_during_a_pause_drops_the_tentative_answer():
     with_pipeline(scenario, "--speculate")
 
 
+def test_speech_soon_after_the_turns_end_carries_on_the_question():
+    """A thinking pause long enough to end the turn, then more words over the start of the answer: the answer stops,
+    the two utterances are answered as one question, and the cut answer leaves the history; so for a client that can
+    pause (the cut-in waits for the words) and one that cannot. Said after a second of the answer (past
+    --continue_turn_ms, 900 ms), the same words are a question of their own."""
+    async def spoken_on(pipeline, args, legacy, wait_s):
+        c = Conversation(pipeline, args, legacy=legacy)
+        assert await c.speak(np.concatenate([SAID, SILENCE[:int(0.7 * s2s.SAMPLE_RATE)]])) == 1  # ends at 600 ms
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.turn == 1 and x.pcm)  # the answer has begun
+        await asyncio.sleep(wait_s)
+        assert await c.speak(np.concatenate([SHORT_VOICE, SILENCE])) == 1
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 2)
+        await c.until(lambda x: isinstance(x, s2s.AnswerAudio) and x.turn == 2 and x.last)
+        first, then = (next(x for x in c.said if isinstance(x, s2s.TranscriptEvent) and x.final and x.turn == n)
+                       for n in (1, 2))
+        cut = [x.metrics for x in c.said if isinstance(x, s2s.MetricsEvent) and x.turn == 1]
+        assert cut[-1]["interrupted"] and (legacy or [x for x in c.said if isinstance(x, s2s.PauseEvent)])
+        c.session.close()
+        assert first.continues is None and then.continues == metrics.metrics["continues"]  # the page joins them
+        return c, metrics.metrics, first.text, then.text
+
+    async def scenario(pipeline, args):
+        for legacy in (False, True):
+            c, metrics, first, then = await spoken_on(pipeline, args, legacy, 0.0)
+            assert metrics["continues"] == 1 and first != then
+            assert "".join(x.text for x in c.answer(2)) == f"You said: {first} {then}"
+            assert [(t.number, t.question) for t in c.session.history.past()] == [(2, f"{first} {then}")]
+        c, metrics, first, then = await spoken_on(pipeline, args, False, 1.0)
+        assert metrics["continues"] is None and "".join(x.text for x in c.answer(2)) == f"You said: {then}"
+        assert [t.number for t in c.session.history.past()] == [1, 2]  # the cut answer, as far as it was heard
+        assert c.session.history.messages("system", "", "next")[1]["content"].endswith(s2s.INTERRUPTED_MARK)
+    with_pipeline(scenario, "--speculate")
+
+
+def test_transcripts_carried_on_join_as_the_language_writes():
+    assert s2s.joined("How do I", "reset my router?") == "How do I reset my router?"
+    assert s2s.joined("我怎么", "重置路由器的密码？") == "我怎么重置路由器的密码？"
+    assert s2s.joined("我想知道。", "天气怎么样") == "我想知道。天气怎么样"
+    assert s2s.joined("嗯 ok", "好") == "嗯 ok 好" and s2s.joined("", "好") == "好"
+
+
 def test_a_closed_session_is_freed_by_reference_counting_alone():
     """It holds no reference cycle (its listener, speaker, cut-in and tentative answer are each handed the session
     rather than keeping it), and no idle stage worker holds it: with the garbage collector off, a session that

@@ -15,6 +15,8 @@ def test_quick_turn_taking_benchmark_runs(tmp_path):
     assert backchannel["paused"] and not backchannel["interrupted"] and p["answer_went_on"] == 1
     assert backchannel["paused_ms"] > 200 and p["paused_ms"]["p50"] == backchannel["paused_ms"]  # its voice at least
     assert p["llm_requests_per_question"] >= 1 + p["discarded_llm_requests_per_question"] - 0.01
+    # Cut off at its pause or not, the question with a pause was answered whole (the ASR hears each half's words).
+    assert p["paused_answered_whole"] == 1 and p["results"]["paused"][0]["whole"]
     # The answer starts at a 100 ms pause, before the model is first asked (200 ms): every answer was speculated.
     assert q["speculated"] is True and p["answers_speculated"] == 2
     assert "| smart_turn_speculate |" in stdout

@@ -112,6 +112,11 @@ function ExchangeItem({ exchange }: { exchange: Exchange }) {
       <p className="meta">
         {exchange.interrupted && <span className="tag">interrupted</span>}
         {exchange.paused && <span className="tag">paused: listening to you</span>}
+        {exchange.carriedOn && (
+          <span className="tag" title="you went on after a pause taken for your turn's end: the whole question was answered">
+            one question across a pause
+          </span>
+        )}
         {exchange.backchannels.map((heard, i) => (
           <span key={i} className="tag" title="what you said over the answer, which then went on">
             went on after {heard ? `“${heard}”` : "a sound"}

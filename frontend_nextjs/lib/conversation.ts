@@ -23,6 +23,8 @@ export interface Exchange {
   interrupted: boolean;
   /** The user is speaking over the answer, which waits (the `pause` event) until it goes on or is cut off. */
   paused: boolean;
+  /** The question went on after a pause the server took for the end of the turn (see the `transcript` event). */
+  carriedOn: boolean;
   /** What the user said over the answer that let it go on ("" for a sound with no words), in order. */
   backchannels: string[];
   /** Of an answer cut off: how many of its first characters the user heard (the rest never played). */
@@ -68,6 +70,7 @@ function newExchange(state: Conversation, fields: Partial<Exchange>): Exchange {
     answerDone: false,
     interrupted: false,
     paused: false,
+    carriedOn: false,
     backchannels: [],
     heardChars: null,
     failed: false,
@@ -138,6 +141,21 @@ function endUnfinished(state: Conversation): Conversation {
   return { ...state, exchanges: state.exchanges.map((x) => (unfinished(x) ? end(x) : x)) };
 }
 
+/** Chinese characters and CJK marks: no space between two transcripts where one ends and the next begins with them. */
+const WIDE = /[\u3400-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]/;
+
+/**
+ * The words of `turn` carry on the question of `continued`, whose answer they cut off: one exchange shows the whole
+ * question (as the server asks it) with the new answer, and the cut answer, which the server forgot, goes.
+ */
+function carryOn(state: Conversation, continued: number, turn: number, text: string): Conversation {
+  const index = findTurn(state, continued);
+  const before = index < 0 ? "" : state.exchanges[index].user;
+  const space = before && text && !(WIDE.test(before.slice(-1)) && WIDE.test(text.slice(0, 1))) ? " " : "";
+  const kept = { ...state, exchanges: state.exchanges.filter((_, i) => i !== index) };
+  return updateTurn(kept, turn, true, () => ({ user: before + space + text, userFinal: true, carriedOn: true }));
+}
+
 /** Errors about typed text the server turned away without starting a turn for it. */
 const TEXT_REFUSALS: ReadonlySet<string> = new Set(["text_too_long", "bad_text"]);
 
@@ -152,6 +170,7 @@ function applyEvent(state: Conversation, event: ServerEvent): Conversation {
     case "speech_start":
       return updateTurn(state, event.turn, true, () => ({}));
     case "transcript":
+      if (event.final && typeof event.continues === "number") return carryOn(state, event.continues, event.turn, event.text);
       return updateTurn(state, event.turn, true, () => ({ user: event.text, userFinal: event.final }));
     case "answer":
       return updateTurn(state, event.turn, false, (x) => ({ answer: x.answer + event.text, answerDone: event.end }));

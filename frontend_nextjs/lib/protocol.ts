@@ -38,6 +38,8 @@ export interface TurnMetrics {
   /** --speculate: answers started at earlier pauses and dropped as the user spoke on, and the LLM requests they cost. */
   speculations_discarded?: number;
   llm_requests_discarded?: number;
+  /** The turn whose question this one carried on (see the `transcript` event), or null. Absent from older servers. */
+  continues?: number | null;
 }
 
 export type ServerEvent =
@@ -57,7 +59,12 @@ export type ServerEvent =
   | { event: "pause"; turn: number }
   /** It was a backchannel (`heard`) or a sound with no words (""): play on from where playback stopped. */
   | { event: "resume"; turn: number; heard: string }
-  | { event: "transcript"; turn: number; text: string; final: boolean }
+  /**
+   * `continues`: the turn whose question these words carry on (the user spoke on over the start of its answer, after a
+   * pause taken for the end of their turn): the server asks both as one question and forgets that turn's answer.
+   * Absent from older servers.
+   */
+  | { event: "transcript"; turn: number; text: string; final: boolean; continues?: number | null }
   | { event: "answer"; turn: number; seq: number; text: string; end: boolean }
   | { event: "metrics"; turn: number; metrics: TurnMetrics }
   | { event: "error"; code: string; message: string; turn: number | null }

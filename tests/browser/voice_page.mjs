@@ -17,6 +17,8 @@
 //   clock on by half a minute (the keepalive's interval).
 // - backchannel: the fake microphone asks a question, then says "mm" over the answer (MIC_WAV plays once); the
 //   script waits for the answer to pause, go on and end.
+// - spokenOn: the fake microphone asks half a question, pauses long enough to end the turn, and says the rest
+//   over the start of the answer (MIC_WAV plays once); the script waits for the answer to the whole question.
 // - proxied: the page came from nginx (deploy/nginx.conf); the fake microphone asks a question once, and once its
 //   answer is on screen the script types another.
 //
@@ -42,7 +44,7 @@ const WATCH_REFUSED_MS = 4000;
 const TOO_LONG_TEXT_CHARS = 2500; // over the server's --max_text_chars (default 2000)
 const KEEPALIVE_MS = 30_000; // the page's keepalive interval (lib/connection.ts)
 
-const SCENARIOS = { talk, token: withToken, refused, sources, proxied, backchannel };
+const SCENARIOS = { talk, token: withToken, refused, sources, proxied, backchannel, spokenOn };
 if (!(scenario in SCENARIOS)) throw new Error(`unknown scenario ${scenario}`);
 
 const browser = await chromium.launch({
@@ -51,8 +53,8 @@ const browser = await chromium.launch({
   args: [
     "--use-fake-ui-for-media-stream", // grant the microphone without a prompt
     "--use-fake-device-for-media-stream",
-    // The talk and proxied scenarios' microphone speaks once; the others' loops its silence, so the page always sends.
-    `--use-file-for-fake-audio-capture=${micWav}${["talk", "proxied", "backchannel"].includes(scenario) ? "%noloop" : ""}`,
+    // The talk, proxied, backchannel and spokenOn scenarios' microphone speaks once; the others' loops its silence, so the page always sends.
+    `--use-file-for-fake-audio-capture=${micWav}${["talk", "proxied", "backchannel", "spokenOn"].includes(scenario) ? "%noloop" : ""}`,
     "--autoplay-policy=no-user-gesture-required",
   ],
 });
@@ -145,6 +147,16 @@ async function backchannel() {
     const resume = events.find((e) => e.event === "resume");
     return sent.some((m) => m.type === "playback" && m.turn === 1 && m.playing === false && m.t > resume.t);
   });
+  await page.screenshot({ path: screenshot, fullPage: true });
+  result.spoken = await exchanges();
+}
+
+async function spokenOn() {
+  await start();
+  const carried = () => window.__s2sTest.events.find((e) => e.event === "transcript" && typeof e.continues === "number");
+  await waitFor(carried);
+  const turn = (await page.evaluate(carried)).turn;
+  await waitFor((n) => window.__s2sTest.events.some((e) => e.event === "metrics" && e.turn === n), turn);
   await page.screenshot({ path: screenshot, fullPage: true });
   result.spoken = await exchanges();
 }
