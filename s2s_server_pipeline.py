@@ -486,7 +486,7 @@ class Turn:
     speculated: bool = False
     speculations_discarded: int = 0
     llm_requests_discarded: int = 0
-    # --continue_turn_ms: the user spoke on over the answer to `continues` after a short pause, so this turn's
+    # --continue_turn_ms: the user spoke on over the answer to `continues` having heard little of it, so this turn's
     # question carries on that one's, which leaves the history (carried_on).
     continues: Optional[Turn] = None
     carried_on: bool = False

@@ -236,6 +236,24 @@ async def realtime_turns(srv: ServerProcess, utterances: list, cut_after_s: floa
 # The parts
 # ------------------------------------------------------------------------------------------------
 
+def frames_while_stopped(c: BenchClient, turn: int) -> list:
+    """The turn's audio frames received while it should have been silent: after its `interrupt`, or between a `pause`
+    and the `resume` or `interrupt` that ends it (a pause that resumed, when the server took a gap in the client's
+    audio for a microphone gone quiet, lets the answer play on until the interrupt)."""
+    marks = sorted((r.t, r.kind) for r in c.received if r.kind in ("pause", "resume", "interrupt") and r.data["turn"] == turn)
+    quiet, since = [], None
+    for t, kind in marks:
+        if kind == "pause" and since is None:
+            since = t
+        elif kind == "resume" and since is not None:
+            quiet.append((since, t))
+            since = None
+        elif kind == "interrupt":
+            quiet.append((t if since is None else since, float("inf")))
+            break
+    return [r for r in c.audio(turn) if any(a < r.t < b for a, b in quiet)]
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, api: FakeChatAPI):
         self.args, self.api = args, api
@@ -286,12 +304,11 @@ class Bench:
                         rows.append({"barge_in_ms": round((cut.t - onset) * 1000, 1),
                                      "old_frames_after_interrupt": 0,
                                      "unplayed_audio_s": round(sent_s - (cut.t - first.t), 2),
-                                     "turn": turn, "cut_t": cut.t})
+                                     "turn": turn})
                     await c.wait_for(lambda r: r.kind == "speech_start" and r.t >= onset)
                     await asyncio.sleep(0.5)  # late frames, if any, would arrive now
                     for row in rows:
-                        turn, cut_t = row.pop("turn"), row.pop("cut_t")
-                        row["old_frames_after_interrupt"] = len([r for r in c.audio(turn) if r.t > cut_t])
+                        row["old_frames_after_interrupt"] = len(frames_while_stopped(c, row.pop("turn")))
                 return rows
             rows = asyncio.run(talk())
         finally:
@@ -537,7 +554,7 @@ def latency_report(r: dict) -> list:
     bo, bt = r["barge_in"]["ours"], r["barge_in"]["cleans2s"]
     rows.append(["**barge-in** (onset of new speech → `pause` or `interrupt` received)", 200, bo["barge_in_ms"]["p50"], bo["barge_in_ms"]["p95"],
                  "", bt["barge_in_ms"]["p50"], bt["barge_in_ms"]["p95"]])
-    rows.append(["old-turn audio frames received after `interrupt`", 0, bo["old_frames_after_interrupt"], "", 0,
+    rows.append(["old-turn audio frames received after `interrupt` or while paused", 0, bo["old_frames_after_interrupt"], "", 0,
                  bt["old_frames_after_interrupt"], ""])
     rows.append(["answer audio already sent but not played at `interrupt` (s)", "", bo["unplayed_audio_s"], "", "",
                  bt["unplayed_audio_s"], ""])
