@@ -2766,7 +2766,8 @@ class Session:
         question of the turn it continues); the turn joins the history. (An OpenAI Realtime session builds them from
         its conversation instead.)"""
         if turn.continues is not None and turn.continues.question:
-            turn.question = question = joined(turn.continues.question, question)
+            # (its last --max_text_chars: a client that cuts in after every answer's start grows no question without end)
+            turn.question = question = joined(turn.continues.question, question)[-self.args.max_text_chars:]
         messages = self.history.messages(role, prompt, question)
         self.history.add(turn)
         return messages
@@ -4268,7 +4269,7 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("limits")
     limits.add_argument("--max_message_kb", type=int, default=512, help="largest WebSocket message in KiB; a larger one closes the connection (code 1009)")
     limits.add_argument("--max_audio_ms_per_message", type=int, default=1000, help="most audio in one message; longer audio is refused (error audio_too_long)")
-    limits.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long)")
+    limits.add_argument("--max_text_chars", type=int, default=2000, help="longest typed text; longer is refused (error text_too_long). A question carried on across pauses (--continue_turn_ms) keeps its last this many")
     limits.add_argument("--max_messages_per_s", type=int, default=100,
                         help="messages per second per connection (a microphone sends about 31); past it, the server reads the rest at "
                              "that rate (error rate_limited)")

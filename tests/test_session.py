@@ -381,6 +381,18 @@ def test_speech_soon_after_the_turns_end_carries_on_the_question():
     with_pipeline(scenario, "--speculate")
 
 
+def test_a_question_carried_on_again_and_again_stays_within_the_text_limit():
+    async def scenario(pipeline, args):
+        session = s2s.Session("rambling", pipeline, args)
+        before = s2s.Turn(1, spoken=True, question=" ".join(["and then"] * 400))  # many utterances carried on already
+        turn = s2s.Turn(2, spoken=True, continues=before)
+        messages = session.prompt(turn, "system", "", "the end")
+        assert messages[-1]["content"] == turn.question and len(turn.question) == args.max_text_chars == 2000
+        assert turn.question.endswith("and then the end")  # the latest words kept
+        session.close()
+    with_pipeline(scenario)
+
+
 def test_transcripts_carried_on_join_as_the_language_writes():
     assert s2s.joined("How do I", "reset my router?") == "How do I reset my router?"
     assert s2s.joined("我怎么", "重置路由器的密码？") == "我怎么重置路由器的密码？"
