@@ -4352,7 +4352,7 @@ class VoiceAgentServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopped.set)
-        async with self.serve():
+        async with self.serve(), LoopWatch(self.metrics).watching():
             self.ops.live = self.pipeline.running
             if ready:
                 ready()
@@ -5391,6 +5391,11 @@ class ServerMetrics:
         self.errors = pc.Counter("s2s_errors", "Error events sent to clients, by code", ["code"], **r)
         self.turn_ms = pc.Histogram("s2s_turn_ms", "Per-turn timings in ms, as in the metrics event; voice_to_voice_ms is "
                                     "eot_wait_ms + first_audio_ms", ["figure"], buckets=MS_BUCKETS, **r)
+        self.loop_lag_ms = pc.Histogram("s2s_event_loop_lag_ms", "How late the event loop ran a timer, checked every "
+                                        f"{LoopWatch.PROBE_S * 1000:g} ms: every message, VAD round and audio piece waits as "
+                                        "long", buckets=LAG_BUCKETS, **r)
+        self.gc_pause_ms = pc.Histogram("s2s_gc_pause_ms", "Garbage collections, by generation, and how long each held "
+                                        "every thread", ["generation"], buckets=LAG_BUCKETS, **r)
 
     def observe_turn(self, m: dict, again: bool) -> None:
         if again:  # reported before; now only its barge-in is new
@@ -5406,6 +5411,50 @@ class ServerMetrics:
         for name in TURN_FIGURES:
             if figures.get(name) is not None:
                 self.turn_ms.labels(name).observe(figures[name])
+
+
+LAG_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)  # ms
+
+
+class LoopWatch:
+    """Where a loaded server's time goes first, for /metrics: how late the event loop runs what is due, and how
+    long each garbage collection holds every thread. A 64 ms microphone frame is heard no sooner than the loop gets
+    to it, so a loop late by more than a frame is a server that carries more sessions than it can."""
+
+    PROBE_S = 0.05  # a timer every 50 ms: 20 wake-ups a second, nothing beside the load it measures
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.gc_started = 0.0
+        self.pauses: deque = deque(maxlen=1000)  # (generation, ms) not yet observed
+
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        gc.callbacks.append(self.on_gc)
+        probe = asyncio.get_running_loop().create_task(self.probe())
+        try:
+            yield
+        finally:
+            probe.cancel()
+            gc.callbacks.remove(self.on_gc)
+
+    async def probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.PROBE_S
+            await asyncio.sleep(self.PROBE_S)
+            self.metrics.loop_lag_ms.observe(max(0.0, loop.time() - due) * 1000)
+            while self.pauses:
+                generation, ms = self.pauses.popleft()
+                self.metrics.gc_pause_ms.labels(str(generation)).observe(ms)
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        """(In whichever thread collects, every thread held: a note only, observed by the probe, since a histogram
+        takes a lock that the thread collecting may hold.)"""
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self.gc_started) * 1000))
 
 
 class OpsEndpoints:

@@ -27,6 +27,7 @@ import random
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -362,7 +363,8 @@ class Bench:
             limit = row["overhead_limit_ms"] = step_limit  # set by the first step with turns, then kept
             rows.append(row)
             print(f"  capacity N={n}: overhead p95 {row['overhead_ms']['p95']} ms, server CPU {row['server_cpu_pct']}% "
-                  f"({row['server_cpu_ms_per_session_s']} ms per session-second), "
+                  f"({row['server_cpu_ms_per_session_s']} ms per session-second), its loop over 100 ms late at "
+                  f"{row['server_loop_late_pct']}% of checks, {row['server_full_gcs']} full GCs, "
                   f"machine CPU {row['machine_cpu_pct']}% of {row['machine_cpu_max_pct']}%, "
                   f"{'holds' if row['holds'] else 'breaks: ' + row['why']}{'; ' + row['load_note'] if row['load_note'] else ''}",
                   flush=True)
@@ -396,10 +398,12 @@ class Bench:
                 loop_lags.append((time.monotonic() - due) * 1000)
 
         probe = asyncio.create_task(loop_probe())
+        health = await asyncio.to_thread(ServerHealth, srv)
         machine = MachineCPU(server_proc, me)
         lags = await asyncio.gather(*(session(i) for i in range(n)))
         probe.cancel()
         cpu = machine.stop()
+        health = await asyncio.to_thread(health.since)
         overhead = [r.overhead_ms for r in results]
         underrun = max([r.underrun_ms for r in results], default=0.0)
         why = ("a turn timed out" if failures else "no turn finished" if not results
@@ -420,7 +424,7 @@ class Bench:
                 "overhead_ms": spread(overhead), "voice_to_voice_ms": spread([r.voice_to_voice_ms for r in results]),
                 "server_ms": spread([r.server_ms for r in results]), "edge_ms": spread([r.edge_ms for r in results]),
                 "parts": {k: spread([r.metrics[k] for r in results]) for k in PARTS},
-                "underrun_ms": underrun, **cpu, "client_max_lag_ms": round(max(lags), 1),
+                "underrun_ms": underrun, **cpu, **health, "client_max_lag_ms": round(max(lags), 1),
                 "client_loop_lag_ms": {"p99": pct(loop_lags, 99), "max": round(max(loop_lags, default=0.0), 1)},
                 "holds": not why, "why": why, "load_note": "; ".join(notes)}
 
@@ -461,6 +465,39 @@ def wait_for_quiet_machine(max_wait_s: float, busy_pct: float = 25) -> float:
             if others >= busy_pct:
                 print(f"  (the machine is busy: other processes use {others:.0f}% of a core; measuring anyway)", flush=True)
             return others
+
+
+class ServerHealth:
+    """The server's own /metrics over a step: the share of its event loop's timers that ran more than a 64 ms
+    microphone frame late (s2s_event_loop_lag_ms), and its full garbage collections (s2s_gc_pause_ms, generation 2),
+    which hold every thread."""
+
+    LATE_MS = "100.0"  # the histogram's bucket edge just above a microphone frame
+
+    def __init__(self, srv: ServerProcess):
+        self.url = f"http://127.0.0.1:{srv.recv_port}/metrics"
+        self.start = self.read()
+
+    def read(self) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen(self.url, timeout=10) as reply:
+            text = reply.read().decode()
+        figures = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "s2s_event_loop_lag_ms_bucket" and sample.labels["le"] == self.LATE_MS:
+                    figures["on_time"] = sample.value
+                elif sample.name == "s2s_event_loop_lag_ms_count":
+                    figures["probes"] = sample.value
+                elif sample.name in ("s2s_gc_pause_ms_count", "s2s_gc_pause_ms_sum") and sample.labels["generation"] == "2":
+                    figures[sample.name.rsplit("_", 1)[1]] = sample.value
+        return figures
+
+    def since(self) -> dict:
+        end = {k: v - self.start.get(k, 0.0) for k, v in self.read().items()}
+        probes, full = end.get("probes", 0), end.get("count", 0)
+        return {"server_loop_late_pct": round(100 * (probes - end.get("on_time", 0)) / probes, 1) if probes else None,
+                "server_full_gcs": int(full), "server_full_gc_ms": round(end.get("sum", 0) / full, 1) if full else None}
 
 
 class MachineCPU:
@@ -577,7 +614,8 @@ def capacity_report(r: dict) -> list:
     cap = [[c["sessions"], c["turns"], c["overhead_ms"]["p50"], c["overhead_ms"]["p95"], c["server_ms"]["p95"],
             c["voice_to_voice_ms"]["p95"], c["underrun_ms"], c["server_cpu_pct"], c["server_cpu_ms_per_session_s"],
             c["client_cpu_pct"],
-            f"{c['machine_cpu_pct']} of {c['machine_cpu_max_pct']}", c["client_loop_lag_ms"]["p99"],
+            f"{c['machine_cpu_pct']} of {c['machine_cpu_max_pct']}", c["server_loop_late_pct"],
+            f"{c['server_full_gcs']} × {c['server_full_gc_ms']}" if c["server_full_gcs"] else 0, c["client_loop_lag_ms"]["p99"],
             ("yes" if c["holds"] else "no: " + c["why"]) + (f" ({c['load_note']})" if c["load_note"] else "")]
            for c in r["capacity"]]
     held = [c["sessions"] for c in r["capacity"] if c["holds"]]
@@ -587,7 +625,7 @@ def capacity_report(r: dict) -> list:
             f"CPU in % of one core):", "",
             table(cap, ["sessions", "turns", "overhead p50", "overhead p95", "of which server p95", "voice-to-voice p95",
                         "underrun ms", "server CPU", "server CPU ms per session-second", "bench process CPU", "machine CPU",
-                        "bench loop lag p99 ms",
+                        "server loop over 100 ms late, % of checks", "full GCs × mean ms", "bench loop lag p99 ms",
                         "holds"]), ""]
 
 

@@ -31,6 +31,8 @@ def test_quick_benchmark_runs_every_part(tmp_path):
     assert [c["sessions"] for c in r["capacity"]][:1] == [1] and r["capacity"][0]["turns"] >= 1
     for c in r["capacity"]:  # CPU per session-second, from the same run's server CPU
         assert c["server_cpu_ms_per_session_s"] == round(c["server_cpu_pct"] * 10 / c["sessions"], 2) > 0
+        # the server's own /metrics over the step: its loop checked 20 times a second, a share of them late
+        assert 0 <= c["server_loop_late_pct"] <= 100 and c["server_full_gcs"] >= 0
     assert {v["vad"].split(" (")[0] for v in r["vad"]} == {"silero ONNX", "silero JIT", "webrtcvad"}
     assert "| **voice-to-voice**" in stdout and "Capacity" in stdout
 

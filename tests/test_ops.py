@@ -94,6 +94,7 @@ def test_metrics_count_sessions_turns_errors_and_every_turn_figure(chat_api):
     assert sample(metrics, "s2s_connections_refused_total", code="4401") == 1
     assert sample(metrics, "s2s_answers_resumed_total") == 1
     assert sample(metrics, "s2s_sessions") == 2  # the two conversations' sessions wait --resume_s for their clients
+    assert sample(metrics, "s2s_event_loop_lag_ms_count") >= 20  # the conversations took more than a second
 
 
 def test_healthz_on_its_own_port_says_503_until_the_models_are_ready(chat_api):
@@ -167,3 +168,29 @@ def test_a_taken_port_is_said_in_one_line_before_the_models_load():
     assert done.returncode != 0
     assert f"--send_port {port}: cannot listen on 127.0.0.1: Address already in use" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "load" not in done.stderr + done.stdout  # before any model loads
+
+
+def test_the_loop_watch_sees_a_blocked_event_loop_and_a_full_garbage_collection():
+    """What /metrics says of a server's event loop: a callback that holds the loop for 300 ms makes a timer that
+    many ms late; a full collection is counted with its pause; leaving, the watch leaves the collector as it was."""
+    import gc
+    import s2s_server_pipeline as s2s
+
+    metrics = s2s.ServerMetrics()
+    watch = s2s.LoopWatch(metrics)
+
+    async def blocked_then_collected() -> None:
+        async with watch.watching():
+            await asyncio.sleep(2 * watch.PROBE_S)
+            time.sleep(0.3)  # a callback that holds the loop
+            gc.collect()
+            await asyncio.sleep(2 * watch.PROBE_S)  # the probe notes both
+
+    asyncio.run(blocked_then_collected())
+    text = metrics.exposition().decode()
+    probes = sample(text, "s2s_event_loop_lag_ms_count")
+    assert probes >= 3
+    assert sample(text, "s2s_event_loop_lag_ms_bucket", le="250.0") == probes - 1  # the one timer due in the block
+    assert sample(text, "s2s_event_loop_lag_ms_sum") >= 250
+    assert sample(text, "s2s_gc_pause_ms_count", generation="2") >= 1
+    assert watch.on_gc not in gc.callbacks
