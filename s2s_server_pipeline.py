@@ -668,11 +668,24 @@ class WebRTCVAD:
 VAD_MODELS = {"silero": SileroVAD, "webrtc": WebRTCVAD}
 
 
+@dataclasses.dataclass
+class VADRequest:
+    """One session's windows for the VAD's next round, and what to do with their probabilities (or with the exception
+    its input raised) once the round has them; not heard at all if its session no longer wants it by then."""
+    state: Any
+    windows: list | np.ndarray
+    then: Callable[[list | Exception], None]
+    wanted: bool = True  # False: its client left before its round
+
+
 class VADBatcher:
     """The VAD of every session at once. A VAD call costs mostly the call, not the window (silero: ~0.1 ms for one
     window, ~0.06 ms a window in a batch of 16), so the windows of every session that has some ready go to the model
     together, each session keeping its own state. Nobody waits for a batch to fill: a round starts as soon as the
-    one before it is done, with whatever arrived meanwhile; a session alone has its windows heard at once.
+    one before it is done, with whatever arrived meanwhile; a session alone has its windows heard at once. Each
+    session's decisions are made in the round that computes its probabilities (its request's `then`): a microphone
+    frame is decided on one turn of the event loop after its message is read. (A task a session and a future a round
+    took two turns more, each as long as everything else the loop had to do, at 150 sessions ~200 ms.)
 
     The rounds run on the event loop, at most MAX_BATCH sessions at a time (~8 ms of model time), letting the loop
     read sockets between them. On a thread of its own the model would have to win Python's lock back from the busy
@@ -683,32 +696,27 @@ class VADBatcher:
 
     def __init__(self, model: Any):
         self.model = model
-        self.waiting: list = []  # (state, windows, future) of each session waiting for the next round
-        self.drainer: Optional[asyncio.Task] = None  # runs rounds while sessions wait
+        self.waiting: list = []  # VADRequests for the next round, in the order they came
+        self.drainer: Optional[asyncio.Task] = None  # runs rounds while requests wait
 
-    async def probabilities(self, state: Any, windows: list | np.ndarray) -> list:
-        """The speech probability of each of a session's windows, in order, its state carried from one to the next."""
-        if len(windows) == 0:
-            return []
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.waiting.append((state, windows, future))
+    def hear(self, request: VADRequest) -> None:
+        """Into the next round; request.then() gets the probability of each of its windows, in order."""
+        self.waiting.append(request)
         if self.drainer is None:
-            self.drainer = loop.create_task(self._drain())
-        return await future
+            self.drainer = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         try:
             while self.waiting:
                 await asyncio.sleep(0)  # the loop reads the sockets that are ready: their audio joins this round
-                batch = [w for w in self.waiting[:self.MAX_BATCH] if not w[2].done()]  # done: its session left
+                batch = [r for r in self.waiting[:self.MAX_BATCH] if r.wanted]
                 del self.waiting[:self.MAX_BATCH]
                 if batch:
-                    for (_, _, future), outcome in zip(batch, self.run([(st, ws) for st, ws, _ in batch])):
-                        if isinstance(outcome, Exception):
-                            future.set_exception(outcome)
-                        else:
-                            future.set_result(outcome)
+                    for request, outcome in zip(batch, self.run([(r.state, r.windows) for r in batch])):
+                        try:
+                            request.then(outcome)
+                        except Exception:  # one session's decisions never stop the others'
+                            logger.exception("a session failed to act on its VAD round")
         finally:
             self.drainer = None
 
@@ -980,7 +988,7 @@ class Listener:
     ends (a streaming ASR hears it in pieces as it comes). With --speculate, a pause in the user's speech starts a
     tentative answer, which the end of the turn takes and more speech drops (Speculation). Speech over an
     answer may pause it instead (the session decides): past --backchannel_max_ms of it, it takes the turn. It
-    keeps no reference to its session: hear() is given it."""
+    keeps no reference to its session beyond a VAD round under way (hear() is given it; forget() drops the round)."""
 
     def __init__(self, args: argparse.Namespace, pipeline: Pipeline):
         self.args, self.pipeline = args, pipeline
@@ -999,21 +1007,24 @@ class Listener:
         self.speech_heard_at: Optional[float] = None  # when the VAD first heard the utterance under way
         self.heard_audio_at = 0.0  # when the VAD last took audio from the client
         self.inbox: list = []  # the client's audio (float32, 16 kHz) that the VAD has not heard yet
-        self.hearing: Optional[asyncio.Task] = None  # hears the inbox, round after round, until it is empty
+        self.request: Optional[VADRequest] = None  # the audio in the VAD's next round
+        self.deciding = False  # the turn model decides on a round, off the loop
+        self.all_heard = asyncio.Event()  # nothing in the VAD's round or the turn model: set, once the inbox is heard
+        self.all_heard.set()
         self.started = 0  # user turns started since the last caught_up()
         self.failure: Optional[Exception] = None  # what broke hearing; raised to the client's next message
         self.epoch = 0  # forget() counts up: a round heard across it is dropped
 
     async def hear(self, session: Session, audio: np.ndarray) -> None:
-        """Queue the client's audio (float32, --sample_rate). It is heard in the background, each round all that
-        came meanwhile, batched with every other session's (VADBatcher): reading a client's messages never waits
-        for its VAD, which under load answers slower than a microphone sends. Waits only while more than
-        MAX_UNHEARD_S of audio is still to be heard (the server is overloaded: TCP then holds the client back)."""
+        """Queue the client's audio (float32, --sample_rate). It is heard in the VAD's next round, with all that came
+        meanwhile, batched with every other session's (VADBatcher): reading a client's messages never waits for its
+        VAD, which under load answers slower than a microphone sends. Waits only while more than MAX_UNHEARD_S of
+        audio is still to be heard (the server is overloaded: TCP then holds the client back)."""
         if self.failure is not None:
             raise self.failure
         self.inbox.append(audio if self.resampler is None else self.resampler.resample_chunk(audio))
-        if self.hearing is None:
-            self.hearing = asyncio.get_running_loop().create_task(self._hear_inbox(session))
+        if self.all_heard.is_set():
+            self._ask(session)
         if self.unheard_ms() > MAX_UNHEARD_S * 1000:
             await self._all_heard()
 
@@ -1027,43 +1038,77 @@ class Listener:
         return started
 
     async def _all_heard(self) -> None:
-        while self.hearing is not None:
-            await asyncio.shield(self.hearing)  # a caller that is cancelled does not stop the hearing
+        await self.all_heard.wait()
         if self.failure is not None:
             raise self.failure
 
-    async def _hear_inbox(self, session: Session) -> None:
-        try:
-            while self.inbox:
-                audio, self.inbox = concat(self.inbox), []
-                self.started += await self._hear(session, audio)
-        except Exception as exc:
-            self.failure = exc
-        finally:
-            self.hearing = None
-
-    async def _hear(self, session: Session, audio: np.ndarray) -> int:
-        """One round: returns how many user turns started in this audio."""
+    def _ask(self, session: Session) -> None:
+        """The inbox into the VAD's next round."""
+        audio, self.inbox = concat(self.inbox), []
         if not self.args.enable_interruption and session.assistant_busy():
             self.vad.reset()  # CleanS2S behaviour: nobody listens while the assistant speaks
-            return 0
-        epoch, windows = self.epoch, self.vad.split(audio)
-        probs = await self.pipeline.vad.probabilities(self.vad.state, windows)  # with every other session's windows
-        if epoch != self.epoch:  # the client left meanwhile
-            return 0
-        if self.vad.turn_model is None:  # a few comparisons a window
-            events = self.vad.decide(windows, probs)
-        else:  # a pause asks the turn model (~50 ms): not on the event loop
-            events = await asyncio.get_running_loop().run_in_executor(self.pipeline.turn_pool, self.vad.decide, windows, probs)
+            self.all_heard.set()
+            return
+        self.all_heard.clear()
+        try:
+            epoch, windows = self.epoch, self.vad.split(audio)
+        except Exception as exc:  # (a fork's VAD with another window size, say)
+            return self._fail(exc)
+        then = functools.partial(self._heard, session, epoch, windows)
+        if len(windows) == 0:
+            then([])
+            return
+        self.request = VADRequest(self.vad.state, windows, then)
+        self.pipeline.vad.hear(self.request)
+
+    def _heard(self, session: Session, epoch: int, windows: list, probs: list | Exception) -> None:
+        """A round's probabilities for the windows: the decisions they make, at once, or by the turn model (~50 ms a
+        call) off the event loop."""
+        self.request = None
+        try:
+            if isinstance(probs, Exception):
+                raise probs
+            if epoch != self.epoch:  # the client left meanwhile
+                return self._next(session)
+            if self.vad.turn_model is None:  # a few comparisons a window
+                self._act(session, self.vad.decide(windows, probs))
+                return self._next(session)
+            self.deciding = True
+            decided = asyncio.get_running_loop().run_in_executor(self.pipeline.turn_pool, self.vad.decide, windows, probs)
+            decided.add_done_callback(functools.partial(self._decided, session, epoch))
+        except Exception as exc:
+            self._fail(exc)
+
+    def _decided(self, session: Session, epoch: int, decided: asyncio.Future) -> None:
+        self.deciding = False
+        try:
+            if epoch == self.epoch:
+                self._act(session, decided.result())
+            self._next(session)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _next(self, session: Session) -> None:
+        if self.inbox:
+            self._ask(session)
+        else:
+            self.all_heard.set()
+
+    def _fail(self, exc: Exception) -> None:
+        """Hearing broke: raised to the client's next message (which closes its connection, 1011)."""
+        self.failure, self.inbox = exc, []
+        self.all_heard.set()
+
+    def _act(self, session: Session, events: list) -> None:
+        """The VAD's events for a round: a turn started, a pause (a tentative answer), the turn's end."""
         self.heard_audio_at = now()
         late = self.args.interrupt_at == "speech_end"  # the turn (and the barge-in) begins when the utterance ends
-        started = 0
         for ev in events:
             if isinstance(ev, SpeechStarted):
                 self.speech_heard_at = ev.heard_at
             if isinstance(ev, SpeechEnded if late else SpeechStarted):
                 self.speech_turn = session.start_spoken_turn(self.speech_heard_at).number
-                started += 1
+                self.started += 1
             if isinstance(ev, SpeechPaused) and session.is_current(self.speech_turn):
                 session.speculation.start(session, ev.audio, ev.speech_ms)
             if isinstance(ev, SpeechEnded):
@@ -1074,7 +1119,6 @@ class Listener:
             session.cut_in.take_turn(session)  # too long for a backchannel
         self._stream_to_asr(session)
         session.speaker.heard_more()
-        return started
 
     def is_backchannel(self, transcript: str) -> bool:
         return self.backchannels is not None and self.backchannels.fullmatch(plain(transcript)) is not None
@@ -1102,6 +1146,10 @@ class Listener:
     def forget(self) -> None:
         """The client is gone: an utterance cut off with its connection is not continued by the next one's audio."""
         self.inbox, self.epoch = [], self.epoch + 1
+        if self.request is not None:  # not heard at all: its round skips it
+            self.request.wanted, self.request = False, None
+        if not self.deciding:  # (a decision under way sees the new epoch and drops what it decided)
+            self.all_heard.set()
         self.vad.reset()
 
 

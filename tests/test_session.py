@@ -81,9 +81,9 @@ class AskedEcho(s2s.EchoLLMHandler):
             assert await asyncio.to_thread(self.asked.acquire, timeout=timeout_s), f"the LLM was not asked for turn {turn}"
 
 
-def with_pipeline(scenario, *flags):
+def with_pipeline(scenario, *flags, vad_model=s2s.SileroVAD):
     args = s2s.parse_args(["--llm", "echo", "--tts", "espeak", "--client_dir", "", *flags])
-    vad = s2s.SileroVAD(args.vad_thresh)
+    vad = vad_model(args.vad_thresh)
     vad.setup()
     pipeline = s2s.Pipeline(args, ScriptedASR(), AskedEcho(), FixedLatencyTTS(0.02, 0.1), vad)
     pipeline.start()
@@ -430,3 +430,44 @@ def test_a_closed_session_is_freed_by_reference_counting_alone():
         with_pipeline(scenario, "--speculate")
     finally:
         gc.enable()
+
+
+class RefusingVAD(s2s.SileroVAD):
+    """silero, refusing the audio of the streams whose state it was told, as a fork's model might refuse a sample
+    format it cannot take."""
+
+    def __init__(self, threshold):
+        super().__init__(threshold)
+        self.refused: list = []
+
+    def speech_probs(self, states, streams):
+        if any(state is refused for state in states for refused in self.refused):
+            raise ValueError("the VAD refused this audio")
+        return super().speech_probs(states, streams)
+
+
+def test_audio_the_vad_refuses_fails_its_session_at_its_next_message_and_no_other():
+    """Reading a client's audio never waits for its VAD, so what the VAD makes of it comes later: a failure is kept
+    and raised to the session's next message (where the server closes its connection, 1011). A session heard in the
+    same rounds goes on."""
+    async def scenario(pipeline, args):
+        refused, other = Conversation(pipeline, args), Conversation(pipeline, args)
+        pipeline.vad_model.refused.append(refused.session.listener.vad.state)
+        question = np.concatenate([load_wav(fixture("en_question.wav")), SILENCE])
+        await refused.session.hear(question[:CHUNK])  # queued: the VAD has not heard it yet
+        heard = asyncio.gather(refused.speak(question[CHUNK:]), other.speak(question), return_exceptions=True)
+        failed, started = await heard
+        assert isinstance(failed, ValueError) and "refused" in str(failed)
+        assert started == 1  # the other session's question started its turn
+        await other.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        for message in (refused.session.hear(question[:CHUNK]), refused.session.caught_up()):
+            try:
+                await message
+            except ValueError as exc:
+                assert "refused" in str(exc)
+            else:
+                raise AssertionError("the failure was not raised to the next message")
+        assert not [x for x in refused.said if isinstance(x, s2s.SpeechStartEvent)]
+        refused.session.close()
+        other.session.close()
+    with_pipeline(scenario, vad_model=RefusingVAD)

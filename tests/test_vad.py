@@ -149,6 +149,17 @@ def alone(m, audio, chunk=1024):
     return probs
 
 
+def ask(batcher, state, windows):
+    """A session's windows into the batcher's next round: (a future of their probabilities, the request)."""
+    future = asyncio.get_running_loop().create_future()
+
+    def then(outcome):
+        (future.set_exception if isinstance(outcome, Exception) else future.set_result)(outcome)
+    request = s2s.VADRequest(state, windows, then)
+    batcher.hear(request)
+    return future, request
+
+
 async def hear_together(batcher, m, audios, chunk=1024):
     """Every stream through one batcher at once, in 64 ms messages, as the server hears its sessions; each stream's
     probabilities and events."""
@@ -157,7 +168,7 @@ async def hear_together(batcher, m, audios, chunk=1024):
         probs, events = [], []
         for i in range(0, len(audio), chunk):
             windows = seg.split(audio[i:i + chunk])
-            p = await batcher.probabilities(seg.state, windows)
+            p = await ask(batcher, seg.state, windows)[0] if len(windows) else []
             probs += p
             events += seg.decide(windows, p)
         return probs, events
@@ -210,18 +221,18 @@ def test_a_session_that_leaves_before_its_round_and_one_that_joins_during_a_roun
     async def scenario():
         def join():  # a session's audio arrives while a round is in the model: it goes in the next round
             if not joined:
-                joined.append(asyncio.ensure_future(batcher.probabilities(joining.state, [en[12000:12000 + w]])))
+                joined.append(ask(batcher, joining.state, [en[12000:12000 + w]])[0])
 
         batcher = s2s.VADBatcher(CountingModel(m, join))
         staying, leaving, joining = (s2s.VADSegmenter(m, 200, 600, 200, 30000) for _ in range(3))
-        first = asyncio.ensure_future(batcher.probabilities(staying.state, [en[5000:5000 + w], en[5000 + w:5000 + 2 * w]]))
-        left = asyncio.ensure_future(batcher.probabilities(leaving.state, [en[9000:9000 + w]]))
+        first, _ = ask(batcher, staying.state, [en[5000:5000 + w], en[5000 + w:5000 + 2 * w]])
+        left, request = ask(batcher, leaving.state, [en[9000:9000 + w]])
         await asyncio.sleep(0)
-        left.cancel()  # its client went away before its round
-        return await first, await joined[0], left.cancelled(), batcher.model.calls, leaving.state
+        request.wanted = False  # its client went away before its round
+        return await first, await joined[0], left.done(), batcher.model.calls, leaving.state
 
-    first, second, cancelled, calls, left_state = asyncio.run(asyncio.wait_for(scenario(), 20))
-    assert cancelled and calls == [1, 1]  # the leaver was not heard; the joiner went in the next round, alone
+    first, second, answered, calls, left_state = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert not answered and calls == [1, 1]  # the leaver was not heard; the joiner went in the next round, alone
     assert not left_state["state"].any()  # nothing of the leaver's was computed
     assert first == pytest.approx(alone(m, en[5000:5000 + 2 * w], chunk=2 * w), abs=1e-5)
     assert second == pytest.approx(alone(m, en[12000:12000 + w], chunk=w), abs=1e-5)
@@ -236,7 +247,7 @@ def test_one_sessions_bad_input_fails_only_that_session():
         segs = [s2s.VADSegmenter(m, 200, 600, 200, 30000) for _ in range(4)]
         windows = [segs[i].split(a[:4 * m.window]) for i, a in enumerate(audios)]
         bad = [np.zeros((m.window, 2), np.float32)]  # stereo, as a fork's decoder might give: the model refuses it
-        return await asyncio.gather(*(batcher.probabilities(s.state, ws) for s, ws in zip(segs, windows + [bad])),
+        return await asyncio.gather(*(ask(batcher, s.state, ws)[0] for s, ws in zip(segs, windows + [bad])),
                                     return_exceptions=True)
 
     outcomes = asyncio.run(scenario())
