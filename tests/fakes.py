@@ -17,13 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 
-
 class QuietHTTPServer(ThreadingHTTPServer):
     """A client that resets its kept connection (as an API client does on a reply it cut off) is no error here."""
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
 
 class FakeAPI:
     """An OpenAI-style HTTP server on 127.0.0.1. Subclasses answer POSTs in `handle(request, path, body)`.

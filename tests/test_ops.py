@@ -3,6 +3,7 @@ load), and --log_format json. The real server in a subprocess, scraped over HTTP
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import socket
@@ -17,6 +18,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+import s2s_server_pipeline as s2s
 from client import ExtendedClient
 from conftest import fixture, short_voice, start_server
 from server_process import ROOT, ServerProcess, free_port
@@ -173,9 +175,6 @@ def test_a_taken_port_is_said_in_one_line_before_the_models_load():
 def test_the_loop_watch_sees_a_blocked_event_loop_and_a_full_garbage_collection():
     """What /metrics says of a server's event loop: a callback that holds the loop for 300 ms makes a timer that
     many ms late; a full collection is counted with its pause; leaving, the watch leaves the collector as it was."""
-    import gc
-    import s2s_server_pipeline as s2s
-
     metrics = s2s.ServerMetrics()
     watch = s2s.LoopWatch(metrics)
 
