@@ -803,6 +803,17 @@ class SpeechPaused:  # --speculate: the user paused; the turn may be over
 
 
 @dataclass
+class TurnQuestion:  # --turn_detection smart_turn: the silence is long enough to ask the turn model
+    audio: np.ndarray  # float32 PCM, 16 kHz mono: the utterance so far
+
+    def ask(self, turn_model: SmartTurn) -> tuple:
+        """(is the turn complete, ms the model took): ~45 ms of CPU, so the server asks on a worker thread."""
+        t0 = now()
+        complete = turn_model.is_complete(self.audio)
+        return complete, (now() - t0) * 1000
+
+
+@dataclass
 class SpeechEnded:
     audio: np.ndarray  # float32 PCM, 16 kHz mono, speech plus padding
     silence_ms: float  # silence heard before this event (ms of audio)
@@ -815,10 +826,11 @@ class VADSegmenter:
     """Per-session state machine over VAD probabilities: start a turn after `min_speech_ms` of speech, end it
     after `min_silence_ms` of silence. Keeps `speech_pad_ms` of audio on both sides of the speech.
 
-    With a turn model (SmartTurn), a pause of `pause_ms` asks it whether the turn is complete: yes ends the turn
-    there; no waits on, asking again every `reask_ms` of silence (0: not until the next pause); `max_silence_ms` of
-    silence ends it whatever it said. With `speculate_ms`, a pause that long that has not ended the turn says so
-    (SpeechPaused), once a pause, so that an answer can start before the turn is known to be over."""
+    With a turn model (SmartTurn), a pause of `pause_ms` asks it whether the turn is complete (a TurnQuestion, which
+    ends decide()'s events; answer() goes on): yes ends the turn there; no waits on, asking again every `reask_ms` of
+    silence (0: not until the next pause); `max_silence_ms` of silence ends it whatever it said. With
+    `speculate_ms`, a pause that long that has not ended the turn says so (SpeechPaused), once a pause, so that an
+    answer can start before the turn is known to be over."""
 
     def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int,
                  turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000,
@@ -835,6 +847,7 @@ class VADSegmenter:
         self.pad_ms, self.max_speech_ms = speech_pad_ms, max_speech_ms
         self.pending = np.zeros(0, np.float32)  # samples waiting for a full window
         self.pre_roll: deque = deque(maxlen=max(1, round(speech_pad_ms / self.window_ms)))
+        self.unasked: Optional[tuple] = None  # (windows, probs) of a round after its TurnQuestion, for answer()
         self._reset_utterance()
 
     def _reset_utterance(self) -> None:
@@ -847,13 +860,13 @@ class VADSegmenter:
         self.heard_at: Optional[float] = None
         self.asked_at: Optional[float] = None  # the silence (ms) at which the turn model was last asked about this pause
         self.pause_told = False  # SpeechPaused went out for this pause
-        self.decide_ms = 0.0  # what asking it cost, when the last window asked it
 
     def reset(self) -> None:
         """Forget everything heard so far (used while speech is ignored)."""
         self.state = self.model.new_state()
         self.pending = np.zeros(0, np.float32)
         self.pre_roll.clear()
+        self.unasked = None
         self._reset_utterance()
 
     def split(self, audio: np.ndarray) -> np.ndarray:
@@ -864,16 +877,38 @@ class VADSegmenter:
         return buf[:n].reshape(-1, self.model.window)
 
     def decide(self, windows: np.ndarray, probs: list) -> list:
-        """The windows' speech probabilities (VADBatcher) -> SpeechStarted / SpeechPaused / SpeechEnded events, in order."""
+        """The windows' speech probabilities (VADBatcher) -> SpeechStarted / SpeechPaused / SpeechEnded events, in order.
+        A window that asks the turn model stops there: the last event is then a TurnQuestion, and answer() hears the
+        rest of the windows."""
         if self.heard_at is None and max(probs, default=0.0) < self.threshold:  # silence while idle: only the pre-roll
             self.pre_roll.extend(windows)
             return []
-        return [event for event in map(self._step, windows, probs) if event is not None]
+        events = []
+        for i, (window, prob) in enumerate(zip(windows, probs)):
+            event = self._step(window, prob)
+            if event is not None:
+                events.append(event)
+            if isinstance(event, TurnQuestion):
+                self.unasked = (windows[i + 1:], probs[i + 1:])
+                break
+        return events
+
+    def answer(self, complete: bool, model_ms: float) -> list:
+        """The turn model's answer to the TurnQuestion that ended decide()'s events; then the events of the windows
+        after it."""
+        windows, probs = self.unasked
+        self.unasked = None
+        event = self._ended(model_ms) if complete else self._paused()
+        return ([event] if event is not None else []) + self.decide(windows, probs)
 
     def feed(self, audio: np.ndarray) -> list:
-        """split() and decide() for a stream heard alone (tests, bench/run.py --parts vad)."""
+        """split() and decide() for a stream heard alone, the turn model asked where it must (tests, bench/run.py
+        --parts vad)."""
         windows = self.split(audio)
-        return self.decide(windows, self.model.speech_probs([self.state], [windows])[0])
+        events = self.decide(windows, self.model.speech_probs([self.state], [windows])[0])
+        while events and isinstance(events[-1], TurnQuestion):
+            events += self.answer(*events.pop().ask(self.turn_model))
+        return events
 
     def _step(self, window: np.ndarray, prob: float) -> Any:
         if self.heard_at is None:  # idle: wait for speech
@@ -902,11 +937,19 @@ class VADSegmenter:
                 self._reset_utterance()
             return None
         too_long = len(self.windows) * self.window_ms >= self.max_speech_ms
-        if too_long or self._turn_over():
-            event = SpeechEnded(self._utterance(), self.silence_ms, self.decide_ms, concat(self.windows[self.taken:]),
-                                self.speech_ms)
-            self._reset_utterance()
-            return event
+        if too_long or self._silence_ends_turn():
+            return self._ended(0.0)
+        if self._asks():
+            self.asked_at = self.silence_ms
+            return TurnQuestion(concat(self.windows))
+        return self._paused()
+
+    def _ended(self, model_ms: float) -> SpeechEnded:
+        event = SpeechEnded(self._utterance(), self.silence_ms, model_ms, concat(self.windows[self.taken:]), self.speech_ms)
+        self._reset_utterance()
+        return event
+
+    def _paused(self) -> Optional[SpeechPaused]:
         if self.speculate_ms is not None and not self.pause_told and self.silence_ms >= self.speculate_ms:
             self.pause_told = True
             return SpeechPaused(self._utterance(), self.speech_ms)
@@ -917,22 +960,16 @@ class VADSegmenter:
         drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))
         return np.concatenate(self.windows[:len(self.windows) - drop])
 
-    def _turn_over(self) -> bool:
-        """Does the silence so far end the user's turn?"""
-        self.decide_ms = 0.0
-        if self.turn_model is None:
-            return self.silence_ms >= self.min_silence_ms
-        if self.silence_ms >= self.max_silence_ms:
-            return True
-        if self.silence_ms < self.pause_ms:
+    def _silence_ends_turn(self) -> bool:
+        """Does the silence so far end the user's turn, whatever a turn model would say?"""
+        return self.silence_ms >= (self.min_silence_ms if self.turn_model is None else self.max_silence_ms)
+
+    def _asks(self) -> bool:
+        """Is the silence so far a pause to ask the turn model about: long enough, and not asked about yet (or
+        `reask_ms` ago)?"""
+        if self.turn_model is None or self.silence_ms < self.pause_ms:
             return False
-        if self.asked_at is not None and (not self.reask_ms or self.silence_ms - self.asked_at < self.reask_ms):
-            return False
-        self.asked_at = self.silence_ms
-        t0 = now()
-        complete = self.turn_model.is_complete(np.concatenate(self.windows))
-        self.decide_ms = (now() - t0) * 1000
-        return complete
+        return self.asked_at is None or (self.reask_ms > 0 and self.silence_ms - self.asked_at >= self.reask_ms)
 
     def turn_due_ms(self, at_end: bool) -> Optional[float]:
         """The least audio, in ms, after which the utterance under way could start a turn (at_end: end one, where
@@ -1008,7 +1045,7 @@ class Listener:
         self.heard_audio_at = 0.0  # when the VAD last took audio from the client
         self.inbox: list = []  # the client's audio (float32, 16 kHz) that the VAD has not heard yet
         self.request: Optional[VADRequest] = None  # the audio in the VAD's next round
-        self.deciding = False  # the turn model decides on a round, off the loop
+        self.deciding = False  # the turn model is being asked, off the loop
         self.all_heard = asyncio.Event()  # nothing in the VAD's round or the turn model: set, once the inbox is heard
         self.all_heard.set()
         self.started = 0  # user turns started since the last caught_up()
@@ -1062,29 +1099,34 @@ class Listener:
         self.pipeline.vad.hear(self.request)
 
     def _heard(self, session: Session, epoch: int, windows: list, probs: list | Exception) -> None:
-        """A round's probabilities for the windows: the decisions they make, at once, or by the turn model (~50 ms a
-        call) off the event loop."""
+        """A round's probabilities for the windows: the decisions they make (a few comparisons a window)."""
         self.request = None
         try:
             if isinstance(probs, Exception):
                 raise probs
             if epoch != self.epoch:  # the client left meanwhile
                 return self._next(session)
-            if self.vad.turn_model is None:  # a few comparisons a window
-                self._act(session, self.vad.decide(windows, probs))
-                return self._next(session)
-            self.deciding = True
-            decided = asyncio.get_running_loop().run_in_executor(self.pipeline.turn_pool, self.vad.decide, windows, probs)
-            decided.add_done_callback(functools.partial(self._decided, session, epoch))
+            self._decided(session, epoch, self.vad.decide(windows, probs))
         except Exception as exc:
             self._fail(exc)
 
-    def _decided(self, session: Session, epoch: int, decided: asyncio.Future) -> None:
+    def _decided(self, session: Session, epoch: int, events: list) -> None:
+        """Act on the events; a question to the turn model (~45 ms of CPU) is asked off the event loop, and its answer
+        decides the rest of the round. (Not batched across sessions as the VAD is: its cost is compute, not the call.
+        One question alone took 37 ms of model; in batches of 4 and 16, 45 and 48 ms a question.)"""
+        self._act(session, events)
+        if not events or not isinstance(events[-1], TurnQuestion):
+            return self._next(session)
+        self.deciding = True
+        asked = asyncio.get_running_loop().run_in_executor(self.pipeline.turn_pool, events[-1].ask, self.vad.turn_model)
+        asked.add_done_callback(functools.partial(self._answered, session, epoch))
+
+    def _answered(self, session: Session, epoch: int, asked: asyncio.Future) -> None:
         self.deciding = False
         try:
-            if epoch == self.epoch:
-                self._act(session, decided.result())
-            self._next(session)
+            if epoch != self.epoch:  # the client left meanwhile: the VAD has forgotten the question
+                return self._next(session)
+            self._decided(session, epoch, self.vad.answer(*asked.result()))
         except Exception as exc:
             self._fail(exc)
 

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import sys
 import threading
 import time
@@ -348,7 +349,8 @@ class Bench:
             workers = str(n)
             for attempt in range(1 + self.args.capacity_retries):
                 wait_for_quiet_machine(self.args.quiet_wait_s)
-                srv = self.server("--max_sessions", str(n + 1), "--asr_workers", workers, "--tts_workers", workers)
+                srv = self.server("--max_sessions", str(n + 1), "--asr_workers", workers, "--tts_workers", workers,
+                                  *shlex.split(self.args.capacity_flags))
                 try:
                     row = asyncio.run(self.capacity_run(srv, n, seconds, model))
                 finally:
@@ -374,6 +376,7 @@ class Bench:
 
     async def capacity_run(self, srv: ServerProcess, n: int, seconds: float, model: dict) -> dict:
         server_proc, me = psutil.Process(srv.proc.pid), psutil.Process()
+        speech = load_wav(self.args.capacity_speech) if self.args.capacity_speech else self.question
         results, failures = [], []
         deadline = time.monotonic() + seconds
 
@@ -382,7 +385,7 @@ class Bench:
                 await asyncio.sleep(random.uniform(0, 3))  # people do not all start talking at once
                 while time.monotonic() < deadline:
                     try:
-                        results.append(await c.turn(self.question, model, timeout=20))
+                        results.append(await c.turn(speech, model, timeout=20))
                     except TimeoutError as exc:
                         failures.append(str(exc)[:200])
                         break
@@ -620,7 +623,9 @@ def capacity_report(r: dict) -> list:
            for c in r["capacity"]]
     held = [c["sessions"] for c in r["capacity"] if c["holds"]]
     limit = r["capacity"][0]["overhead_limit_ms"]
-    return [f"Capacity, {r['capacity_frame_ms']} ms microphone frames (largest N that holds: {max(held) if held else 0}; "
+    flags = f", server flags {r['capacity_flags']}" if r.get("capacity_flags") else ""
+    flags += f", saying {os.path.basename(r['capacity_speech'])}" if r.get("capacity_speech") else ""
+    return [f"Capacity, {r['capacity_frame_ms']} ms microphone frames{flags} (largest N that holds: {max(held) if held else 0}; "
             f"holds = overhead p95 under {limit} ms, no audio behind real time, every turn answered; "
             f"CPU in % of one core):", "",
             table(cap, ["sessions", "turns", "overhead p50", "overhead p95", "of which server p95", "voice-to-voice p95",
@@ -652,6 +657,11 @@ def main(argv=None) -> dict:
     p.add_argument("--capacity_seconds", type=float, default=40, help="how long each capacity step runs")
     p.add_argument("--capacity_frame_ms", type=int, default=64,
                    help="microphone frame of the capacity clients (CleanS2S's browser client sends 64 ms)")
+    p.add_argument("--capacity_flags", default="",
+                   help="more server flags for the capacity steps, e.g. '--turn_detection smart_turn'")
+    p.add_argument("--capacity_speech", default="",
+                   help="the WAV each capacity session says, turn after turn (default: tests/fixtures/en_question.wav); "
+                        "with --turn_detection smart_turn, one the model hears as one turn")
     p.add_argument("--quiet_wait_s", type=float, default=120,
                    help="before each capacity step, wait up to this long for other processes to leave the cores idle")
     p.add_argument("--capacity_retries", type=int, default=1,
@@ -672,7 +682,8 @@ def main(argv=None) -> dict:
         results = {"date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
                    "models": {"asr_ms": ASR_MS, "llm_first_token_ms": LLM_FIRST_TOKEN_MS, "llm_word_ms": LLM_WORD_MS,
                               "tts_first_audio_ms": TTS_MS, "tts_rtf": TTS_RTF}, "frame_ms": 20,
-                   "capacity_frame_ms": args.capacity_frame_ms,
+                   "capacity_frame_ms": args.capacity_frame_ms, "capacity_flags": args.capacity_flags,
+                   "capacity_speech": args.capacity_speech,
                    "latency": {}, "barge_in": {}}
         for name, flags in (("ours", OURS), ("cleans2s", CLEANS2S)):
             if "latency" in parts:

@@ -81,11 +81,11 @@ class AskedEcho(s2s.EchoLLMHandler):
             assert await asyncio.to_thread(self.asked.acquire, timeout=timeout_s), f"the LLM was not asked for turn {turn}"
 
 
-def with_pipeline(scenario, *flags, vad_model=s2s.SileroVAD):
+def with_pipeline(scenario, *flags, vad_model=s2s.SileroVAD, turn_model=None):
     args = s2s.parse_args(["--llm", "echo", "--tts", "espeak", "--client_dir", "", *flags])
     vad = vad_model(args.vad_thresh)
     vad.setup()
-    pipeline = s2s.Pipeline(args, ScriptedASR(), AskedEcho(), FixedLatencyTTS(0.02, 0.1), vad)
+    pipeline = s2s.Pipeline(args, ScriptedASR(), AskedEcho(), FixedLatencyTTS(0.02, 0.1), vad, turn_model)
     pipeline.start()
     try:
         asyncio.run(asyncio.wait_for(scenario(pipeline, args), 60))
@@ -471,3 +471,46 @@ def test_audio_the_vad_refuses_fails_its_session_at_its_next_message_and_no_othe
         refused.session.close()
         other.session.close()
     with_pipeline(scenario, vad_model=RefusingVAD)
+
+
+class HeldTurnModel:
+    """A turn model that answers "complete" only once the test lets it go, as a slow model on a busy CPU might."""
+
+    def __init__(self):
+        self.go = threading.Event()
+        self.asked = threading.Semaphore(0)
+
+    def is_complete(self, audio):
+        self.asked.release()
+        assert self.go.wait(20)
+        return True
+
+
+def test_a_turn_starts_while_the_turn_model_is_busy_with_other_sessions_pauses():
+    """The turn model (~45 ms of CPU a question) is asked off the event loop, on a few threads that every session
+    shares. Only a pause waits for its answer: a session's other decisions (its turn starts, a barge-in) are made on
+    the loop as its audio is heard, even while every one of those threads is busy with other sessions' pauses."""
+    model = HeldTurnModel()
+
+    async def scenario(pipeline, args):
+        question = np.concatenate([load_wav(fixture("en_question.wav")), SILENCE[:s2s.SAMPLE_RATE * 3 // 10]])
+        threads = pipeline.turn_pool._max_workers
+        pausing = [Conversation(pipeline, args) for _ in range(threads)]
+        # Each pauses (between its phrases, or after its question): the turn model is asked, and holds a thread.
+        said = [asyncio.create_task(c.speak(question)) for c in pausing]
+        for _ in range(threads):
+            assert await asyncio.to_thread(model.asked.acquire, timeout=10), "a pause did not ask the turn model"
+
+        starting = Conversation(pipeline, args)
+        onset = voiced_span(question)[0]
+        assert await asyncio.wait_for(starting.speak(question[:onset + s2s.SAMPLE_RATE * 2 // 5]), 5) == 1
+        await starting.until(lambda x: isinstance(x, s2s.SpeechStartEvent))
+        assert not model.go.is_set()  # its turn started while the turn model still held every thread
+
+        model.go.set()
+        assert all(started >= 1 for started in await asyncio.gather(*said))  # (a pause it calls complete ends a turn)
+        for c in pausing:
+            await c.until(lambda x: isinstance(x, s2s.SpeechEndEvent))
+        for c in pausing + [starting]:
+            c.session.close()
+    with_pipeline(scenario, "--turn_detection", "smart_turn", "--no-speculate", turn_model=model)
