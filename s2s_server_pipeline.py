@@ -822,22 +822,49 @@ class SpeechEnded:
     speech_ms: float  # voice heard in the utterance
 
 
-class VADSegmenter:
-    """Per-session state machine over VAD probabilities: start a turn after `min_speech_ms` of speech, end it
-    after `min_silence_ms` of silence. Keeps `speech_pad_ms` of audio on both sides of the speech.
+class EndOfTurn:
+    """When a silence ends the user's turn: after `min_silence_ms` of it; or, with a turn model (SmartTurn), when the
+    model calls the turn complete, asked at a pause of `pause_ms` and again every `reask_ms` of silence (0: not until
+    the next pause), and after `max_silence_ms` whatever it said."""
 
-    With a turn model (SmartTurn), a pause of `pause_ms` asks it whether the turn is complete (a TurnQuestion, which
-    ends decide()'s events; answer() goes on): yes ends the turn there; no waits on, asking again every `reask_ms` of
-    silence (0: not until the next pause); `max_silence_ms` of silence ends it whatever it said. With
-    `speculate_ms`, a pause that long that has not ended the turn says so (SpeechPaused), once a pause, so that an
-    answer can start before the turn is known to be over."""
+    def __init__(self, min_silence_ms: int, turn_model: Optional[SmartTurn] = None, pause_ms: int = 200,
+                 max_silence_ms: int = 2000, reask_ms: int = 0):
+        self.min_silence_ms, self.turn_model = min_silence_ms, turn_model
+        self.pause_ms, self.max_silence_ms, self.reask_ms = pause_ms, max_silence_ms, reask_ms
+        self.shortest_ms = pause_ms if turn_model is not None else min_silence_ms  # the shortest pause that can end a turn
+        self.asked_at: Optional[float] = None  # the silence (ms) at which the turn model was last asked about this pause
+
+    def speech(self) -> None:
+        """The user speaks (again): the next silence is a new pause."""
+        self.asked_at = None
+
+    def ends(self, silence_ms: float) -> bool:
+        """Does this silence end the turn, whatever a turn model would say?"""
+        return silence_ms >= (self.min_silence_ms if self.turn_model is None else self.max_silence_ms)
+
+    def asks(self, silence_ms: float) -> bool:
+        """Is this silence a pause to ask the turn model about (not asked about yet, or `reask_ms` ago)? If so, it
+        counts as asked."""
+        if self.turn_model is None or silence_ms < self.pause_ms:
+            return False
+        if self.asked_at is not None and (not self.reask_ms or silence_ms - self.asked_at < self.reask_ms):
+            return False
+        self.asked_at = silence_ms
+        return True
+
+
+class VADSegmenter:
+    """Per-session state machine over VAD probabilities: start a turn after `min_speech_ms` of speech, end it when
+    the silence after it says so (EndOfTurn). Keeps `speech_pad_ms` of audio on both sides of the speech. A silence
+    that asks the turn model ends decide()'s events with a TurnQuestion; answer() goes on. With `speculate_ms`, a
+    pause that long that has not ended the turn says so (SpeechPaused), once a pause, so that an answer can start
+    before the turn is known to be over."""
 
     def __init__(self, model: Any, min_speech_ms: int, min_silence_ms: int, speech_pad_ms: int, max_speech_ms: int,
                  turn_model: Optional[SmartTurn] = None, pause_ms: int = 200, max_silence_ms: int = 2000,
                  reask_ms: int = 0, speculate_ms: Optional[int] = None, threshold: Optional[float] = None):
-        self.turn_model, self.pause_ms, self.max_silence_ms, self.reask_ms = turn_model, pause_ms, max_silence_ms, reask_ms
+        self.end = EndOfTurn(min_silence_ms, turn_model, pause_ms, max_silence_ms, reask_ms)
         self.speculate_ms = speculate_ms
-        self.end_ms = pause_ms if turn_model is not None else min_silence_ms  # the shortest pause that can end a turn
         self.model = model
         self.state = model.new_state()
         self.window_ms = model.window * 1000 / SAMPLE_RATE
@@ -858,7 +885,7 @@ class VADSegmenter:
         self.silence_ms = 0.0
         self.loudest = 0.0  # RMS of the loudest speech window so far
         self.heard_at: Optional[float] = None
-        self.asked_at: Optional[float] = None  # the silence (ms) at which the turn model was last asked about this pause
+        self.end.speech()
         self.pause_told = False  # SpeechPaused went out for this pause
 
     def reset(self) -> None:
@@ -907,7 +934,7 @@ class VADSegmenter:
         windows = self.split(audio)
         events = self.decide(windows, self.model.speech_probs([self.state], [windows])[0])
         while events and isinstance(events[-1], TurnQuestion):
-            events += self.answer(*events.pop().ask(self.turn_model))
+            events += self.answer(*events.pop().ask(self.end.turn_model))
         return events
 
     def _step(self, window: np.ndarray, prob: float) -> Any:
@@ -922,7 +949,8 @@ class VADSegmenter:
         if prob >= self.threshold:
             self.speech_ms += self.window_ms
             self.silence_ms = 0.0
-            self.asked_at, self.pause_told = None, False
+            self.end.speech()
+            self.pause_told = False
             self.loudest = max(self.loudest, rms(window))
         elif prob < self.neg_threshold:
             if self.silence_ms == 0.0:  # the wait counts from where the voice stopped, not where the VAD noticed
@@ -937,10 +965,9 @@ class VADSegmenter:
                 self._reset_utterance()
             return None
         too_long = len(self.windows) * self.window_ms >= self.max_speech_ms
-        if too_long or self._silence_ends_turn():
+        if too_long or self.end.ends(self.silence_ms):
             return self._ended(0.0)
-        if self._asks():
-            self.asked_at = self.silence_ms
+        if self.end.asks(self.silence_ms):
             return TurnQuestion(concat(self.windows))
         return self._paused()
 
@@ -960,24 +987,13 @@ class VADSegmenter:
         drop = max(0, round((self.silence_ms - self.pad_ms) / self.window_ms))
         return np.concatenate(self.windows[:len(self.windows) - drop])
 
-    def _silence_ends_turn(self) -> bool:
-        """Does the silence so far end the user's turn, whatever a turn model would say?"""
-        return self.silence_ms >= (self.min_silence_ms if self.turn_model is None else self.max_silence_ms)
-
-    def _asks(self) -> bool:
-        """Is the silence so far a pause to ask the turn model about: long enough, and not asked about yet (or
-        `reask_ms` ago)?"""
-        if self.turn_model is None or self.silence_ms < self.pause_ms:
-            return False
-        return self.asked_at is None or (self.reask_ms > 0 and self.silence_ms - self.asked_at >= self.reask_ms)
-
     def turn_due_ms(self, at_end: bool) -> Optional[float]:
         """The least audio, in ms, after which the utterance under way could start a turn (at_end: end one, where
         --interrupt_at speech_end starts it); None when none is under way, or its turn has already started."""
         if self.heard_at is None or (self.started and not at_end):
             return None
         to_start = 0.0 if self.started else max(0.0, self.min_speech_ms - self.speech_ms)
-        return to_start + (self.end_ms - (self.silence_ms if self.started else 0.0) if at_end else 0.0)
+        return to_start + (self.end.shortest_ms - (self.silence_ms if self.started else 0.0) if at_end else 0.0)
 
     def quiet_tail(self) -> int:
         """Windows before this one that were already quiet (26 dB under the utterance's loudest), at most two:
@@ -1118,7 +1134,7 @@ class Listener:
         if not events or not isinstance(events[-1], TurnQuestion):
             return self._next(session)
         self.deciding = True
-        asked = asyncio.get_running_loop().run_in_executor(self.pipeline.turn_pool, events[-1].ask, self.vad.turn_model)
+        asked = asyncio.get_running_loop().run_in_executor(self.pipeline.turn_pool, events[-1].ask, self.vad.end.turn_model)
         asked.add_done_callback(functools.partial(self._answered, session, epoch))
 
     def _answered(self, session: Session, epoch: int, asked: asyncio.Future) -> None:
@@ -1170,7 +1186,7 @@ class Listener:
             return
         t = session.turn_record(self.speech_turn)
         t.times.speech_end, t.times.eot_wait_ms, t.heard_audio = now(), ev.silence_ms + ev.turn_model_ms, ev.audio
-        t.times.turn_model_ms = ev.turn_model_ms if self.vad.turn_model is not None else None
+        t.times.turn_model_ms = ev.turn_model_ms if self.vad.end.turn_model is not None else None
         session.speech_ended(t)
         if session.speculation.take(session, ev.speech_ms):  # its answer goes out now: the user said nothing more
             return
