@@ -1142,7 +1142,10 @@ class Listener:
         try:
             if epoch != self.epoch:  # the client left meanwhile: the VAD has forgotten the question
                 return self._next(session)
-            self._decided(session, epoch, self.vad.answer(*asked.result()))
+            failure = asked.exception()
+            if failure is not None:  # taken for "not finished": the longest silence still ends the turn
+                logger.warning("the turn model failed on session %s: %r", session.tag, failure)
+            self._decided(session, epoch, self.vad.answer(*(asked.result() if failure is None else (False, 0.0))))
         except Exception as exc:
             self._fail(exc)
 

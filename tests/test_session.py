@@ -514,3 +514,24 @@ def test_a_turn_starts_while_the_turn_model_is_busy_with_other_sessions_pauses()
         for c in pausing + [starting]:
             c.session.close()
     with_pipeline(scenario, "--turn_detection", "smart_turn", "--no-speculate", turn_model=model)
+
+
+class BrokenTurnModel:
+    def is_complete(self, audio):
+        raise RuntimeError("the turn model broke")
+
+
+def test_a_turn_model_that_fails_leaves_the_session_answering_its_turns_ended_by_silence():
+    """A failed question to the turn model is taken for "not finished": the turn ends at --max_turn_silence_ms of
+    silence, and is answered, as on any other turn; the session is not failed for it."""
+    async def scenario(pipeline, args):
+        c = Conversation(pipeline, args)
+        question = load_wav(fixture("en_question.wav"))
+        assert await c.speak(np.concatenate([question, SILENCE, SILENCE])) == 1
+        metrics = await c.until(lambda x: isinstance(x, s2s.MetricsEvent) and x.turn == 1)
+        assert metrics.metrics["eot_wait_ms"] >= args.max_turn_silence_ms  # the longest silence ended it
+        assert "".join(x.text for x in c.answer(1)).startswith("You said: heard ")
+        assert await c.speak(np.concatenate([question, SILENCE, SILENCE])) == 1  # and the session goes on
+        c.session.close()
+    with_pipeline(scenario, "--turn_detection", "smart_turn", "--no-speculate", "--max_turn_silence_ms", "1200",
+                  turn_model=BrokenTurnModel())
